@@ -1,0 +1,58 @@
+"""dedup-consumer: Kafka handlers that take effect exactly once.
+
+The public face of the package; everything else is internal::
+
+    from consumer import App, Context, Reject
+
+    app = App("payments")
+
+    @app.handler("payments.requested", schema=PaymentRequested, key=lambda p: p.payment_id)
+    async def settle(p: PaymentRequested, ctx: Context) -> Receipt: ...
+"""
+
+from consumer.app import App
+from consumer.context import Context, Database
+from consumer.errors import (
+    BadKey,
+    ConfigError,
+    ConsumerError,
+    DecodeError,
+    HandlerSignal,
+    InvalidMessage,
+    LeaseBusy,
+    MissingKey,
+    Reject,
+    Retry,
+    SchemaError,
+    StoreUnavailable,
+    TransientError,
+)
+from consumer.handler import Handler
+from consumer.message import Message
+from consumer.runtime.outcomes import Outcome
+from consumer.settings import Settings, load_settings
+
+__all__ = [
+    "App",
+    "BadKey",
+    "ConfigError",
+    "ConsumerError",
+    "Context",
+    "Database",
+    "DecodeError",
+    "Handler",
+    "HandlerSignal",
+    "InvalidMessage",
+    "LeaseBusy",
+    "Message",
+    "MissingKey",
+    "Outcome",
+    "Reject",
+    "Retry",
+    "SchemaError",
+    "Settings",
+    "StoreUnavailable",
+    "TransientError",
+    "load_settings",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""``App``: the consumer group, its handlers and its settings. The user-facing entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from consumer.context import Context
+from consumer.errors import ConfigError
+from consumer.handler import Handler, OnError, make_handler
+from consumer.settings import Settings, load_settings
+
+M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
+
+
+class App:
+    """A consumer group and its handlers.
+
+    ``App("payments")`` names the Kafka consumer group; settings come from ``CONSUMER_*``
+    environment variables unless given. ``migrations=`` names folders of the application's own
+    versioned ``.sql`` files, applied after the framework's own.
+    """
+
+    def __init__(
+        self,
+        group: str,
+        *,
+        settings: Settings | None = None,
+        migrations: Sequence[str | Path] = (),
+    ) -> None:
+        if not group or not group.replace(".", "").replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"App group {group!r}: use letters, digits, '.', '-' or '_'")
+        self.group = group
+        self._settings = settings
+        self.migrations = tuple(Path(p) for p in migrations)
+        self.handlers: list[Handler[Any, Any]] = []
+        self._by_topic: dict[str, Handler[Any, Any]] = {}
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: Settings) -> None:
+        self._settings = value
+
+    def handler(
+        self,
+        *topics: str,
+        schema: type[M],
+        key: Callable[[M], object] | Literal["header", "record"] | None = None,
+        key_header: str = "idempotency-key",
+        name: str | None = None,
+        hash_exclude: set[str] | frozenset[str] | None = None,
+        retry_on: tuple[type[BaseException], ...] = (),
+        max_attempts: int | None = None,
+        on_error: OnError = "retry",
+        timeout_s: float | None = None,
+    ) -> Callable[[Callable[[M, Context], Awaitable[R]]], Handler[M, R]]:
+        """Register an async function ``(payload: schema, ctx: Context) -> result``.
+
+        ``key`` says where the idempotency key comes from: a function of the validated payload,
+        ``"header"`` (default, header ``key_header``) or ``"record"`` (the Kafka record key).
+        ``hash_exclude`` names payload fields that are not part of its identity.
+        """
+
+        def register(fn: Callable[[M, Context], Awaitable[R]]) -> Handler[M, R]:
+            h: Handler[M, R] = make_handler(
+                fn,
+                group=self.group,
+                topics=topics,
+                schema=schema,
+                key=key,
+                key_header=key_header,
+                name=name,
+                hash_exclude=hash_exclude,
+                retry_on=retry_on,
+                max_attempts=max_attempts,
+                on_error=on_error,
+                timeout_s=timeout_s,
+            )
+            for topic in topics:
+                if topic in self._by_topic:
+                    raise ConfigError(
+                        f"topic {topic!r} already has handler {self._by_topic[topic].name!r}; "
+                        "one handler per topic"
+                    )
+            if any(other.name == h.name for other in self.handlers):
+                raise ConfigError(f"two handlers named {h.name!r}; pass name= to one of them")
+            for topic in topics:
+                self._by_topic[topic] = h
+            self.handlers.append(h)
+            return h
+
+        return register
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self._by_topic)
+
+    def handler_for(self, topic: str) -> Handler[Any, Any] | None:
+        return self._by_topic.get(topic)

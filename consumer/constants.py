@@ -1,0 +1,44 @@
+"""Names shared across the package: Redis key prefixes, header names, SQL schema.
+
+Every Redis key the framework writes is built here, so a reader can see the whole key space
+in one place. Keys carry the namespace inside a hash tag (``{ns}``) so that all keys of one
+namespace land in the same Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+LEASE_PREFIX = "lease"
+DONE_PREFIX = "done"
+
+HEADER_IDEMPOTENCY_KEY = "idempotency-key"
+HEADER_CONTENT_TYPE = "content-type"
+HEADER_TENANT = "tenant"
+HEADER_REPLY_TO = "reply-to"
+HEADER_REASON = "x-reason"
+HEADER_DETAIL = "x-detail"
+HEADER_NAMESPACE = "x-namespace"
+HEADER_KEY = "x-idempotency-key"
+HEADER_HASH = "x-payload-hash"
+HEADER_STORED_HASH = "x-stored-hash"
+HEADER_SOURCE = "x-source"
+HEADER_OUTCOME = "x-outcome"
+TRACEPARENT = "traceparent"
+
+CONTENT_MSGPACK = "application/msgpack"
+CONTENT_JSON = "application/json"
+
+DLQ_SUFFIX = ".dlq"
+CONFLICT_SUFFIX = ".conflicts"
+
+MAX_KEY_BYTES = 256
+HASH_ALG = "blake2b-128"
+OUTBOX_SHARDS = 64
+NOTIFY_CHANNEL = "dedup_outbox"
+
+
+def lease_key(namespace: str, key: str) -> str:
+    return f"{LEASE_PREFIX}:{{{namespace}}}:{key}"
+
+
+def done_key(namespace: str, key: str) -> str:
+    return f"{DONE_PREFIX}:{{{namespace}}}:{key}"

@@ -1,0 +1,1 @@
+"""PostgreSQL plumbing: the pool, the batch transaction, migrations."""

@@ -1,0 +1,99 @@
+"""The batch transaction: every store operation one batch needs, on one connection.
+
+:class:`BatchTx` is the contract; :class:`PgTx` runs it on PostgreSQL. The in-memory harness
+(consumer/testing.py) implements the same contract, and one contract test suite runs against
+both. This module only executes queries defined next to their tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import asyncpg
+
+from consumer.context import Database
+from consumer.dedup import inbox
+from consumer.dedup.inbox import Claim, Completion, InboxRecord
+from consumer.outbox import store as outbox
+from consumer.outbox.store import OutboxRow
+from consumer.runtime import offsets
+
+
+class BatchTx(Protocol):
+    db: Database
+
+    async def lock_offset(self, group: str, topic: str, partition: int) -> int: ...
+    async def claim(self, rows: Sequence[Claim]) -> set[tuple[str, str]]: ...
+    async def records(
+        self, idents: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], InboxRecord]: ...
+    async def savepoint(self) -> None: ...
+    async def rollback_savepoint(self) -> None: ...
+    async def release_savepoint(self) -> None: ...
+    async def complete(self, rows: Sequence[Completion]) -> None: ...
+    async def unclaim(self, idents: Sequence[tuple[str, str]]) -> None: ...
+    async def outbox(self, rows: Sequence[OutboxRow]) -> None: ...
+    async def advance_offset(
+        self, group: str, topic: str, partition: int, next_offset: int
+    ) -> None: ...
+
+
+class PgTx:
+    """BatchTx on an asyncpg connection that is inside a transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.db: Database = conn
+
+    async def _exec(self, q: tuple[str, list[Any]]) -> None:
+        await self.conn.execute(q[0], *q[1])
+
+    async def lock_offset(self, group: str, topic: str, partition: int) -> int:
+        text, args = offsets.lock(group, topic, partition)
+        value = await self.conn.fetchval(text, *args)
+        return int(value)
+
+    async def claim(self, rows: Sequence[Claim]) -> set[tuple[str, str]]:
+        if not rows:
+            return set()
+        text, args = inbox.claim(rows)
+        return {(r[0], r[1]) for r in await self.conn.fetch(text, *args)}
+
+    async def records(
+        self, idents: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], InboxRecord]:
+        if not idents:
+            return {}
+        text, args = inbox.records(idents)
+        return {
+            (r[0], r[1]): InboxRecord(r[0], r[1], r[2], r[3], r[4], r[5])
+            for r in await self.conn.fetch(text, *args)
+        }
+
+    async def savepoint(self) -> None:
+        await self.conn.execute("SAVEPOINT msg")
+
+    async def rollback_savepoint(self) -> None:
+        await self.conn.execute("ROLLBACK TO SAVEPOINT msg")
+
+    async def release_savepoint(self) -> None:
+        await self.conn.execute("RELEASE SAVEPOINT msg")
+
+    async def complete(self, rows: Sequence[Completion]) -> None:
+        if rows:
+            await self._exec(inbox.complete(rows))
+
+    async def unclaim(self, idents: Sequence[tuple[str, str]]) -> None:
+        if idents:
+            await self._exec(inbox.unclaim(idents))
+
+    async def outbox(self, rows: Sequence[OutboxRow]) -> None:
+        if rows:
+            text, args = outbox.insert(rows)
+            await self.conn.fetch(text, *args)
+
+    async def advance_offset(
+        self, group: str, topic: str, partition: int, next_offset: int
+    ) -> None:
+        await self._exec(offsets.advance(group, topic, partition, next_offset))

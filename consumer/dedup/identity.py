@@ -1,0 +1,101 @@
+"""Identity of a message: (namespace, idempotency key, payload hash) and the validated payload.
+
+Everything that can make a message invalid before it reaches its handler is detected here and
+raised as an InvalidMessage subclass; nothing here touches a store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from consumer import codec
+from consumer.constants import HEADER_CONTENT_TYPE, MAX_KEY_BYTES
+from consumer.dedup.hashing import payload_hash
+from consumer.errors import BadKey, MissingKey, SchemaError
+from consumer.handler import Handler
+from consumer.message import Message
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    namespace: str
+    key: str
+    hash: str
+    payload: BaseModel
+
+    @property
+    def ident(self) -> tuple[str, str]:
+        return (self.namespace, self.key)
+
+
+def namespace_of(handler: Handler[Any, Any], msg: Message, tenant_header: str) -> str:
+    tenant = msg.header(tenant_header) if tenant_header else None
+    if tenant:
+        try:
+            return f"{handler.name}@{_check_key(tenant, 'tenant header')}"
+        except BadKey:
+            raise
+    return handler.name
+
+
+def _check_key(raw: bytes | str | object, what: str) -> str:
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadKey(f"{what} is not valid UTF-8") from None
+    elif isinstance(raw, str):
+        text = raw
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        text = str(raw)
+    else:
+        raise BadKey(f"{what} must be a string, got {type(raw).__name__}")
+    if not text:
+        raise MissingKey(f"{what} is empty")
+    if len(text.encode()) > MAX_KEY_BYTES:
+        raise BadKey(f"{what} is longer than {MAX_KEY_BYTES} bytes")
+    return text
+
+
+def validate(handler: Handler[Any, Any], msg: Message) -> BaseModel:
+    data = codec.decode(msg.value, msg.header_str(HEADER_CONTENT_TYPE))
+    try:
+        model: BaseModel = handler.schema.model_validate(data)
+        return model
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise SchemaError(
+            f"{handler.schema.__name__}: {where}: {first['msg']} ({exc.error_count()} error(s))"
+        ) from None
+
+
+def key_of(handler: Handler[Any, Any], msg: Message, payload: BaseModel) -> str:
+    if handler.key_from == "payload":
+        assert handler.key_fn is not None
+        try:
+            raw: object = handler.key_fn(payload)
+        except Exception as exc:
+            raise BadKey(f"key function failed: {type(exc).__name__}: {exc}") from None
+        if raw is None:
+            raise MissingKey("key function returned None")
+        return _check_key(raw, "key")
+    if handler.key_from == "record":
+        if msg.key is None:
+            raise MissingKey("record has no Kafka key")
+        return _check_key(msg.key, "record key")
+    header = msg.header(handler.key_header)
+    if header is None:
+        raise MissingKey(f"no {handler.key_header!r} header")
+    return _check_key(header, f"{handler.key_header!r} header")
+
+
+def identify(handler: Handler[Any, Any], msg: Message, tenant_header: str = "tenant") -> Identity:
+    """Decode, validate and derive identity, or raise InvalidMessage with its reason."""
+    payload = validate(handler, msg)
+    key = key_of(handler, msg, payload)
+    ns = namespace_of(handler, msg, tenant_header)
+    return Identity(ns, key, payload_hash(payload, handler.hash_exclude), payload)

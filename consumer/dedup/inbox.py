@@ -1,0 +1,145 @@
+"""SQL for ``dedup.inbox``: one row per (namespace, idempotency key). The fence.
+
+Each function returns ``(text, args)`` so the queries can be read and tested as strings.
+Rows are ``pending`` only inside an open transaction: the runtime turns every claimed row
+into ``done`` or ``rejected``, or deletes it, before it commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from consumer.constants import HASH_ALG
+
+Query = tuple[str, list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    namespace: str
+    key: str
+    hash: str
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRecord:
+    namespace: str
+    key: str
+    hash: str
+    status: str
+    result: Any
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    namespace: str
+    key: str
+    status: str  # "done" | "rejected"
+    result_json: str | None
+    reason: str | None
+
+
+def claim(rows: Sequence[Claim]) -> Query:
+    # Claim-first: the INSERT takes the primary-key slot before the handler runs. A concurrent
+    # claimer of the same key blocks on our uncommitted row until we commit (then it sees a
+    # conflict and reads our record) or roll back (then it inserts). Rows are inserted in key
+    # order so two batches with overlapping keys lock them in the same order (no deadlock).
+    ordered = sorted(rows, key=lambda r: (r.namespace, r.key))
+    return (
+        """
+        INSERT INTO dedup.inbox
+            (namespace, key, payload_hash, hash_alg, status, topic, partition, "offset")
+        SELECT t.ns, t.k, t.h, $4, 'pending', t.topic, t.part, t.off
+        FROM unnest($1::text[], $2::text[], $3::text[], $5::text[], $6::int[], $7::bigint[])
+             AS t(ns, k, h, topic, part, off)
+        ORDER BY t.ns, t.k
+        ON CONFLICT (namespace, key) DO NOTHING
+        RETURNING namespace, key
+        """,
+        [
+            [r.namespace for r in ordered],
+            [r.key for r in ordered],
+            [r.hash for r in ordered],
+            HASH_ALG,
+            [r.topic for r in ordered],
+            [r.partition for r in ordered],
+            [r.offset for r in ordered],
+        ],
+    )
+
+
+def records(idents: Sequence[tuple[str, str]]) -> Query:
+    return (
+        """
+        SELECT i.namespace, i.key, i.payload_hash, i.status, i.result, i.reason
+        FROM dedup.inbox i
+        JOIN unnest($1::text[], $2::text[]) AS t(ns, k) ON i.namespace = t.ns AND i.key = t.k
+        """,
+        [[ns for ns, _ in idents], [k for _, k in idents]],
+    )
+
+
+def complete(rows: Sequence[Completion]) -> Query:
+    # Only rows this transaction claimed (status 'pending', locked by us) are completed.
+    return (
+        """
+        UPDATE dedup.inbox AS i
+        SET status = t.status, result = t.result::jsonb, reason = t.reason, completed_at = now()
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+             AS t(ns, k, status, result, reason)
+        WHERE i.namespace = t.ns AND i.key = t.k AND i.status = 'pending'
+        """,
+        [
+            [r.namespace for r in rows],
+            [r.key for r in rows],
+            [r.status for r in rows],
+            [r.result_json for r in rows],
+            [r.reason for r in rows],
+        ],
+    )
+
+
+def unclaim(idents: Sequence[tuple[str, str]]) -> Query:
+    # Claimed but not processed (the batch stopped before them): nothing may be recorded.
+    return (
+        """
+        DELETE FROM dedup.inbox i
+        USING unnest($1::text[], $2::text[]) AS t(ns, k)
+        WHERE i.namespace = t.ns AND i.key = t.k AND i.status = 'pending'
+        """,
+        [[ns for ns, _ in idents], [k for _, k in idents]],
+    )
+
+
+def get(namespace: str, key: str) -> Query:
+    return (
+        """
+        SELECT namespace, key, payload_hash, hash_alg, status, result, reason,
+               topic, partition, "offset", first_seen_at, completed_at
+        FROM dedup.inbox WHERE namespace = $1 AND key = $2
+        """,
+        [namespace, key],
+    )
+
+
+def evict(namespace: str, key: str) -> Query:
+    return ("DELETE FROM dedup.inbox WHERE namespace = $1 AND key = $2", [namespace, key])
+
+
+def expire(older_than_s: int, limit: int) -> Query:
+    # Small batches through the completed_at index: short transactions, no long locks.
+    return (
+        """
+        DELETE FROM dedup.inbox WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM dedup.inbox
+            WHERE completed_at < now() - make_interval(secs => $1)
+            LIMIT $2))
+        """,
+        [float(older_than_s), limit],
+    )

@@ -1,0 +1,264 @@
+"""Leases and done markers in Redis: an accelerator, never the fence.
+
+* ``lease:{ns}:key``  = owner token, ``SET NX PX``: keeps two workers from running one key at once.
+* ``done:{ns}:key``   = ``status:hash``, TTL = done-cache window: answers most duplicates
+  without touching PostgreSQL. Written only after the database commit.
+
+One round trip per batch: acquisition is one Lua call over all keys of the batch; release
+(compare-and-delete) and the done markers go in one pipeline after commit. If Redis loses
+every key, the PostgreSQL inbox still decides; only speed is lost. This module never decides
+an outcome on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import redis.asyncio as aioredis
+
+from consumer.constants import done_key, lease_key
+
+LeaseState = Literal["acquired", "held", "done"]
+
+# For each (done, lease) pair: the done marker if present; else try to take the lease.
+# Returns a flat list: 'D', marker | 'A', '' | 'H', ''.
+_ACQUIRE_LUA = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local d = redis.call('GET', KEYS[i])
+  if d then
+    out[#out+1] = 'D'; out[#out+1] = d
+  else
+    local cur = redis.call('GET', KEYS[i+1])
+    if cur == ARGV[1] then
+      redis.call('PEXPIRE', KEYS[i+1], ARGV[2])
+      out[#out+1] = 'A'; out[#out+1] = ''
+    elseif cur then
+      out[#out+1] = 'H'; out[#out+1] = ''
+    else
+      redis.call('SET', KEYS[i+1], ARGV[1], 'PX', ARGV[2])
+      out[#out+1] = 'A'; out[#out+1] = ''
+    end
+  end
+end
+return out
+"""
+
+# Compare-and-delete: release only leases that still carry our token.
+_RELEASE_LUA = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]); n = n + 1 end
+end
+return n
+"""
+
+# Compare-and-extend: renew only leases that still carry our token.
+_RENEW_LUA = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2]); n = n + 1
+  end
+end
+return n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseResult:
+    state: LeaseState
+    status: str = ""  # for "done": "done" or "rejected"
+    hash: str = ""  # for "done": the stored payload hash
+
+
+@dataclass(frozen=True, slots=True)
+class DoneMarker:
+    namespace: str
+    key: str
+    status: str
+    hash: str
+
+
+class LeaseStore(Protocol):
+    """What the runtime needs from the accelerator. Implementations: Redis, memory."""
+
+    async def acquire(
+        self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int
+    ) -> list[LeaseResult]: ...
+
+    async def renew(self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int) -> int: ...
+
+    async def finish(
+        self,
+        done: Sequence[DoneMarker],
+        release: Sequence[tuple[str, str]],
+        token: str,
+        done_ttl_s: int,
+    ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _parse(flat: Sequence[bytes | str]) -> list[LeaseResult]:
+    out: list[LeaseResult] = []
+    for i in range(0, len(flat), 2):
+        head = flat[i]
+        tag = head.decode() if isinstance(head, bytes) else str(head)
+        if tag == "A":
+            out.append(LeaseResult("acquired"))
+        elif tag == "H":
+            out.append(LeaseResult("held"))
+        else:
+            raw = flat[i + 1]
+            marker = raw.decode() if isinstance(raw, bytes) else str(raw)
+            status, _, digest = marker.partition(":")
+            out.append(LeaseResult("done", status, digest))
+    return out
+
+
+class RedisLeases:
+    """LeaseStore on a real Redis. Every call is a single round trip."""
+
+    def __init__(self, url: str, *, socket_timeout_s: float = 2.0) -> None:
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
+        )
+        self._acquire = self.redis.register_script(_ACQUIRE_LUA)
+        self._release = self.redis.register_script(_RELEASE_LUA)
+        self._renew = self.redis.register_script(_RENEW_LUA)
+
+    async def acquire(
+        self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int
+    ) -> list[LeaseResult]:
+        if not idents:
+            return []
+        keys: list[str] = []
+        for ns, key in idents:
+            keys += [done_key(ns, key), lease_key(ns, key)]
+        flat = await self._acquire(keys=keys, args=[token, ttl_ms])
+        return _parse(flat)
+
+    async def renew(self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int) -> int:
+        if not idents:
+            return 0
+        n = await self._renew(keys=[lease_key(ns, k) for ns, k in idents], args=[token, ttl_ms])
+        return int(n)
+
+    async def finish(
+        self,
+        done: Sequence[DoneMarker],
+        release: Sequence[tuple[str, str]],
+        token: str,
+        done_ttl_s: int,
+    ) -> None:
+        if not done and not release:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for d in done:
+                pipe.set(done_key(d.namespace, d.key), f"{d.status}:{d.hash}", ex=done_ttl_s)
+            if release:
+                await self._release(
+                    keys=[lease_key(ns, k) for ns, k in release], args=[token], client=pipe
+                )
+            await pipe.execute()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class MemoryLeases:
+    """LeaseStore in process memory: for the test harness, and the shape of a Redis that forgets.
+
+    ``flush()`` forgets everything, as a Redis restart would.
+    """
+
+    def __init__(self) -> None:
+        self.leases: dict[tuple[str, str], tuple[str, float]] = {}
+        self.done: dict[tuple[str, str], tuple[str, str, float]] = {}
+
+    def flush(self) -> None:
+        self.leases.clear()
+        self.done.clear()
+
+    def expire_leases(self) -> None:
+        self.leases.clear()
+
+    async def acquire(
+        self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int
+    ) -> list[LeaseResult]:
+        now = time.monotonic()
+        out: list[LeaseResult] = []
+        for ident in idents:
+            d = self.done.get(ident)
+            if d and d[2] > now:
+                out.append(LeaseResult("done", d[0], d[1]))
+                continue
+            cur = self.leases.get(ident)
+            if cur and cur[1] > now and cur[0] != token:
+                out.append(LeaseResult("held"))
+            else:
+                self.leases[ident] = (token, now + ttl_ms / 1000)
+                out.append(LeaseResult("acquired"))
+        return out
+
+    async def renew(self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int) -> int:
+        n = 0
+        for ident in idents:
+            cur = self.leases.get(ident)
+            if cur and cur[0] == token:
+                self.leases[ident] = (token, time.monotonic() + ttl_ms / 1000)
+                n += 1
+        return n
+
+    async def finish(
+        self,
+        done: Sequence[DoneMarker],
+        release: Sequence[tuple[str, str]],
+        token: str,
+        done_ttl_s: int,
+    ) -> None:
+        expiry = time.monotonic() + done_ttl_s
+        for d in done:
+            self.done[(d.namespace, d.key)] = (d.status, d.hash, expiry)
+        for ident in release:
+            cur = self.leases.get(ident)
+            if cur and cur[0] == token:
+                del self.leases[ident]
+
+    async def close(self) -> None:
+        return None
+
+
+class NoLeases:
+    """LeaseStore used when Redis is switched off: grants everything, remembers nothing.
+
+    Correctness then rests on the PostgreSQL inbox alone (the claim blocks a concurrent
+    claimer until the first transaction ends).
+    """
+
+    async def acquire(
+        self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int
+    ) -> list[LeaseResult]:
+        return [LeaseResult("acquired") for _ in idents]
+
+    async def renew(self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int) -> int:
+        return len(idents)
+
+    async def finish(
+        self,
+        done: Sequence[DoneMarker],
+        release: Sequence[tuple[str, str]],
+        token: str,
+        done_ttl_s: int,
+    ) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

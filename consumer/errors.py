@@ -1,0 +1,131 @@
+"""The error tree. Classification lives with the error (``retriable``), not in ``except`` lists.
+
+::
+
+    ConsumerError                      root of everything this package raises
+    ├── ConfigError                    bad settings or handler options (at start, never mid-run)
+    ├── InvalidMessage                 definite: the message never reached the handler
+    │   ├── DecodeError                undecodable bytes (reason "undecodable")
+    │   ├── SchemaError                payload fails validation (reason "invalid_schema")
+    │   ├── MissingKey                 no idempotency key (reason "missing_key")
+    │   └── BadKey                     empty, over-long or non-UTF-8 key (reason "bad_key")
+    ├── TransientError                 indefinite (retriable = True): nothing is recorded
+    │   ├── StoreUnavailable           PostgreSQL or Redis unreachable, commit outcome unknown
+    │   └── LeaseBusy                  another worker holds the key's lease past the wait bound
+    └── HandlerSignal                  control flow raised by handlers
+        ├── Reject(reason)             definite failure: recorded, dead-lettered, same answer again
+        └── Retry(delay_s)             indefinite: roll back, retry after delay_s (bounded)
+
+Exceptions that are not ours are classified by :func:`is_retriable`: timeouts, connection
+errors, PostgreSQL serialization failures and deadlocks are indefinite; a handler may add
+classes with ``retry_on=``; everything else follows the handler's ``on_error`` policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class ConsumerError(Exception):
+    """Root of every error this package raises."""
+
+    retriable: bool = False
+
+
+class ConfigError(ConsumerError):
+    """Settings or handler options are wrong; raised at start-up, saying how to fix them."""
+
+
+class InvalidMessage(ConsumerError):
+    """The message cannot reach a handler. Dead-lettered; nothing recorded under its key."""
+
+    reason = "invalid"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class DecodeError(InvalidMessage):
+    reason = "undecodable"
+
+
+class SchemaError(InvalidMessage):
+    reason = "invalid_schema"
+
+
+class MissingKey(InvalidMessage):
+    reason = "missing_key"
+
+
+class BadKey(InvalidMessage):
+    reason = "bad_key"
+
+
+class UnknownTopic(InvalidMessage):
+    reason = "no_handler"
+
+
+class TransientError(ConsumerError):
+    """Indefinite failure: the outcome is unknown or may change on retry. Never recorded."""
+
+    retriable = True
+
+
+class StoreUnavailable(TransientError):
+    """PostgreSQL or Redis could not be reached, or a commit's outcome is unknown."""
+
+
+class LeaseBusy(TransientError):
+    """Another worker holds the lease for a key longer than this worker is willing to wait."""
+
+
+class HandlerSignal(ConsumerError):
+    """Control flow raised from a handler."""
+
+
+class Reject(HandlerSignal):
+    """A definite failure: the message is recorded as rejected and dead-lettered.
+
+    A duplicate of a rejected message gets the same answer; it is never retried.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Retry(HandlerSignal):
+    """Ask for the message to be retried after ``delay_s`` seconds. Counts as an attempt."""
+
+    retriable = True
+
+    def __init__(self, delay_s: float = 0.0, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+        self.reason = reason
+
+
+# SQLSTATE classes that mean "try again": serialization_failure, deadlock_detected,
+# connection exceptions (08xxx), admin shutdown / crash shutdown / cannot connect now (57P0x),
+# lock_not_available.
+_RETRIABLE_SQLSTATES = ("40001", "40P01", "55P03", "57P01", "57P02", "57P03")
+_RETRIABLE_SQLSTATE_CLASSES = ("08",)
+
+
+def is_retriable(exc: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool | None:
+    """True if ``exc`` is indefinite, False if definite, None if unknown (policy decides)."""
+    if isinstance(exc, ConsumerError):
+        return exc.retriable
+    if extra and isinstance(exc, extra):
+        return True
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionError | OSError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        if sqlstate in _RETRIABLE_SQLSTATES or sqlstate[:2] in _RETRIABLE_SQLSTATE_CLASSES:
+            return True
+    name = type(exc).__name__
+    if name in {"ConnectionDoesNotExistError", "InterfaceError", "ConnectionError"}:
+        return True
+    return None

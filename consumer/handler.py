@@ -1,0 +1,126 @@
+"""A registered handler: the user's function plus everything that defines a message's identity.
+
+``@app.handler(...)`` returns a :class:`Handler`, not the bare function; unknown or
+inconsistent options are refused at import time with a message that says how to fix them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from consumer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from consumer.context import Context
+
+M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
+
+KeyFrom = Literal["header", "record", "payload"]
+OnError = Literal["retry", "reject"]
+HandlerFn = Callable[[M, "Context"], Awaitable[R]] | Callable[[M, "Context"], R]
+
+
+@dataclass(eq=False)
+class Handler(Generic[M, R]):
+    """One handler: topics it consumes, the payload schema and how identity is derived."""
+
+    fn: Callable[..., Any]
+    topics: tuple[str, ...]
+    schema: type[M]
+    name: str
+    key_from: KeyFrom = "header"
+    key_fn: Callable[[M], object] | None = None
+    key_header: str = "idempotency-key"
+    hash_exclude: frozenset[str] = field(default_factory=frozenset)
+    retry_on: tuple[type[BaseException], ...] = ()
+    max_attempts: int | None = None
+    on_error: OnError = "retry"
+    timeout_s: float | None = None
+    is_async: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = self.hash_exclude - set(self.schema.model_fields)
+        if unknown:
+            raise ConfigError(
+                f"handler {self.name!r}: hash_exclude names fields the schema "
+                f"{self.schema.__name__} does not have: {sorted(unknown)}"
+            )
+        if self.on_error not in ("retry", "reject"):
+            raise ConfigError(f"handler {self.name!r}: on_error must be 'retry' or 'reject'")
+
+    async def call(self, payload: M, ctx: Context) -> R:
+        """Run the user's function; sync functions run in a thread so the loop keeps beating."""
+        if self.is_async:
+            result: R = await self.fn(payload, ctx)
+            return result
+        return await asyncio.to_thread(self.fn, payload, ctx)
+
+    async def __call__(self, payload: M, ctx: Context) -> R:
+        return await self.call(payload, ctx)
+
+
+def make_handler(
+    fn: Callable[..., Any],
+    *,
+    group: str,
+    topics: tuple[str, ...],
+    schema: type[M],
+    key: Callable[[M], object] | Literal["header", "record"] | None,
+    key_header: str,
+    name: str | None,
+    hash_exclude: set[str] | frozenset[str] | None,
+    retry_on: tuple[type[BaseException], ...],
+    max_attempts: int | None,
+    on_error: OnError,
+    timeout_s: float | None,
+) -> Handler[M, Any]:
+    """Validate decorator options and build the Handler."""
+    if not topics:
+        raise ConfigError(f"@handler on {fn.__name__}: give at least one topic")
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise ConfigError(
+            f"@handler on {fn.__name__}: schema= must be a pydantic BaseModel subclass"
+        )
+    params = inspect.signature(fn).parameters
+    if len(params) != 2:
+        raise ConfigError(
+            f"@handler on {fn.__name__}: the function must take (payload, ctx); "
+            f"it takes {len(params)} parameters"
+        )
+    key_from: KeyFrom
+    key_fn: Callable[[M], object] | None = None
+    if key is None or key == "header":
+        key_from = "header"
+    elif key == "record":
+        key_from = "record"
+    elif callable(key):
+        key_from, key_fn = "payload", key
+    else:
+        raise ConfigError(
+            f"@handler on {fn.__name__}: key= must be a function of the payload, "
+            f"'header' or 'record', not {key!r}"
+        )
+    if max_attempts is not None and max_attempts < 1:
+        raise ConfigError(f"@handler on {fn.__name__}: max_attempts must be >= 1")
+    return Handler(
+        fn=fn,
+        topics=topics,
+        schema=schema,
+        name=name or f"{group}.{fn.__name__}",
+        key_from=key_from,
+        key_fn=key_fn,
+        key_header=key_header,
+        hash_exclude=frozenset(hash_exclude or ()),
+        retry_on=tuple(retry_on),
+        max_attempts=max_attempts,
+        on_error=on_error,
+        timeout_s=timeout_s,
+        is_async=inspect.iscoroutinefunction(fn),
+    )

@@ -1,0 +1,1 @@
+"""The outbox: rows written in the handler's transaction, and the relay that publishes them."""

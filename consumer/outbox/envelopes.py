@@ -1,0 +1,130 @@
+"""Outbox rows for every kind of outgoing message: published, reply, dead letter, conflict.
+
+Every row carries an ``idempotency-key`` derived from where it came from, so a republish
+(relay crash, batch retried) carries the same key and a downstream consumer built with this
+framework applies it once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consumer import codec
+from consumer.constants import (
+    CONFLICT_SUFFIX,
+    CONTENT_MSGPACK,
+    DLQ_SUFFIX,
+    HEADER_CONTENT_TYPE,
+    HEADER_DETAIL,
+    HEADER_HASH,
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_KEY,
+    HEADER_NAMESPACE,
+    HEADER_OUTCOME,
+    HEADER_REASON,
+    HEADER_SOURCE,
+    HEADER_STORED_HASH,
+    TRACEPARENT,
+)
+from consumer.context import Outgoing
+from consumer.message import Message
+from consumer.outbox.store import OutboxRow
+
+_PASS_THROUGH = (TRACEPARENT, "tracestate")
+
+
+def _trace(msg: Message) -> list[tuple[str, str]]:
+    out = []
+    for name in _PASS_THROUGH:
+        value = msg.header_str(name)
+        if value:
+            out.append((name, value))
+    return out
+
+
+def _original_headers(msg: Message) -> list[tuple[str, str]]:
+    # Header values are text on every path this framework writes; a binary value from a
+    # foreign producer is kept as its hex form rather than dropped.
+    out = []
+    for name, raw in msg.headers:
+        try:
+            out.append((name, raw.decode()))
+        except UnicodeDecodeError:
+            out.append((f"{name}.hex", raw.hex()))
+    return out
+
+
+def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> list[OutboxRow]:
+    rows = []
+    for index, item in enumerate(items):
+        ik = f"{namespace}:{key}:{index}"
+        headers = [
+            *item.headers,
+            (HEADER_IDEMPOTENCY_KEY, ik),
+            (HEADER_SOURCE, msg.source),
+            *_trace(msg),
+        ]
+        rows.append(OutboxRow(item.topic, item.key, item.value, tuple(headers), ik))
+    return rows
+
+
+def reply(
+    msg: Message, reply_to: str, namespace: str, key: str, status: str, body: Any
+) -> OutboxRow:
+    """The answer to a request; a duplicate request gets the same row (same idempotency key)."""
+    ik = f"reply:{namespace}:{key}"
+    headers = (
+        (HEADER_CONTENT_TYPE, CONTENT_MSGPACK),
+        (HEADER_IDEMPOTENCY_KEY, ik),
+        (HEADER_OUTCOME, status),
+        (HEADER_NAMESPACE, namespace),
+        (HEADER_KEY, key),
+        (HEADER_SOURCE, msg.source),
+        *_trace(msg),
+    )
+    return OutboxRow(reply_to, key.encode(), codec.encode(body), headers, ik)
+
+
+def dead_letter(
+    msg: Message, reason: str, detail: str, namespace: str = "", key: str = ""
+) -> OutboxRow:
+    """The original bytes, untouched, with the reason in headers."""
+    headers = [
+        *[(n, v) for n, v in _original_headers(msg) if n.lower() != HEADER_IDEMPOTENCY_KEY],
+        (HEADER_REASON, reason),
+        (HEADER_DETAIL, detail[:1000]),
+        (HEADER_NAMESPACE, namespace),
+        (HEADER_KEY, key),
+        (HEADER_SOURCE, msg.source),
+        (HEADER_IDEMPOTENCY_KEY, f"dlq:{msg.source}"),
+    ]
+    original_ct = msg.header_str(HEADER_CONTENT_TYPE)
+    if original_ct is None:
+        headers.append((HEADER_CONTENT_TYPE, CONTENT_MSGPACK))
+    return OutboxRow(
+        msg.topic + DLQ_SUFFIX, msg.key, msg.value or b"", tuple(headers), f"dlq:{msg.source}"
+    )
+
+
+def conflict(
+    msg: Message, namespace: str, key: str, payload_hash: str, stored_hash: str
+) -> OutboxRow:
+    """A reused key with a different payload: both hashes, never the stored result."""
+    headers = [
+        *[(n, v) for n, v in _original_headers(msg) if n.lower() != HEADER_IDEMPOTENCY_KEY],
+        (HEADER_REASON, "conflict"),
+        (HEADER_DETAIL, "idempotency key reused with a different payload"),
+        (HEADER_NAMESPACE, namespace),
+        (HEADER_KEY, key),
+        (HEADER_HASH, payload_hash),
+        (HEADER_STORED_HASH, stored_hash),
+        (HEADER_SOURCE, msg.source),
+        (HEADER_IDEMPOTENCY_KEY, f"conflict:{msg.source}"),
+    ]
+    return OutboxRow(
+        msg.topic + CONFLICT_SUFFIX,
+        msg.key,
+        msg.value or b"",
+        tuple(headers),
+        f"conflict:{msg.source}",
+    )

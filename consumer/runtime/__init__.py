@@ -1,0 +1,1 @@
+"""The runtime: fetch loop, batches, stored offsets, rebalances."""

@@ -1,0 +1,411 @@
+"""The batch protocol of DESIGN.md: one Redis round trip and one transaction per batch.
+
+For the records of one partition, in order:
+
+1. decode, validate and derive (namespace, key, hash); invalid records become dead letters;
+2. coalesce copies of a key (in the batch, and across batches of this process);
+3. one Redis call: done markers and leases; wait (bounded) for keys leased elsewhere;
+4. one transaction: lock the partition's stored position, claim the inbox rows of the batch in
+   one statement, run each handler in a savepoint, complete the rows, write the outbox rows
+   and move the stored position forward;
+5. after commit: done markers, lease release (one pipeline).
+
+An indefinite failure stops the batch at that record: everything before it commits, nothing is
+recorded for it or after it, and the caller re-reads the partition from there after a delay.
+This module never talks to Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumer import faults
+from consumer.app import App
+from consumer.constants import HEADER_REPLY_TO
+from consumer.context import Context, to_jsonable
+from consumer.db.tx import BatchTx
+from consumer.dedup.identity import Identity, identify
+from consumer.dedup.inbox import Claim, Completion
+from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
+from consumer.errors import InvalidMessage, Reject, Retry, is_retriable
+from consumer.handler import Handler
+from consumer.message import Message
+from consumer.outbox import envelopes
+from consumer.outbox.store import OutboxRow
+from consumer.runtime.outcomes import BatchResult, Handled, Outcome
+from consumer.settings import Settings
+
+log = logging.getLogger("consumer.batch")
+
+Ident = tuple[str, str]
+BeginTx = Callable[[], contextlib.AbstractAsyncContextManager[BatchTx]]
+
+
+@dataclass(slots=True)
+class _Item:
+    msg: Message
+    handler: Handler[Any, Any] | None
+    ident: Identity | None = None
+    error: InvalidMessage | None = None
+
+
+@dataclass(slots=True)
+class _Known:
+    """What the stores say about a key: status, hash and (when read from PostgreSQL) result."""
+
+    status: str
+    hash: str
+    result: Any = None
+    reason: str | None = None
+    has_result: bool = False
+
+
+@dataclass(slots=True)
+class _Run:
+    status: str  # "done" | "rejected" | "stop"
+    result: Any = None
+    reason: str = ""
+    outgoing: list[OutboxRow] = field(default_factory=list)
+    delay_s: float = 0.0
+
+
+class BatchProcessor:
+    """Runs batches of one app. One per worker process; safe for concurrent partitions."""
+
+    def __init__(
+        self, app: App, settings: Settings, leases: LeaseStore, token: str, begin: BeginTx
+    ) -> None:
+        self.app = app
+        self._begin = begin
+        self.settings = settings
+        self.leases = leases
+        self.token = token
+        self.inflight: dict[Ident, asyncio.Future[None]] = {}
+        self.attempts: dict[tuple[str, int, int], int] = {}
+        self._degraded_until = 0.0
+        self.redis_failures = 0
+
+    # ---------------------------------------------------------------- Redis, degraded mode
+
+    @property
+    def redis_degraded(self) -> bool:
+        return time.monotonic() < self._degraded_until
+
+    def _degrade(self, exc: BaseException) -> None:
+        if not self.redis_degraded:
+            log.warning(
+                "redis unavailable (%s: %s); continuing on PostgreSQL alone for %.0fs",
+                type(exc).__name__,
+                exc,
+                self.settings.redis_retry_s,
+            )
+        self.redis_failures += 1
+        self._degraded_until = time.monotonic() + self.settings.redis_retry_s
+
+    async def _redis(self, call: Awaitable[Any], default: Any) -> Any:
+        if self.redis_degraded:
+            with contextlib.suppress(BaseException):
+                call.close()  # type: ignore[attr-defined]
+            return default
+        try:
+            return await call
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._degrade(exc)
+            return default
+
+    async def _acquire(self, idents: Sequence[Ident]) -> list[LeaseResult]:
+        granted = [LeaseResult("acquired") for _ in idents]
+        result: list[LeaseResult] = await self._redis(
+            self.leases.acquire(idents, self.token, self.settings.lease_ms), granted
+        )
+        return result
+
+    # ---------------------------------------------------------------- the batch
+
+    async def process(self, records: Sequence[Message]) -> BatchResult:
+        """Process records of one partition, in offset order. Never raises for a message."""
+        if not records:
+            return BatchResult()
+        items = [self._parse(m) for m in records]
+        leaders: dict[Ident, _Item] = {}
+        for it in items:
+            if it.ident is not None:
+                leaders.setdefault(it.ident.ident, it)
+
+        # Copies of a key being handled by another batch of this process: await that result.
+        deadline = time.monotonic() + self.settings.lease_wait_ms / 1000
+        while others := [self.inflight[i] for i in leaders if i in self.inflight]:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.wait(others, timeout=remaining)
+        mine: dict[Ident, asyncio.Future[None]] = {}
+        busy: set[Ident] = set()
+        for ident in leaders:
+            if ident in self.inflight:
+                busy.add(ident)
+            else:
+                mine[ident] = self.inflight[ident] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._process(items, leaders, busy)
+        finally:
+            for ident, fut in mine.items():
+                fut.set_result(None)
+                del self.inflight[ident]
+
+    async def _process(
+        self, items: list[_Item], leaders: dict[Ident, _Item], busy: set[Ident]
+    ) -> BatchResult:
+        idents = [i for i in leaders if i not in busy]
+        states = dict(zip(idents, await self._acquire(idents), strict=True))
+        held = [i for i, s in states.items() if s.state == "held"]
+        if held:
+            states.update(await self._wait_for_holders(held))
+        acquired = [i for i, s in states.items() if s.state == "acquired"]
+        busy |= {i for i, s in states.items() if s.state == "held"}
+
+        # Stop before the first record whose key is still busy elsewhere; it is retried later.
+        stop = next(
+            (n for n, it in enumerate(items) if it.ident and it.ident.ident in busy), len(items)
+        )
+        renewer = asyncio.create_task(self._renew(acquired)) if acquired else None
+        done_markers: list[DoneMarker] = []
+        try:
+            result = await self._transact(items[:stop], states, done_markers)
+            await faults.point("after_commit")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The transaction failed as a whole (database down, commit outcome unknown):
+            # nothing is assumed; the partition is re-read from its first record.
+            kind = is_retriable(exc)
+            log.warning(
+                "batch %s/%s@%s failed (%s: %s); retrying",
+                items[0].msg.topic,
+                items[0].msg.partition,
+                items[0].msg.offset,
+                type(exc).__name__,
+                exc,
+                exc_info=kind is None,
+            )
+            result = BatchResult(
+                retry_offset=items[0].msg.offset,
+                retry_delay_s=self.settings.retry_backoff_ms / 1000,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            done_markers = []
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+        if stop < len(items) and result.retry_offset is None:
+            result.retry_offset = items[stop].msg.offset
+            result.retry_delay_s = self.settings.retry_backoff_ms / 1000
+            result.error = "lease held by another worker"
+        await self._redis(
+            self.leases.finish(done_markers, acquired, self.token, self.settings.done_cache_s),
+            None,
+        )
+        result.redis_degraded = self.redis_degraded
+        return result
+
+    async def _wait_for_holders(self, held: list[Ident]) -> dict[Ident, LeaseResult]:
+        """Poll leased keys until they finish elsewhere (done) or free up (acquired), bounded."""
+        out: dict[Ident, LeaseResult] = {}
+        deadline = time.monotonic() + self.settings.lease_wait_ms / 1000
+        delay = 0.02
+        while held and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            for ident, state in zip(held, await self._acquire(held), strict=True):
+                out[ident] = state
+            held = [i for i in held if out[i].state == "held"]
+        return out
+
+    async def _renew(self, idents: list[Ident]) -> None:
+        interval = self.settings.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            await self._redis(self.leases.renew(idents, self.token, self.settings.lease_ms), 0)
+
+    def _parse(self, msg: Message) -> _Item:
+        handler = self.app.handler_for(msg.topic)
+        if handler is None:
+            return _Item(msg, None, error=InvalidMessage(f"no handler for topic {msg.topic}"))
+        try:
+            return _Item(msg, handler, ident=identify(handler, msg, self.settings.tenant_header))
+        except InvalidMessage as exc:
+            return _Item(msg, handler, error=exc)
+
+    # ---------------------------------------------------------------- the transaction
+
+    async def _transact(
+        self, items: list[_Item], states: dict[Ident, LeaseResult], done_markers: list[DoneMarker]
+    ) -> BatchResult:
+        result = BatchResult()
+        if not items:
+            return result
+        first = items[0].msg
+        group = self.app.group
+        async with self._begin() as tx:
+            stored = await tx.lock_offset(group, first.topic, first.partition)
+            live = [it for it in items if it.msg.offset >= stored]
+            for it in items[: len(items) - len(live)]:
+                result.handled.append(Handled(it.msg, Outcome.SKIPPED))
+
+            known: dict[Ident, _Known] = {}
+            for ident, s in states.items():
+                if s.state == "done":
+                    known[ident] = _Known(s.status, s.hash)
+            leaders = {it.ident.ident: it for it in reversed(live) if it.ident}
+            to_claim = [
+                Claim(i[0], i[1], it.ident.hash, it.msg.topic, it.msg.partition, it.msg.offset)
+                for i, it in leaders.items()
+                if it.ident and i not in known
+            ]
+            claimed = await tx.claim(to_claim)
+            lookup = [c_ident for c in to_claim if (c_ident := (c.namespace, c.key)) not in claimed]
+            lookup += [
+                i
+                for i, it in leaders.items()
+                if i in known and it.msg.header(HEADER_REPLY_TO) is not None
+            ]
+            for ident, rec in (await tx.records(lookup)).items():
+                known[ident] = _Known(rec.status, rec.hash, rec.result, rec.reason, True)
+
+            completions: list[Completion] = []
+            rows: list[OutboxRow] = []
+            next_offset = live[-1].msg.offset + 1 if live else None
+            processed: set[Ident] = set()
+            for it in live:
+                msg = it.msg
+                if it.ident is None:
+                    err = it.error or InvalidMessage("unknown")
+                    rows.append(envelopes.dead_letter(msg, err.reason, err.detail))
+                    result.handled.append(Handled(msg, Outcome.INVALID, reason=err.reason))
+                    continue
+                ident, h = it.ident.ident, it.ident.hash
+                k = known.get(ident)
+                if k is None and ident in claimed and ident not in processed:
+                    assert it.handler is not None
+                    run = await self._run(tx, it.handler, it.ident, msg)
+                    if run.status == "stop":
+                        next_offset = msg.offset
+                        result.retry_offset = msg.offset
+                        result.retry_delay_s = run.delay_s
+                        result.error = run.reason
+                        break
+                    processed.add(ident)
+                    known[ident] = _Known(run.status, h, run.result, run.reason, True)
+                    completions.append(
+                        Completion(
+                            ident[0],
+                            ident[1],
+                            run.status,
+                            json.dumps(run.result) if run.status == "done" else None,
+                            run.reason or None,
+                        )
+                    )
+                    done_markers.append(DoneMarker(ident[0], ident[1], run.status, h))
+                    rows += run.outgoing
+                    if run.status == "rejected":
+                        rows.append(envelopes.dead_letter(msg, "rejected", run.reason, *ident))
+                    self._reply(rows, msg, ident, known[ident])
+                    outcome = Outcome.APPLIED if run.status == "done" else Outcome.REJECTED
+                    result.handled.append(Handled(msg, outcome, *ident, h, run.reason, run.result))
+                elif k is not None and k.hash == h:
+                    self._reply(rows, msg, ident, k)
+                    result.handled.append(
+                        Handled(msg, Outcome.DUPLICATE, *ident, h, k.status, k.result)
+                    )
+                    if ident not in processed and k.has_result:
+                        done_markers.append(DoneMarker(ident[0], ident[1], k.status, k.hash))
+                elif k is not None:
+                    rows.append(envelopes.conflict(msg, ident[0], ident[1], h, k.hash))
+                    result.handled.append(
+                        Handled(msg, Outcome.CONFLICT, *ident, h, f"stored hash {k.hash}")
+                    )
+                else:
+                    # Neither claimed nor recorded: the row vanished between claim and read
+                    # (evicted). Indefinite: stop here and look again.
+                    next_offset = msg.offset
+                    result.retry_offset = msg.offset
+                    result.retry_delay_s = self.settings.retry_backoff_ms / 1000
+                    result.error = "inbox record changed under the batch"
+                    break
+
+            await tx.complete(completions)
+            await tx.unclaim([i for i in claimed if i not in processed])
+            await tx.outbox(rows)
+            if next_offset is not None and next_offset > stored:
+                await tx.advance_offset(group, first.topic, first.partition, next_offset)
+                result.next_offset = next_offset
+            await faults.point("before_commit")
+        for h_ in result.handled:
+            self.attempts.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
+        return result
+
+    def _reply(self, rows: list[OutboxRow], msg: Message, ident: Ident, k: _Known) -> None:
+        reply_to = msg.header_str(HEADER_REPLY_TO)
+        if not reply_to or not k.has_result:
+            return
+        body = k.result if k.status == "done" else {"rejected": k.reason}
+        rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body))
+
+    async def _run(
+        self, tx: BatchTx, handler: Handler[Any, Any], ident: Identity, msg: Message
+    ) -> _Run:
+        """Run one handler inside a savepoint and classify what happened."""
+        pos = (msg.topic, msg.partition, msg.offset)
+        attempt = self.attempts.get(pos, 0) + 1
+        ctx = Context(tx.db, ident.namespace, ident.key, msg, ident.hash, attempt)
+        timeout_s = handler.timeout_s or self.settings.handler_timeout_s
+        await tx.savepoint()
+        try:
+            await faults.point("mid_handler")
+            value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
+        except Reject as exc:
+            await tx.rollback_savepoint()
+            return _Run("rejected", reason=exc.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await tx.rollback_savepoint()
+            described = f"{type(exc).__name__}: {exc}"
+            retriable = is_retriable(exc, handler.retry_on)
+            if retriable is None:
+                retriable = handler.on_error == "retry"
+                log.exception("handler %s raised %s", handler.name, described)
+            if not retriable:
+                return _Run("rejected", reason=f"error: {described}")
+            self.attempts[pos] = attempt
+            max_attempts = handler.max_attempts or self.settings.max_attempts
+            if attempt >= max_attempts:
+                return _Run("rejected", reason=f"attempts_exhausted ({attempt}): {described}")
+            delay = exc.delay_s if isinstance(exc, Retry) else self._backoff(attempt)
+            return _Run("stop", reason=described, delay_s=delay)
+        await tx.release_savepoint()
+        result = to_jsonable(value)
+        outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
+        return _Run("done", result=result, outgoing=outgoing)
+
+    def _backoff(self, attempt: int) -> float:
+        base = self.settings.retry_backoff_ms * 2 ** (attempt - 1)
+        return float(min(base, self.settings.retry_backoff_max_ms)) / 1000
+
+
+@contextlib.asynccontextmanager
+async def pg_transaction(pool: Any) -> AsyncIterator[BatchTx]:
+    """A batch transaction on a pooled PostgreSQL connection."""
+    from consumer.db.tx import PgTx
+
+    async with pool.acquire() as conn, conn.transaction():
+        yield PgTx(conn)

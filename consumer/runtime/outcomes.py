@@ -1,0 +1,48 @@
+"""What happened to each message of a batch, and to the batch as a whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from consumer.message import Message
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"  # handler ran and its effects committed
+    DUPLICATE = "duplicate"  # same key, same hash, already done or rejected
+    CONFLICT = "conflict"  # same key, different hash: never applied, routed to .conflicts
+    REJECTED = "rejected"  # definite failure: recorded and dead-lettered
+    INVALID = "invalid"  # never reached a handler: dead-lettered, nothing recorded
+    SKIPPED = "skipped"  # below the stored position: already accounted for
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    message: Message
+    outcome: Outcome
+    namespace: str = ""
+    key: str = ""
+    hash: str = ""
+    reason: str = ""
+    result: Any = None
+
+
+@dataclass
+class BatchResult:
+    """``next_offset`` is the position now stored (None if nothing moved).
+
+    ``retry_offset`` is set when the batch stopped on an indefinite failure: the partition
+    must be re-read from there after ``retry_delay_s``.
+    """
+
+    handled: list[Handled] = field(default_factory=list)
+    next_offset: int | None = None
+    retry_offset: int | None = None
+    retry_delay_s: float = 0.0
+    error: str = ""
+    redis_degraded: bool = False
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for h in self.handled if h.outcome is outcome)

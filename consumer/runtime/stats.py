@@ -1,0 +1,39 @@
+"""Per-worker counters: the one-line status, the demo display and the metrics read these."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from consumer.runtime.outcomes import BatchResult, Outcome
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    consumed: int = 0
+    batches: int = 0
+    retries: int = 0
+    rebalances: int = 0
+    by_outcome: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in Outcome})
+    lag: dict[str, int] = field(default_factory=dict)
+    partitions: list[str] = field(default_factory=list)
+    redis_degraded: bool = False
+
+    def add(self, result: BatchResult) -> None:
+        self.batches += 1
+        self.consumed += len(result.handled)
+        for h in result.handled:
+            self.by_outcome[h.outcome.value] += 1
+        if result.retry_offset is not None:
+            self.retries += 1
+        self.redis_degraded = result.redis_degraded
+
+    def line(self, rate: float) -> str:
+        o = self.by_outcome
+        return (
+            f"partitions={len(self.partitions)} msgs/s={rate:.0f} consumed={self.consumed} "
+            f"applied={o['applied']} duplicates={o['duplicate']} conflicts={o['conflict']} "
+            f"rejected={o['rejected']} invalid={o['invalid']} retries={self.retries} "
+            f"lag={sum(self.lag.values())}" + (" redis=DEGRADED" if self.redis_degraded else "")
+        )

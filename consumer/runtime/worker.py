@@ -1,0 +1,204 @@
+"""The worker: one Kafka consumer in the app's group, feeding the batch processor.
+
+Owns the fetch loop, Kafka offset commits (after the database commit, for lag tooling), the
+rebalance listener (finish the batch in flight before giving partitions up; seek to the stored
+positions on assignment), per-partition retry back-off, and a clean drain on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from consumer import faults
+from consumer.app import App
+from consumer.db.pool import create_pool
+from consumer.dedup.leases import LeaseStore, NoLeases, RedisLeases
+from consumer.message import Message
+from consumer.runtime import offsets
+from consumer.runtime.batch import BatchProcessor, pg_transaction
+from consumer.runtime.outcomes import BatchResult
+from consumer.runtime.stats import Stats
+from consumer.settings import Settings
+
+log = logging.getLogger("consumer.worker")
+
+
+def to_message(rec: Any) -> Message:
+    headers = tuple((k, bytes(v) if v is not None else b"") for k, v in (rec.headers or ()))
+    return Message(
+        rec.topic, rec.partition, rec.offset, rec.key, rec.value, headers, rec.timestamp or 0
+    )
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        # The batch in flight finishes (and commits) before the partitions are given up.
+        async with self.worker.lock:
+            self.worker.stats.rebalances += 1
+            for tp in revoked:
+                self.worker.retry_tasks.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.worker.seek_to_stored(list(assigned))
+
+
+class Worker:
+    """One consumer-group member. ``run()`` returns when ``stop`` is set and the drain is done."""
+
+    def __init__(self, app: App, settings: Settings | None = None, worker_id: int = 0) -> None:
+        self.app = app
+        self.settings = settings or app.settings
+        self.worker_id = worker_id
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.lock = asyncio.Lock()
+        self.stats = Stats()
+        self.retry_tasks: dict[TopicPartition, asyncio.TimerHandle] = {}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.pool: Any = None
+        self.processor: BatchProcessor | None = None
+        self.stop = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def seek_to_stored(self, tps: list[TopicPartition]) -> None:
+        if not tps or self.consumer is None:
+            return
+        text, args = offsets.stored(self.app.group, [(tp.topic, tp.partition) for tp in tps])
+        for attempt in range(1, 1000):
+            try:
+                rows = await self.pool.fetch(text, *args)
+                break
+            except Exception as exc:  # the database may be restarting
+                log.warning("reading stored offsets failed (%s); retry %d", exc, attempt)
+                await asyncio.sleep(min(0.2 * attempt, 2.0))
+        positions = {(r[0], r[1]): r[2] for r in rows}
+        for tp in tps:
+            pos = positions.get((tp.topic, tp.partition))
+            if pos is not None:
+                self.consumer.seek(tp, pos)
+        self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in tps)
+
+    def _leases(self) -> LeaseStore:
+        if self.settings.redis_mode == "off":
+            return NoLeases()
+        return RedisLeases(self.settings.redis_url)
+
+    async def run(self) -> None:
+        s = self.settings
+        faults.configure(s.faults)
+        self.pool = await create_pool(s.postgres_dsn, max_size=s.pg_pool_max)
+        leases = self._leases()
+        self.processor = BatchProcessor(
+            self.app, s, leases, self.token, lambda: pg_transaction(self.pool)
+        )
+        instance = f"{self.app.group}-{self.worker_id}" if s.static_membership else None
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=self.app.group,
+            group_instance_id=instance,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self.consumer.subscribe(self.app.topics, listener=_Listener(self))
+        await self.consumer.start()
+        status = asyncio.create_task(self._status_loop())
+        relay_task = None
+        if s.relay_enabled:
+            from consumer.outbox.relay import Relay
+
+            relay = Relay(s, pool=self.pool)
+            relay_task = asyncio.create_task(relay.run(self.stop))
+        self.started.set()
+        try:
+            while not self.stop.is_set():
+                await self._tick()
+        finally:
+            status.cancel()
+            for handle in self.retry_tasks.values():
+                handle.cancel()
+            if relay_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(relay_task, 10)
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()  # leaves the group
+            await leases.close()
+            await self.pool.close()
+
+    async def _tick(self) -> None:
+        assert self.consumer is not None and self.processor is not None
+        fetched = await self.consumer.getmany(
+            timeout_ms=self.settings.fetch_timeout_ms, max_records=self.settings.batch_max_records
+        )
+        if not fetched:
+            return
+        async with self.lock:
+            assigned = self.consumer.assignment()
+            work = {tp: recs for tp, recs in fetched.items() if tp in assigned and recs}
+            results = await asyncio.gather(
+                *(self.processor.process([to_message(r) for r in recs]) for recs in work.values())
+            )
+            commit: dict[TopicPartition, int] = {}
+            for tp, result in zip(work, results, strict=True):
+                self.stats.add(result)
+                if result.next_offset is not None:
+                    commit[tp] = result.next_offset
+                if result.retry_offset is not None:
+                    self._retry_later(tp, result)
+            if commit:
+                try:
+                    await self.consumer.commit(commit)
+                except (KafkaError, AssertionError) as exc:
+                    # The database holds the truth; Kafka's copy catches up on the next batch.
+                    log.info("kafka offset commit skipped: %s", exc)
+            for tp in work:
+                with contextlib.suppress(Exception):
+                    hw = self.consumer.highwater(tp)
+                    pos = commit.get(tp) or 0
+                    if hw is not None and pos:
+                        self.stats.lag[f"{tp.topic}/{tp.partition}"] = max(0, hw - pos)
+
+    def _retry_later(self, tp: TopicPartition, result: BatchResult) -> None:
+        assert self.consumer is not None and result.retry_offset is not None
+        consumer = self.consumer
+        consumer.seek(tp, result.retry_offset)
+        consumer.pause(tp)
+        log.info(
+            "partition %s/%s paused %.2fs at offset %d: %s",
+            tp.topic,
+            tp.partition,
+            result.retry_delay_s,
+            result.retry_offset,
+            result.error,
+        )
+
+        def resume() -> None:
+            self.retry_tasks.pop(tp, None)
+            if tp in consumer.assignment():
+                consumer.resume(tp)
+
+        self.retry_tasks[tp] = asyncio.get_running_loop().call_later(result.retry_delay_s, resume)
+
+    async def _status_loop(self) -> None:
+        last, last_t = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(self.settings.status_interval_s)
+            now = time.monotonic()
+            rate = (self.stats.consumed - last) / max(now - last_t, 1e-9)
+            last, last_t = self.stats.consumed, now
+            log.info("worker %d %s", self.worker_id, self.stats.line(rate))

@@ -1,0 +1,66 @@
+"""Typed settings, read once from the environment (prefix ``CONSUMER_``) and validated at start.
+
+No other module reads the environment for these values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from consumer.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Everything a worker needs to know about its environment. Units are in the names."""
+
+    model_config = SettingsConfigDict(env_prefix="CONSUMER_", extra="ignore", frozen=True)
+
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:15432/consumer"
+
+    batch_max_records: int = Field(default=500, ge=1, le=10_000)
+    fetch_timeout_ms: int = Field(default=200, ge=1)
+    lease_ms: int = Field(default=30_000, ge=100)
+    lease_wait_ms: int = Field(default=5_000, ge=0)
+    dedup_window_s: int = Field(default=7 * 24 * 3600, ge=60)
+    done_cache_s: int = Field(default=24 * 3600, ge=1)
+    handler_timeout_s: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_backoff_ms: int = Field(default=200, ge=0)
+    retry_backoff_max_ms: int = Field(default=10_000, ge=0)
+    redis_retry_s: float = Field(default=5.0, gt=0)
+    pg_pool_max: int = Field(default=8, ge=1)
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    static_membership: bool = False
+    relay_enabled: bool = True
+    relay_batch: int = Field(default=500, ge=1)
+    relay_poll_ms: int = Field(default=1_000, ge=10)
+    outbox_retention_s: int = Field(default=24 * 3600, ge=0)
+    cleanup_interval_s: float = Field(default=60.0, gt=0)
+    cleanup_batch: int = Field(default=1_000, ge=1)
+    hash_keys_in_logs: bool = False
+    log_json: bool = False
+    status_interval_s: float = Field(default=5.0, gt=0)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_dir: str = ""
+    tenant_header: str = "tenant"
+    redis_mode: Literal["on", "off"] = "on"
+    faults: str = ""  # test-only: see consumer/faults.py
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; a bad value raises ConfigError naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"CONSUMER_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,1 @@
+"""The example application: a payments service built on dedup-consumer."""
