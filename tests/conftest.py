@@ -1,0 +1,161 @@
+"""Shared fixtures. Integration tests use the real services named in ``.env``.
+
+Where a service does not answer, integration tests skip with a clear message on a laptop and
+**fail** when ``CI=true``: a skipped guarantee is not a proven one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from consumer import App, Settings, load_settings
+from consumer.db.migrate import migrate_dsn
+from consumer.runtime.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_MIGRATIONS = [ROOT / "handlers" / "migrations"]
+
+
+def _load_dotenv() -> None:
+    env = ROOT / ".env"
+    if not env.exists():
+        return
+    for line in env.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            name, _, value = line.partition("=")
+            os.environ.setdefault(name.strip(), value.strip())
+
+
+_load_dotenv()
+
+
+def _answers(hostport: str) -> bool:
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _hostport(url: str) -> str:
+    rest = url.split("://", 1)[-1].split("@")[-1]
+    return rest.split("/")[0]
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    s = load_settings()
+    missing = [
+        name
+        for name, hp in (
+            ("Kafka", s.kafka_bootstrap.split(",")[0]),
+            ("Redis", _hostport(s.redis_url)),
+            ("PostgreSQL", _hostport(s.postgres_dsn)),
+        )
+        if not _answers(hp)
+    ]
+    if missing:
+        msg = f"{', '.join(missing)} not answering; run `make services` (settings from .env)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {msg}", pytrace=False)
+        pytest.skip(msg)
+    asyncio.run(migrate_dsn(s.postgres_dsn, APP_MIGRATIONS))
+    return s
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix for topic, group and key names of one test."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def pg(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def create_topics(settings: Settings, names: list[str], partitions: int = 3) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def topics(settings: Settings, unique: str) -> Callable[..., Awaitable[str]]:
+    """``await topics("name", partitions=3)`` creates ``name-<unique>`` with .dlq/.conflicts."""
+
+    async def make(base: str = "t", partitions: int = 3, extra: tuple[str, ...] = ()) -> str:
+        name = f"{base}-{unique}"
+        await create_topics(
+            settings,
+            [name, name + ".dlq", name + ".conflicts", *(f"{e}-{unique}" for e in extra)],
+            partitions,
+        )
+        return name
+
+    return make
+
+
+@pytest.fixture
+async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+def app_settings(settings: Settings, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {"status_interval_s": 60.0, "fetch_timeout_ms": 50}
+    base.update(overrides)
+    return settings.model_copy(update=base)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    app: App, settings: Settings | None = None, worker_id: int = 0
+) -> AsyncIterator[Worker]:
+    """Run a Worker in this event loop; stop and drain it on exit."""
+    worker = Worker(app, settings or app.settings, worker_id)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started.wait(), 30)
+        yield worker
+    finally:
+        worker.stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0, every_s: float = 0.1
+) -> None:
+    """Poll ``check`` until it is true; fail with the timeout otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        if await check():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(every_s)
