@@ -162,8 +162,9 @@ class Worker:
                     self._retry_later(tp, result)
             if commit:
                 try:
-                    await self.consumer.commit(commit)
-                except (KafkaError, AssertionError) as exc:
+                    # Bounded: with the broker away, commit would wait for a coordinator.
+                    await asyncio.wait_for(self.consumer.commit(commit), 10)
+                except (KafkaError, AssertionError, TimeoutError) as exc:
                     # The database holds the truth; Kafka's copy catches up on the next batch.
                     log.info("kafka offset commit skipped: %s", exc)
             for tp in work:
