@@ -40,5 +40,6 @@ def lease_key(namespace: str, key: str) -> str:
     return f"{LEASE_PREFIX}:{{{namespace}}}:{key}"
 
 
-def done_key(namespace: str, key: str) -> str:
-    return f"{DONE_PREFIX}:{{{namespace}}}:{key}"
+def done_key(namespace: str, key: str, epoch: str = "") -> str:
+    """``epoch`` is the database's (dedup.meta): markers of another database never match."""
+    return f"{DONE_PREFIX}:{{{namespace}}}:{epoch}:{key}"

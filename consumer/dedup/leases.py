@@ -123,7 +123,8 @@ def _parse(flat: Sequence[bytes | str]) -> list[LeaseResult]:
 class RedisLeases:
     """LeaseStore on a real Redis. Every call is a single round trip."""
 
-    def __init__(self, url: str, *, socket_timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, *, epoch: str = "", socket_timeout_s: float = 2.0) -> None:
+        self.epoch = epoch
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
         )
@@ -138,7 +139,7 @@ class RedisLeases:
             return []
         keys: list[str] = []
         for ns, key in idents:
-            keys += [done_key(ns, key), lease_key(ns, key)]
+            keys += [done_key(ns, key, self.epoch), lease_key(ns, key)]
         flat = await self._acquire(keys=keys, args=[token, ttl_ms])
         return _parse(flat)
 
@@ -159,7 +160,9 @@ class RedisLeases:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for d in done:
-                pipe.set(done_key(d.namespace, d.key), f"{d.status}:{d.hash}", ex=done_ttl_s)
+                pipe.set(
+                    done_key(d.namespace, d.key, self.epoch), f"{d.status}:{d.hash}", ex=done_ttl_s
+                )
             if release:
                 await self._release(
                     keys=[lease_key(ns, k) for ns, k in release], args=[token], client=pipe

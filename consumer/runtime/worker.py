@@ -90,16 +90,17 @@ class Worker:
                 self.consumer.seek(tp, pos)
         self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in tps)
 
-    def _leases(self) -> LeaseStore:
+    async def _leases(self) -> LeaseStore:
         if self.settings.redis_mode == "off":
             return NoLeases()
-        return RedisLeases(self.settings.redis_url)
+        epoch = await self.pool.fetchval("SELECT value FROM dedup.meta WHERE name = 'epoch'")
+        return RedisLeases(self.settings.redis_url, epoch=str(epoch or ""))
 
     async def run(self) -> None:
         s = self.settings
         faults.configure(s.faults)
         self.pool = await create_pool(s.postgres_dsn, max_size=s.pg_pool_max)
-        leases = self._leases()
+        leases = await self._leases()
         self.processor = BatchProcessor(
             self.app, s, leases, self.token, lambda: pg_transaction(self.pool)
         )
