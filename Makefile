@@ -1,0 +1,60 @@
+# dedup-consumer developer tasks.  `make help` lists them.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SERVICES := scripts/services.sh
+LINT_PATHS := consumer handlers schemas tests scripts
+TYPED_PATHS := consumer handlers schemas
+
+.PHONY: help install services services-down services-status migrate lint typecheck test clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install the package with its dev extras
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+		$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv \
+			|| { apt-get update -q && apt-get install -y -q python3-venv; }; \
+			$(PYTHON) -m venv $(VENV); }; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+services: ## start Kafka, Redis and PostgreSQL under .services/ and write .env
+	bash $(SERVICES) up
+
+services-down: ## stop the services started by `make services`
+	bash $(SERVICES) down
+
+services-status: ## show which services run
+	bash $(SERVICES) status
+
+migrate: install services ## apply the database migrations
+	set -a; . ./.env; set +a; $(BIN)/python -m consumer migrate handlers.app:app
+
+lint: install ## ruff check
+	$(BIN)/ruff check $(LINT_PATHS)
+
+typecheck: install ## mypy on the packages
+	$(BIN)/mypy $(TYPED_PATHS)
+
+# pytest exits 5 when it collected no test: that is a failure here, we always have tests.
+test: install services ## lint, typecheck, then the whole test suite against the services
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory typecheck
+	set -a; . ./.env; set +a; \
+	rc=0; $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; exit 1; fi; \
+	exit $$rc
+
+clean: ## stop the services and delete their data and logs (keeps the Kafka jars)
+	bash $(SERVICES) clean
