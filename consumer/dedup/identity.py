@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from consumer import codec
 from consumer.constants import HEADER_CONTENT_TYPE, MAX_KEY_BYTES
 from consumer.dedup.hashing import payload_hash
-from consumer.errors import BadKey, MissingKey, SchemaError
+from consumer.errors import BadKey, DecodeError, MissingKey, SchemaError
 from consumer.handler import Handler
 from consumer.message import Message
 
@@ -34,10 +34,12 @@ class Identity:
 def namespace_of(handler: Handler[Any, Any], msg: Message, tenant_header: str) -> str:
     tenant = msg.header(tenant_header) if tenant_header else None
     if tenant:
-        try:
-            return f"{handler.name}@{_check_key(tenant, 'tenant header')}"
-        except BadKey:
-            raise
+        name = _check_key(tenant, "tenant header")
+        # The namespace sits inside a Redis hash tag, ``lease:{ns}:key``: a brace in it would
+        # let (tenant "a}:b", key "c") and (tenant "a", key "b}:c") share one Redis key.
+        if "{" in name or "}" in name:
+            raise BadKey("tenant header contains '{' or '}'")
+        return f"{handler.name}@{name}"
     return handler.name
 
 
@@ -55,8 +57,14 @@ def _check_key(raw: bytes | str | object, what: str) -> str:
         raise BadKey(f"{what} must be a string, got {type(raw).__name__}")
     if not text:
         raise MissingKey(f"{what} is empty")
-    if len(text.encode()) > MAX_KEY_BYTES:
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\\ud800" escape
+        raise BadKey(f"{what} is not valid Unicode text") from None
+    if size > MAX_KEY_BYTES:
         raise BadKey(f"{what} is longer than {MAX_KEY_BYTES} bytes")
+    if "\x00" in text:  # PostgreSQL text cannot hold NUL: the inbox insert would fail forever
+        raise BadKey(f"{what} contains a NUL character")
     return text
 
 
@@ -98,4 +106,8 @@ def identify(handler: Handler[Any, Any], msg: Message, tenant_header: str = "ten
     payload = validate(handler, msg)
     key = key_of(handler, msg, payload)
     ns = namespace_of(handler, msg, tenant_header)
-    return Identity(ns, key, payload_hash(payload, handler.hash_exclude), payload)
+    try:
+        digest = payload_hash(payload, handler.hash_exclude)
+    except UnicodeEncodeError:
+        raise DecodeError("payload holds text that is not valid Unicode (lone surrogate)") from None
+    return Identity(ns, key, digest, payload)

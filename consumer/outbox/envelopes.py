@@ -45,18 +45,26 @@ def _trace(msg: Message) -> list[tuple[str, str]]:
 def _original_headers(msg: Message) -> list[tuple[str, str]]:
     # Header values are text on every path this framework writes; a binary value from a
     # foreign producer is kept as its hex form rather than dropped.
+    # A NUL counts as binary too: the outbox stores headers as jsonb, which refuses it, and
+    # the dead letter could then never be written.
     out = []
     for name, raw in msg.headers:
+        name = name.replace("\x00", "\\x00")
         try:
-            out.append((name, raw.decode()))
+            text = raw.decode()
         except UnicodeDecodeError:
-            out.append((f"{name}.hex", raw.hex()))
+            text = "\x00"
+        out.append((name, text) if "\x00" not in text else (f"{name}.hex", raw.hex()))
     return out
 
 
 def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> list[OutboxRow]:
     rows = []
     for index, item in enumerate(items):
+        if any("\x00" in n or "\x00" in v for n, v in item.headers):
+            # Raised while the handler's savepoint is open, so it is the handler's error (a
+            # bounded retry, then a dead letter) and not a batch that can never commit.
+            raise ValueError(f"a header of the message to {item.topic!r} contains NUL")
         ik = f"{namespace}:{key}:{index}"
         headers = [
             *item.headers,
@@ -92,7 +100,7 @@ def dead_letter(
     headers = [
         *[(n, v) for n, v in _original_headers(msg) if n.lower() != HEADER_IDEMPOTENCY_KEY],
         (HEADER_REASON, reason),
-        (HEADER_DETAIL, detail[:1000]),
+        (HEADER_DETAIL, detail[:1000].replace("\x00", "\\x00")),
         (HEADER_NAMESPACE, namespace),
         (HEADER_KEY, key),
         (HEADER_SOURCE, msg.source),

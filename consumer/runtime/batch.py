@@ -74,16 +74,26 @@ class _Run:
     reason: str = ""
     outgoing: list[OutboxRow] = field(default_factory=list)
     delay_s: float = 0.0
+    result_json: str | None = None
 
 
 class BatchProcessor:
     """Runs batches of one app. One per worker process; safe for concurrent partitions."""
 
     def __init__(
-        self, app: App, settings: Settings, leases: LeaseStore, token: str, begin: BeginTx
+        self,
+        app: App,
+        settings: Settings,
+        leases: LeaseStore,
+        token: str,
+        begin: BeginTx,
+        fault: faults.Hook = faults.point,
     ) -> None:
         self.app = app
         self._begin = begin
+        # Fault points go through this hook: the process-wide registry by default; the test
+        # harness passes its own, so one harness's injected faults never reach another's.
+        self._fault = fault
         self.settings = settings
         self.leases = leases
         self.token = token
@@ -181,7 +191,7 @@ class BatchProcessor:
         done_markers: list[DoneMarker] = []
         try:
             result = await self._transact(items[:stop], states, done_markers)
-            await faults.point("after_commit")
+            await self._fault("after_commit")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -244,6 +254,11 @@ class BatchProcessor:
             return _Item(msg, handler, ident=identify(handler, msg, self.settings.tenant_header))
         except InvalidMessage as exc:
             return _Item(msg, handler, error=exc)
+        except Exception as exc:
+            # A schema validator or key function that raises something pydantic does not wrap
+            # must not take the worker down with every redelivery: a dead letter, as invalid.
+            log.warning("identifying %s failed: %s: %s", msg.source, type(exc).__name__, exc)
+            return _Item(msg, handler, error=InvalidMessage(f"{type(exc).__name__}: {exc}"))
 
     # ---------------------------------------------------------------- the transaction
 
@@ -307,11 +322,7 @@ class BatchProcessor:
                     known[ident] = _Known(run.status, h, run.result, run.reason, True)
                     completions.append(
                         Completion(
-                            ident[0],
-                            ident[1],
-                            run.status,
-                            json.dumps(run.result) if run.status == "done" else None,
-                            run.reason or None,
+                            ident[0], ident[1], run.status, run.result_json, run.reason or None
                         )
                     )
                     done_markers.append(DoneMarker(ident[0], ident[1], run.status, h))
@@ -348,7 +359,14 @@ class BatchProcessor:
             if next_offset is not None and next_offset > stored:
                 await tx.advance_offset(group, first.topic, first.partition, next_offset)
                 result.next_offset = next_offset
-            await faults.point("before_commit")
+            if self.settings.unsafe_broken == "done_before_commit":
+                # TEST-ONLY BROKEN BUILD (Settings.unsafe_broken, scripts/chaos): markers
+                # before the commit, the bug the chaos checker must catch. Never enable.
+                await self._redis(
+                    self.leases.finish(done_markers, [], self.token, self.settings.done_cache_s),
+                    None,
+                )
+            await self._fault("before_commit")
         for h_ in result.handled:
             self.attempts.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
         return result
@@ -370,16 +388,25 @@ class BatchProcessor:
         timeout_s = handler.timeout_s or self.settings.handler_timeout_s
         await tx.savepoint()
         try:
-            await faults.point("mid_handler")
+            await self._fault("mid_handler")
             value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
+            # Everything that can fail because of this message's result happens before the
+            # savepoint is released, so it takes the per-message (bounded) path below. Failing
+            # later, at the batch's shared statements, would re-run the batch without limit.
+            result = to_jsonable(value)
+            result_json = json.dumps(result)
+            if _has_nul(result):
+                raise ValueError("the result contains NUL characters, which PostgreSQL refuses")
+            outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
+            await tx.release_savepoint()
         except Reject as exc:
             await tx.rollback_savepoint()
-            return _Run("rejected", reason=exc.reason)
+            return _Run("rejected", reason=_safe_text(exc.reason))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await tx.rollback_savepoint()
-            described = f"{type(exc).__name__}: {exc}"
+            described = _safe_text(f"{type(exc).__name__}: {exc}")
             retriable = is_retriable(exc, handler.retry_on)
             if retriable is None:
                 retriable = handler.on_error == "retry"
@@ -392,14 +419,26 @@ class BatchProcessor:
                 return _Run("rejected", reason=f"attempts_exhausted ({attempt}): {described}")
             delay = exc.delay_s if isinstance(exc, Retry) else self._backoff(attempt)
             return _Run("stop", reason=described, delay_s=delay)
-        await tx.release_savepoint()
-        result = to_jsonable(value)
-        outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
-        return _Run("done", result=result, outgoing=outgoing)
+        return _Run("done", result=result, outgoing=outgoing, result_json=result_json)
 
     def _backoff(self, attempt: int) -> float:
         base = self.settings.retry_backoff_ms * 2 ** (attempt - 1)
         return float(min(base, self.settings.retry_backoff_max_ms)) / 1000
+
+
+def _safe_text(text: str) -> str:
+    # PostgreSQL text and jsonb cannot hold NUL; a reason is for people, so show it escaped.
+    return text.replace("\x00", "\\x00")
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 @contextlib.asynccontextmanager
