@@ -11,7 +11,7 @@ SERVICES := scripts/services.sh
 LINT_PATHS := consumer handlers schemas tests scripts
 TYPED_PATHS := consumer handlers schemas
 
-.PHONY: help install services services-down services-status migrate lint typecheck test clean
+.PHONY: help install services services-down services-status migrate lint typecheck test bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -55,6 +55,10 @@ test: install services ## lint, typecheck, then the whole test suite against the
 	rc=0; $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; exit 1; fi; \
 	exit $$rc
+
+# Options go in ARGS, e.g. `make bench ARGS="--quick"` or `ARGS="--records 20000 --repeats 1"`.
+bench: install services ## benchmark: raw vs framework vs naive (docs/benchmarks.md)
+	set -a; . ./.env; set +a; $(BIN)/python -m scripts.bench $(ARGS)
 
 clean: ## stop the services and delete their data and logs (keeps the Kafka jars)
 	bash $(SERVICES) clean
