@@ -288,11 +288,14 @@ class BatchProcessor:
             ]
             claimed = await tx.claim(to_claim)
             lookup = [c_ident for c in to_claim if (c_ident := (c.namespace, c.key)) not in claimed]
-            lookup += [
-                i
-                for i, it in leaders.items()
-                if i in known and it.msg.header(HEADER_REPLY_TO) is not None
-            ]
+            # The stored result is needed when ANY copy in the batch asks for a reply, not
+            # only the first one (tests/integration/test_reply_copies.py).
+            asking = {
+                it.ident.ident
+                for it in live
+                if it.ident and it.msg.header(HEADER_REPLY_TO) is not None
+            }
+            lookup += [i for i in leaders if i in known and i in asking]
             for ident, rec in (await tx.records(lookup)).items():
                 known[ident] = _Known(rec.status, rec.hash, rec.result, rec.reason, True)
 
