@@ -1,0 +1,162 @@
+"""Helpers shared by the outcome and fault tests: produce, observe outcomes, read the stores.
+
+Everything here reads the real stores (PostgreSQL rows, Redis keys) so a test asserts what
+was committed, not what the runtime says it did.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import asyncpg
+import msgpack
+from aiokafka import AIOKafkaProducer
+from pydantic import BaseModel
+
+from consumer.runtime.outcomes import Handled, Outcome
+from consumer.runtime.worker import Worker
+from tests.conftest import eventually
+
+
+class Pay(BaseModel):
+    """The payload of these tests. ``sent_at`` is a transport detail (hash-excluded)."""
+
+    id: str
+    cents: int = 1
+    sent_at: str = ""
+
+
+async def send(
+    producer: AIOKafkaProducer,
+    topic: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    value: bytes | None = None,
+    key: bytes | None = None,
+    headers: dict[str, bytes] | None = None,
+    partition: int = 0,
+    as_json: bool = False,
+) -> int:
+    """Produce one record; returns its offset."""
+    hdrs = dict(headers or {})
+    if value is None:
+        if as_json:
+            value = json.dumps(payload).encode()
+            hdrs.setdefault("content-type", b"application/json")
+        else:
+            value = msgpack.packb(payload)
+    meta = await producer.send_and_wait(
+        topic, value, key=key, headers=list(hdrs.items()), partition=partition
+    )
+    return int(meta.offset)
+
+
+class Spy:
+    """Records every Handled outcome of a running worker's batches."""
+
+    def __init__(self, worker: Worker) -> None:
+        assert worker.processor is not None
+        self.handled: list[Handled] = []
+        self.retries: list[str] = []
+        processor = worker.processor
+        original = processor.process
+
+        async def spy(records: Any) -> Any:
+            result = await original(records)
+            self.handled.extend(result.handled)
+            if result.retry_offset is not None:
+                self.retries.append(result.error)
+            return result
+
+        processor.process = spy  # type: ignore[method-assign]
+
+    def at(self, partition: int, offset: int) -> list[Outcome]:
+        return [
+            h.outcome
+            for h in self.handled
+            if h.message.partition == partition and h.message.offset == offset
+        ]
+
+    def outcomes(self) -> dict[tuple[int, int], list[Outcome]]:
+        out: dict[tuple[int, int], list[Outcome]] = defaultdict(list)
+        for h in self.handled:
+            out[(h.message.partition, h.message.offset)].append(h.outcome)
+        return dict(out)
+
+
+async def stored_offset(pg: asyncpg.Connection, group: str, topic: str, partition: int) -> int:
+    value = await pg.fetchval(
+        "SELECT next_offset FROM dedup.offsets WHERE group_id=$1 AND topic=$2 AND partition=$3",
+        group,
+        topic,
+        partition,
+    )
+    return -1 if value is None else int(value)
+
+
+async def wait_offset(
+    pg: asyncpg.Connection,
+    group: str,
+    topic: str,
+    partition: int,
+    next_offset: int,
+    timeout_s: float = 30.0,
+) -> None:
+    """Wait until the stored position of a partition reaches ``next_offset``."""
+
+    async def reached() -> bool:
+        return await stored_offset(pg, group, topic, partition) >= next_offset
+
+    await eventually(reached, timeout_s=timeout_s)
+
+
+async def outbox(pg: asyncpg.Connection, topic: str) -> list[dict[str, Any]]:
+    """Outbox rows for ``topic`` in id order, headers as a dict."""
+    rows = await pg.fetch(
+        "SELECT topic, key, value, headers, idempotency_key FROM dedup.outbox "
+        "WHERE topic = $1 ORDER BY id",
+        topic,
+    )
+    out = []
+    for r in rows:
+        headers = r["headers"]
+        if isinstance(headers, str):
+            headers = json.loads(headers)
+        out.append(
+            {
+                "key": None if r["key"] is None else bytes(r["key"]),
+                "value": bytes(r["value"]),
+                "headers": {k: v for k, v in headers},
+                "idempotency_key": r["idempotency_key"],
+            }
+        )
+    return out
+
+
+async def inbox(pg: asyncpg.Connection, namespace: str) -> dict[str, dict[str, Any]]:
+    """Inbox rows of one namespace, by key, with ``result`` decoded from jsonb."""
+    rows = await pg.fetch("SELECT * FROM dedup.inbox WHERE namespace = $1", namespace)
+    out = {}
+    for r in rows:
+        row = dict(r)
+        if isinstance(row["result"], str):
+            row["result"] = json.loads(row["result"])
+        out[r["key"]] = row
+    return out
+
+
+async def effects(pg: asyncpg.Connection, table: str) -> list[str]:
+    return sorted(r[0] for r in await pg.fetch(f"SELECT k FROM {table}"))
+
+
+async def cleanup(pg: asyncpg.Connection, unique: str) -> None:
+    """Delete one test's rows from the shared dedup tables (names carry ``unique``).
+
+    Unpublished outbox rows would otherwise wait for whichever relay runs next, in any test.
+    """
+    pattern = f"%{unique}%"
+    await pg.execute("DELETE FROM dedup.outbox WHERE topic LIKE $1", pattern)
+    await pg.execute("DELETE FROM dedup.inbox WHERE namespace LIKE $1", pattern)
+    await pg.execute("DELETE FROM dedup.offsets WHERE group_id LIKE $1", pattern)
