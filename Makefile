@@ -11,7 +11,7 @@ SERVICES := scripts/services.sh
 LINT_PATHS := consumer handlers schemas tests scripts
 TYPED_PATHS := consumer handlers schemas
 
-.PHONY: help install services services-down services-status migrate lint typecheck test bench clean
+.PHONY: help install services services-down services-status migrate lint typecheck test bench demo clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -59,6 +59,10 @@ test: install services ## lint, typecheck, then the whole test suite against the
 # Options go in ARGS, e.g. `make bench ARGS="--quick"` or `ARGS="--records 20000 --repeats 1"`.
 bench: install services ## benchmark: raw vs framework vs naive (docs/benchmarks.md)
 	set -a; . ./.env; set +a; $(BIN)/python -m scripts.bench $(ARGS)
+
+# Options go in ARGS, e.g. `make demo ARGS="--count 5000 --keep"`; the services stay up after.
+demo: install services ## the payments service under duplicates, conflicts and a crash, audited
+	set -a; . ./.env; set +a; $(BIN)/python -m scripts.demo $(ARGS)
 
 clean: ## stop the services and delete their data and logs (keeps the Kafka jars)
 	bash $(SERVICES) clean

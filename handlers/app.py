@@ -1,30 +1,46 @@
-"""The payments service: settle each PaymentRequested exactly once.
+"""The payments service: settle each ``PaymentRequested`` exactly once.
+
+A request credits (positive ``cents``) or debits (negative) an account. In the batch's
+transaction the handler moves the balance, writes a ledger row, charges the stand-in gateway
+with the message's idempotency key, and publishes ``PaymentSettled`` through the outbox: all of
+it takes effect once, or none of it does. An overdraft is rejected for good (recorded,
+dead-lettered, and a resend gets the same answer). A request with a ``reply-to`` header is
+answered there with the ``Receipt`` (or the rejection) by the framework, duplicates included.
 
 Run it with ``consumer run handlers.app:app --workers 3``.
+
+``PAYMENTS_TOPIC_PREFIX`` (default empty) puts the topics and the consumer group under a
+prefix, one deployment per prefix; ``make demo`` gives each run its own, so runs never share
+topics, offsets or idempotency keys.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from consumer import App, Context, Reject
 from handlers import gateway
 from schemas.payments import PaymentRequested, PaymentSettled, Receipt
 
-REQUESTED = "payments.requested"
-SETTLED = "payments.settled"
+PREFIX = os.environ.get("PAYMENTS_TOPIC_PREFIX", "")
+REQUESTED = f"{PREFIX}payments.requested"
+SETTLED = f"{PREFIX}payments.settled"
 
-app = App("payments", migrations=[Path(__file__).parent / "migrations"])
+app = App(f"{PREFIX}payments", migrations=[Path(__file__).parent / "migrations"])
 
 
 @app.handler(
     REQUESTED,
     schema=PaymentRequested,
+    # The payment id is the client's idempotency key: a resend, however encoded, is the same
+    # payment; the same id with a different body is a conflict, never applied.
     key=lambda p: p.payment_id,
+    # Transport details that differ between resends of one logical request.
     hash_exclude={"sent_at", "trace_id"},
 )
 async def settle(p: PaymentRequested, ctx: Context) -> Receipt:
-    """Apply the payment to the account, or reject an overdraft for good."""
+    """Apply the payment to its account, or reject an overdraft for good."""
     balance = await ctx.db.fetchval(
         """
         INSERT INTO accounts (account, balance_cents) VALUES ($1, $2)
@@ -35,7 +51,8 @@ async def settle(p: PaymentRequested, ctx: Context) -> Receipt:
         p.cents,
     )
     if balance < 0:
-        # Definite: rolled back to the savepoint, recorded as rejected, dead-lettered.
+        # Definite: the framework rolls back to this message's savepoint (the balance is
+        # restored), records the rejection under the key and dead-letters the request.
         raise Reject(f"overdraft: balance would be {balance} cents")
     tenant = ctx.message.header_str("tenant") or ""
     await ctx.db.execute(
@@ -45,6 +62,7 @@ async def settle(p: PaymentRequested, ctx: Context) -> Receipt:
         p.cents,
         tenant,
     )
+    # An external call takes the same idempotency key, so a retried batch charges once.
     ref = await gateway.charge(ctx.db, ctx.idempotency_key, p.account, p.cents)
     ctx.publish(
         SETTLED,
@@ -52,6 +70,7 @@ async def settle(p: PaymentRequested, ctx: Context) -> Receipt:
             payment_id=p.payment_id, account=p.account, cents=p.cents, balance_cents=balance
         ),
         key=p.account,
+        headers={"tenant": tenant} if tenant else None,
     )
     return Receipt(
         payment_id=p.payment_id,

@@ -1,0 +1,309 @@
+"""The audit of a demo run: what the database and the topics hold, against the ground truth.
+
+The load generator wrote down every record it sent and what the service must do with it
+(``handlers/loadgen.py``). Each check here compares one guarantee with that truth, reading
+only committed state: the ``ledger``, ``accounts`` and ``gateway_charges`` tables, the inbox
+and stored positions, and the output topics read from the beginning. Nothing is inferred from
+worker logs or counters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgpack
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from consumer.constants import (
+    HEADER_DETAIL,
+    HEADER_HASH,
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_KEY,
+    HEADER_OUTCOME,
+    HEADER_REASON,
+    HEADER_SOURCE,
+    HEADER_STORED_HASH,
+)
+from scripts.demo.probe import Sample
+from scripts.demo.setup import OTHER_PARTITIONS, Names
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    expected: str
+    observed: str
+    ok: bool
+
+
+@dataclass
+class Report:
+    checks: list[Check]
+    dead_letters: Counter[str]  # "reason: first words of the detail" -> count
+    conflicts: int
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+@dataclass
+class Truth:
+    meta: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, path: Path) -> Truth:
+        with path.open() as f:
+            meta = json.loads(f.readline())
+            return cls(meta, [json.loads(line) for line in f])
+
+    def where(self, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.records if all(r[k] == v for k, v in match.items())]
+
+    def source(self, r: dict[str, Any]) -> str:
+        return f"{self.meta['topic']}/{r['partition']}/{r['offset']}"
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    """One record read back from an output topic."""
+
+    source: str
+    headers: dict[str, str]
+    value: bytes
+
+
+async def read_topic(bootstrap: str, topic: str, partitions: int = OTHER_PARTITIONS) -> list[Out]:
+    """Every record of ``topic``, from the beginning to the end offsets at the time of the call."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[Out] = []
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            for recs in (await consumer.getmany(timeout_ms=1000, max_records=5000)).values():
+                for r in recs:
+                    headers = {k: bytes(v).decode() for k, v in r.headers or ()}
+                    out.append(Out(headers.get(HEADER_SOURCE, ""), headers, r.value or b""))
+        return out
+    finally:
+        await consumer.stop()
+
+
+def _check(name: str, expected: object, observed: object, ok: bool | None = None) -> Check:
+    return Check(name, str(expected), str(observed), expected == observed if ok is None else ok)
+
+
+def _n(count: int, what: str) -> str:
+    return f"{count:,} {what}"
+
+
+async def run_audit(truth: Truth, names: Names, dsn: str, bootstrap: str, final: Sample) -> Report:
+    """Every check of the run, in the order a reader would ask the questions."""
+    originals = truth.where(kind="original")
+    applied = {r["payment_id"]: r for r in originals if r["expect"] == "applied"}
+    overdrafts = {r["payment_id"] for r in originals if r["expect"] == "rejected"}
+    ids = sorted({r["payment_id"] for r in truth.records if r["payment_id"]})
+    accounts = sorted({r["account"] for r in truth.records})
+    checks: list[Check] = []
+
+    sent = len(truth.records)
+    checks.append(
+        _check(
+            "every record consumed (stored positions = end offsets)",
+            _n(sent, "records"),
+            _n(final.consumed, f"consumed of {final.sent:,} in the topic"),
+            final.consumed == final.sent == sent,
+        )
+    )
+
+    pg = await asyncpg.connect(dsn)
+    try:
+        ledger = await pg.fetch(
+            "SELECT payment_id, account, cents, tenant FROM ledger WHERE payment_id = ANY($1)",
+            ids,
+        )
+        inbox = await pg.fetch(
+            "SELECT namespace, key, status, reason FROM dedup.inbox WHERE namespace = ANY($1)",
+            names.namespaces,
+        )
+        balances = await pg.fetch(
+            "SELECT account, balance_cents FROM accounts WHERE account = ANY($1)", accounts
+        )
+        charges = await pg.fetch(
+            "SELECT idempotency_key, cents FROM gateway_charges WHERE idempotency_key = ANY($1)",
+            ids,
+        )
+    finally:
+        await pg.close()
+
+    per_payment = Counter(r["payment_id"] for r in ledger)
+    twice = sum(1 for c in per_payment.values() if c > 1)
+    checks.append(_check("no payment applied twice (ledger rows per id)", 0, twice))
+    wrong = sum(
+        1
+        for r in ledger
+        if (e := applied.get(r["payment_id"])) is None
+        or (r["account"], r["cents"], r["tenant"]) != (e["account"], e["cents"], e["tenant"])
+    )
+    missing = len(set(applied) - set(per_payment))
+    checks.append(
+        _check(
+            "applied set = expected (ids, amounts, tenants)",
+            _n(len(applied), "payments"),
+            _n(len(per_payment), f"payments; {missing} missing, {wrong} unexpected or altered"),
+            missing == 0 and wrong == 0 and twice == 0,
+        )
+    )
+
+    done = {r["key"] for r in inbox if r["status"] == "done"}
+    rejected = {r["key"]: r["reason"] or "" for r in inbox if r["status"] == "rejected"}
+    good_reasons = all(reason.startswith("overdraft") for reason in rejected.values())
+    checks.append(
+        _check(
+            "overdrafts rejected for good (inbox)",
+            _n(len(overdrafts), "rejected"),
+            _n(len(rejected), "rejected" + ("" if good_reasons else ", some not overdrafts")),
+            set(rejected) == overdrafts and good_reasons and done == set(applied),
+        )
+    )
+
+    ledger_sum: dict[str, int] = defaultdict(int)
+    for r in ledger:
+        ledger_sum[r["account"]] += r["cents"]
+    expected_balance: dict[str, int] = defaultdict(int)
+    for r in applied.values():
+        expected_balance[r["account"]] += r["cents"]
+    stored = {r["account"]: r["balance_cents"] for r in balances}
+    off = [
+        a
+        for a in set(stored) | set(expected_balance)
+        if not stored.get(a, 0) == ledger_sum.get(a, 0) == expected_balance.get(a, 0)
+    ]
+    checks.append(
+        _check(
+            "balances = sum of ledger = expected, per account",
+            _n(len(expected_balance), "accounts reconcile"),
+            _n(len(stored) - len(off), f"reconcile, {len(off)} off"),
+            not off,
+        )
+    )
+
+    charged = {r["idempotency_key"] for r in charges}
+    checks.append(
+        _check(
+            "gateway charged once per applied payment",
+            _n(len(applied), "charges"),
+            _n(len(charges), "charges"),
+            charged == set(applied) and len(charges) == len(applied),
+        )
+    )
+
+    conflicts = await read_topic(bootstrap, names.conflicts)
+    conflict_sources = {truth.source(r) for r in truth.where(kind="conflict")}
+    got = {
+        o.source
+        for o in conflicts
+        if o.headers.get(HEADER_HASH) != o.headers.get(HEADER_STORED_HASH)
+    }
+    checks.append(
+        _check(
+            "conflicts refused, each in .conflicts with both hashes",
+            _n(len(conflict_sources), "conflicts"),
+            _n(len(got), "conflicts"),
+            got == conflict_sources,
+        )
+    )
+
+    dlq = await read_topic(bootstrap, names.dlq)
+    dead = {o.source: o for o in dlq}
+    malformed = {truth.source(r): r["reason"] for r in truth.where(kind="malformed")}
+    got_bad = {s: o.headers.get(HEADER_REASON) for s, o in dead.items() if s in malformed}
+    reasons = Counter(got_bad.values())
+    checks.append(
+        _check(
+            "malformed records dead-lettered with their reason",
+            ", ".join(f"{n} {r}" for r, n in sorted(Counter(malformed.values()).items())),
+            ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())),
+            got_bad == malformed,
+        )
+    )
+    rejected_dl = {
+        o.headers.get(HEADER_KEY, "")
+        for s, o in dead.items()
+        if s not in malformed and o.headers.get(HEADER_REASON) == "rejected"
+    }
+    stray = len(dead) - len(got_bad) - len(rejected_dl)
+    checks.append(
+        _check(
+            "each overdraft dead-lettered once, with its reason",
+            _n(len(overdrafts), "dead letters"),
+            _n(len(rejected_dl), f"dead letters, {stray} unexplained"),
+            rejected_dl == overdrafts and stray == 0,
+        )
+    )
+
+    settled = await read_topic(bootstrap, names.settled)
+    event_ids = {msgpack.unpackb(o.value)["payment_id"] for o in settled}
+    keys = {o.headers.get(HEADER_IDEMPOTENCY_KEY) for o in settled}
+    checks.append(
+        _check(
+            "one PaymentSettled event per applied payment",
+            _n(len(applied), "distinct events"),
+            _n(len(keys), f"distinct events ({len(settled):,} published; copies carry one key)"),
+            event_ids == set(applied) and len(keys) == len(applied),
+        )
+    )
+
+    replies = await read_topic(bootstrap, names.replies)
+    asked = {
+        r["payment_id"]
+        for r in truth.records
+        if r["reply"] and r["kind"] in ("original", "duplicate")
+    }
+    answered = {o.headers.get(HEADER_KEY) for o in replies}
+    to_conflicts = sum(1 for o in replies if o.source in conflict_sources)
+    wrong_outcome = sum(
+        1
+        for o in replies
+        if o.headers.get(HEADER_OUTCOME)
+        != ("rejected" if o.headers.get(HEADER_KEY) in overdrafts else "done")
+    )
+    checks.append(
+        _check(
+            "each request that asked got its answer; no conflict did",
+            _n(len(asked), "payments answered"),
+            _n(len(answered), f"answered, {to_conflicts} to conflicts, {wrong_outcome} wrong"),
+            answered == asked and to_conflicts == 0 and wrong_outcome == 0,
+        )
+    )
+
+    dups = len(truth.where(kind="duplicate"))
+    checks.append(
+        _check(
+            "duplicates skipped (consumed minus the rest)",
+            _n(dups, "duplicates"),
+            _n(final.duplicates, "duplicates"),
+        )
+    )
+    return Report(checks, _reasons(dlq), len(conflicts))
+
+
+def _reasons(dlq: list[Out]) -> Counter[str]:
+    """Dead letters by reason and detail, numbers blanked so that alike details group."""
+    counts: Counter[str] = Counter()
+    for o in dlq:
+        detail = re.sub(r"\s*\(\d+ error\(s\)\)$", "", o.headers.get(HEADER_DETAIL, ""))
+        detail = re.sub(r"(?<![A-Za-z-])-?\d+", "N", detail)[:90]
+        counts[f"{o.headers.get(HEADER_REASON, '?')}: {detail}"] += 1
+    return counts
