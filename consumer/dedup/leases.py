@@ -4,8 +4,8 @@
 * ``done:{ns}:key``   = ``status:hash``, TTL = done-cache window: answers most duplicates
   without touching PostgreSQL. Written only after the database commit.
 
-One round trip per batch: acquisition is one Lua call over all keys of the batch; release
-(compare-and-delete) and the done markers go in one pipeline after commit. If Redis loses
+One round trip per batch: acquisition is one Lua call over all keys of the batch; the done
+markers and the release (compare-and-delete) are one more Lua call after commit. If Redis loses
 every key, the PostgreSQL inbox still decides; only speed is lost. This module never decides
 an outcome on its own.
 """
@@ -47,13 +47,21 @@ end
 return out
 """
 
-# Compare-and-delete: release only leases that still carry our token.
-_RELEASE_LUA = """
-local n = 0
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]); n = n + 1 end
+# After commit, in one call: set the done markers (KEYS[1..n], values ARGV[4..3+n], TTL ARGV[2]
+# seconds), then compare-and-delete the leases (KEYS[n+1..]) that still carry our token.
+# One command with many arguments costs the client far less than a pipeline of n SETs.
+_FINISH_LUA = """
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[3 + i], 'EX', ARGV[2])
 end
-return n
+local released = 0
+for i = n + 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i]); released = released + 1
+  end
+end
+return released
 """
 
 # Compare-and-extend: renew only leases that still carry our token.
@@ -129,7 +137,7 @@ class RedisLeases:
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
         )
         self._acquire = self.redis.register_script(_ACQUIRE_LUA)
-        self._release = self.redis.register_script(_RELEASE_LUA)
+        self._finish = self.redis.register_script(_FINISH_LUA)
         self._renew = self.redis.register_script(_RENEW_LUA)
 
     async def acquire(
@@ -158,16 +166,10 @@ class RedisLeases:
     ) -> None:
         if not done and not release:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for d in done:
-                pipe.set(
-                    done_key(d.namespace, d.key, self.epoch), f"{d.status}:{d.hash}", ex=done_ttl_s
-                )
-            if release:
-                await self._release(
-                    keys=[lease_key(ns, k) for ns, k in release], args=[token], client=pipe
-                )
-            await pipe.execute()
+        keys = [done_key(d.namespace, d.key, self.epoch) for d in done]
+        keys += [lease_key(ns, k) for ns, k in release]
+        values = [f"{d.status}:{d.hash}" for d in done]
+        await self._finish(keys=keys, args=[token, done_ttl_s, len(done), *values])
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
