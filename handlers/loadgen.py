@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from consumer import codec, load_settings
 from consumer.constants import CONTENT_JSON, CONTENT_MSGPACK, HEADER_CONTENT_TYPE, HEADER_REPLY_TO
@@ -342,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         reply=a.reply_share,
     )
     bootstrap = load_settings().kafka_bootstrap
-    partitions = asyncio.run(partitions_of(a.topic, bootstrap))
+    try:
+        partitions = asyncio.run(partitions_of(a.topic, bootstrap))
+    except UnknownTopicOrPartitionError:
+        p.error(f"topic {a.topic!r} does not exist: create it first (make demo does)")
     records = Planner(run, partitions, a.tenants, a.accounts, mix, a.seed).plan(a.count)
     asyncio.run(send(records, a.topic, bootstrap, a.rate, a.quiet))
     kinds = Counter(f"{r.kind}/{r.style}" for r in records)
