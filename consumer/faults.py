@@ -44,8 +44,11 @@ def configure(spec: str, seed: int | None = None) -> None:
         name, _, prob = part.partition("=")
         probability = float(prob or "1")
 
-        async def crash(_: str, p: float = probability) -> None:
+        async def crash(point: str, p: float = probability) -> None:
             if rng.random() < p:
+                # One line on stderr first: an injected crash must be countable in the logs
+                # and never mistaken for a real one.
+                os.write(2, f"consumer fault point {point}: exiting with 137\n".encode())
                 os._exit(137)
 
         install(name.strip(), crash)

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     tenant_header: str = "tenant"
     redis_mode: Literal["on", "off"] = "on"
     faults: str = ""  # test-only: see consumer/faults.py
+    # TEST-ONLY deliberately broken build, so the chaos checker (scripts/chaos) can show it
+    # bites: "done_before_commit" writes the Redis done markers before the database commit,
+    # so a crash at the before_commit fault point loses the batch. Never set it otherwise.
+    unsafe_broken: Literal["", "done_before_commit"] = ""
 
 
 def load_settings(**overrides: object) -> Settings:
