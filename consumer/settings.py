@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     relay_enabled: bool = True
     relay_batch: int = Field(default=500, ge=1)
     relay_poll_ms: int = Field(default=1_000, ge=10)
+    # Longest wait for the broker's ack (and for a topic's metadata) while a relay tick holds
+    # its transaction open; unacked rows stay pending and are sent again.
+    relay_publish_timeout_ms: int = Field(default=30_000, ge=100)
     outbox_retention_s: int = Field(default=24 * 3600, ge=0)
     cleanup_interval_s: float = Field(default=60.0, gt=0)
     cleanup_batch: int = Field(default=1_000, ge=1)

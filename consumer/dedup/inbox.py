@@ -134,12 +134,15 @@ def evict(namespace: str, key: str) -> Query:
 
 def expire(older_than_s: int, limit: int) -> Query:
     # Small batches through the completed_at index: short transactions, no long locks.
+    # SKIP LOCKED: several relays run retention at once without queueing on the same rows.
+    # Pending rows (completed_at NULL) are never candidates.
     return (
         """
         DELETE FROM dedup.inbox WHERE ctid = ANY(ARRAY(
             SELECT ctid FROM dedup.inbox
             WHERE completed_at < now() - make_interval(secs => $1)
-            LIMIT $2))
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED))
         """,
         [float(older_than_s), limit],
     )

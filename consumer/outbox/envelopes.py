@@ -58,7 +58,17 @@ def _original_headers(msg: Message) -> list[tuple[str, str]]:
     return out
 
 
+# Headers the framework derives; a handler's own value for one of them is dropped, so the
+# idempotency key downstream is always the derived one (a republish must carry the same key).
+_DERIVED = {HEADER_IDEMPOTENCY_KEY, HEADER_SOURCE, *_PASS_THROUGH}
+
+
 def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> list[OutboxRow]:
+    """Rows for what a handler published; the index makes each key unique within one handling.
+
+    A retried handler runs again from scratch, so the same (namespace, key, index) names the
+    same message every time it is produced.
+    """
     rows = []
     for index, item in enumerate(items):
         if any("\x00" in n or "\x00" in v for n, v in item.headers):
@@ -67,7 +77,7 @@ def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> 
             raise ValueError(f"a header of the message to {item.topic!r} contains NUL")
         ik = f"{namespace}:{key}:{index}"
         headers = [
-            *item.headers,
+            *[(n, v) for n, v in item.headers if n.lower() not in _DERIVED],
             (HEADER_IDEMPOTENCY_KEY, ik),
             (HEADER_SOURCE, msg.source),
             *_trace(msg),
@@ -129,6 +139,8 @@ def conflict(
         (HEADER_SOURCE, msg.source),
         (HEADER_IDEMPOTENCY_KEY, f"conflict:{msg.source}"),
     ]
+    if msg.header_str(HEADER_CONTENT_TYPE) is None:
+        headers.append((HEADER_CONTENT_TYPE, CONTENT_MSGPACK))
     return OutboxRow(
         msg.topic + CONFLICT_SUFFIX,
         msg.key,

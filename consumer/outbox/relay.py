@@ -1,13 +1,19 @@
 """The outbox relay: publishes committed outbox rows to Kafka, at least once, in order per key.
 
-Woken by LISTEN/NOTIFY, with a polling fallback. Each tick: one transaction takes a few shards
-(advisory locks), reads their oldest unpublished rows in id order, publishes them with an
-idempotent producer (acks=all), and marks them published only after every ack. A crash
-between ack and mark republishes the same rows with the same ``idempotency-key`` headers,
-which a downstream consumer built with this framework applies once.
+Each tick is one PostgreSQL transaction: take a few shards (transaction-scoped advisory
+locks), read their oldest unpublished rows in id order, publish them with an idempotent
+producer (``acks=all``), wait for the broker's acks, and only then mark the acked rows
+published and commit. A crash anywhere before that commit leaves the rows pending; the next
+tick (this relay or another) publishes them again with the same ``idempotency-key`` headers,
+and a downstream consumer built with this framework applies them once.
 
-Also runs retention: published rows and expired inbox records are deleted in small batches.
-It never reads or writes anything but ``dedup.outbox`` and expired ``dedup.inbox`` rows.
+A row the broker refuses holds back its destination key (a missing topic: the whole topic)
+for a growing delay, so one poison row neither blocks other keys nor is overtaken by later
+rows of its own key. Woken by LISTEN/NOTIFY, with polling as the fallback. Between ticks it
+refreshes the backlog figures and runs retention (consumer/outbox/retention.py).
+
+It reads and writes ``dedup.outbox`` only (retention also expires ``dedup.inbox`` rows);
+it never touches a handler's tables and never consumes from Kafka.
 """
 
 from __future__ import annotations
@@ -18,146 +24,373 @@ import json
 import logging
 import random
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTimestampError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 
 from consumer import faults
 from consumer.constants import NOTIFY_CHANNEL, OUTBOX_SHARDS
 from consumer.db.pool import create_pool
-from consumer.dedup import inbox
-from consumer.outbox import store
+from consumer.outbox import retention, store
+from consumer.outbox.store import Destination
 from consumer.settings import Settings
 
 log = logging.getLogger("consumer.relay")
-_LOCK_BASE = 0x6F7574  # "out"
+_LOCK_BASE = 0x6F7574  # "out": advisory lock class of the outbox shards
+_HOLD_KEY_S = (1.0, 60.0)  # first and longest hold of a key after a refused row
+_HOLD_TOPIC_S = (5.0, 300.0)  # a missing topic stalls a tick for the whole metadata timeout
+_MAX_KEY_HOLDS = 1_000  # bound on the SQL arrays; beyond it rows are simply retried
+# Errors about one message that no retry will cure. Anything else (timeouts, leader changes,
+# a broker down) is transient: the row stays pending and the next tick sends it again.
+_REFUSED = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordException,
+    InvalidTimestampError,
+)
+
+
+class Sender(Protocol):
+    """What the relay needs from a producer: an ``AIOKafkaProducer`` (or a subclass)."""
+
+    client: Any  # for a fresh view of the cluster's topics when a topic does not resolve
+
+    async def partitions_for(self, topic: str) -> Any: ...
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]: ...
+
+
+class BrokerUnavailable(Exception):
+    """Nothing in a tick was acknowledged and at least one failure was retriable."""
+
+
+@dataclass(slots=True)
+class _Hold:
+    until: float
+    failures: int
+
+
+def _dest(row: Any) -> Destination:
+    return (row["topic"], bytes(row["key"]) if row["key"] is not None else None)
+
+
+def _headers(raw: Any) -> list[tuple[str, bytes]]:
+    items = json.loads(raw) if isinstance(raw, str) else raw
+    return [(str(k), str(v).encode()) for k, v in items]
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # A future we stopped waiting for may still fail later; retrieving its exception keeps
+    # asyncio from logging "exception was never retrieved".
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Relay:
-    """One relay. Several may run at once (in each worker, or as their own processes)."""
+    """One relay. Several may run at once (in each worker, or as their own processes).
 
-    def __init__(self, settings: Settings, pool: Any = None, shards_per_tick: int = 16) -> None:
+    Figures for operators and metrics: ``backlog`` (unpublished rows) and ``oldest_age_s``
+    (age of the oldest one), refreshed every ``backlog_interval_s`` even while the broker is
+    down; ``published``, ``failed`` (sends refused or not acked), ``out_of_order`` (a later row
+    of a key acked while an earlier one failed), ``errors`` (ticks that failed as a whole),
+    ``held`` (destinations currently held back).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Any = None,
+        shards_per_tick: int = 16,
+        backlog_interval_s: float = 5.0,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self._own_pool = pool is None
         self.shards_per_tick = shards_per_tick
+        self.backlog_interval_s = backlog_interval_s
         self.wake = asyncio.Event()
         self.published = 0
+        self.failed = 0
+        self.out_of_order = 0
         self.errors = 0
         self.backlog = 0
         self.oldest_age_s = 0.0
-        self._last_cleanup = 0.0
+        self.last_error = ""
+        self.loops = 0  # completed passes of run(); lets a caller see the relay is idle
+        self._holds: dict[Destination | str, _Hold] = {}
+        self._next_backlog = 0.0
+        self._next_cleanup = 0.0
+
+    # ---------------------------------------------------------------- the loop
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set. Survives broker and database outages by retrying."""
         s = self.settings
-        if self.pool is None:
+        if self._own_pool:
+            # Its own process (``consumer relay``): fault points apply here as in a worker.
+            faults.configure(s.faults)
             self.pool = await create_pool(s.postgres_dsn, max_size=3)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=5,
-        )
-        listener = None
-        started = False
+        producer: AIOKafkaProducer | None = None
+        listener: Any = None
+        failures = 0
         try:
             while not stop.is_set():
+                # Cleared before the tick: a NOTIFY arriving during it wakes the next one.
+                self.wake.clear()
                 try:
-                    if not started:
-                        await producer.start()
-                        started = True
-                    if listener is None:
-                        listener = await self._listen()
+                    listener = await self._ensure_listener(listener)
+                    await self.housekeeping()
+                    if producer is None:
+                        producer = await self.start_producer()
                     moved = await self.tick(producer)
-                    await self._housekeeping()
-                    if moved:
-                        continue
-                    await self._sleep(stop, s.relay_poll_ms / 1000)
+                    failures = 0
+                    self.loops += 1
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    failures += 1
                     self.errors += 1
-                    log.warning("relay: %s: %s; retrying", type(exc).__name__, exc)
-                    if listener is not None:
-                        with contextlib.suppress(Exception):
-                            await listener.close()
-                        listener = None
-                    await self._sleep(stop, min(0.2 * 2 ** min(self.errors, 5), 5.0))
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("relay: %s; retrying", self.last_error)
+                    # Not woken by NOTIFY: with the broker down, every commit elsewhere would
+                    # otherwise trigger another doomed attempt.
+                    await self._sleep(stop, min(0.2 * 2 ** min(failures, 5), 5.0), wake=False)
+                    continue
+                if moved:
+                    await asyncio.sleep(0)
+                    continue
+                await self._sleep(stop, s.relay_poll_ms / 1000)
         finally:
             if listener is not None:
                 with contextlib.suppress(Exception):
                     await listener.close()
-            if started:
+            if producer is not None:
                 with contextlib.suppress(Exception):
-                    await producer.stop()
+                    await asyncio.wait_for(producer.stop(), s.relay_publish_timeout_ms / 1000)
             if self._own_pool:
                 await self.pool.close()
+            log.info(
+                "relay stopped: published=%d failed=%d out_of_order=%d errors=%d",
+                self.published,
+                self.failed,
+                self.out_of_order,
+                self.errors,
+            )
 
-    async def _listen(self) -> Any:
+    async def start_producer(self) -> AIOKafkaProducer:
+        """A started idempotent producer (``acks=all``) configured from the settings."""
+        s = self.settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap,
+            enable_idempotence=True,  # broker-side dedup of the producer's own retries
+            acks="all",
+            linger_ms=5,
+            request_timeout_ms=s.relay_publish_timeout_ms,
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        return producer
+
+    async def _ensure_listener(self, listener: Any) -> Any:
+        # A listener connection dropped by a database restart is replaced; until then the
+        # polling interval is the fallback.
+        if listener is not None and not listener.is_closed():
+            return listener
         import asyncpg
 
         conn = await asyncpg.connect(self.settings.postgres_dsn)
         await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self.wake.set())
         return conn
 
-    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
-        waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
+    async def _sleep(self, stop: asyncio.Event, seconds: float, wake: bool = True) -> None:
+        waiters = [asyncio.ensure_future(stop.wait())]
+        if wake:
+            waiters.append(asyncio.ensure_future(self.wake.wait()))
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
-        self.wake.clear()
 
-    async def tick(self, producer: AIOKafkaProducer) -> int:
-        """Publish one round of rows; returns how many were published."""
+    # ---------------------------------------------------------------- one tick
+
+    async def tick(self, producer: Sender) -> int:
+        """Publish one round of rows; returns how many were acked and marked published."""
+        blocked = self._blocked()
         start = random.randrange(OUTBOX_SHARDS)
-        async with self.pool.acquire() as conn, conn.transaction():
-            text, args = store.claim_shards(_LOCK_BASE, start, self.shards_per_tick)
+        # READ COMMITTED is required, not just the default: the rows are read by a statement
+        # that starts after the shard locks are held, so its snapshot includes the marks of
+        # the relay that held them before. Under REPEATABLE READ the snapshot would date from
+        # before the lock and could re-publish rows that relay had just marked.
+        async with self.pool.acquire() as conn, conn.transaction(isolation="read_committed"):
+            text, args = store.claim_shards(_LOCK_BASE, start, self.shards_per_tick, blocked)
             shards = [r[0] for r in await conn.fetch(text, *args)]
             if not shards:
                 return 0
-            text, args = store.pending(shards, self.settings.relay_batch)
+            text, args = store.pending(shards, self.settings.relay_batch, blocked)
             rows = await conn.fetch(text, *args)
             if not rows:
                 return 0
-            futures = []
-            for row in rows:
-                headers = [(k, v.encode()) for k, v in _headers(row["headers"])]
-                futures.append(
-                    await producer.send(
-                        row["topic"],
-                        value=bytes(row["value"]),
-                        key=bytes(row["key"]) if row["key"] is not None else None,
-                        headers=headers,
-                    )
-                )
-            await asyncio.gather(*futures)
+            acked = await self._publish(producer, rows)
             await faults.point("relay_after_ack")
-            text, args = store.mark_published([r["id"] for r in rows])
-            await conn.execute(text, *args)
-        self.published += len(rows)
-        return len(rows)
+            if acked:
+                text, args = store.mark_published(acked)
+                await conn.execute(text, *args)
+        self.published += len(acked)
+        return len(acked)
 
-    async def _housekeeping(self) -> None:
+    async def _publish(self, producer: Sender, rows: Sequence[Any]) -> list[int]:
+        """Send rows in id order; return the ids the broker acknowledged."""
+        missing = await self._missing_topics(producer, sorted({r["topic"] for r in rows}))
+        sent = await self._send(producer, [r for r in rows if r["topic"] not in missing])
+        if sent:
+            timeout_s = self.settings.relay_publish_timeout_ms / 1000
+            # aiokafka fails an unacked future after request_timeout_ms; the margin only
+            # guards against a future that never resolves.
+            await asyncio.wait([f for _, f in sent], timeout=timeout_s + 5.0)
+        return self._collect(sent)
+
+    async def _missing_topics(self, producer: Sender, topics: list[str]) -> set[str]:
+        """Topics whose rows cannot be sent this tick; the ones absent from the cluster are held.
+
+        Metadata for all topics at once: a missing topic costs one metadata timeout per tick
+        rather than one per row, and its rows are not sent at all. A topic that merely failed
+        to resolve while the broker is unreachable is not held (that would delay recovery):
+        the tick fails as a whole instead.
+        """
+        meta = await asyncio.gather(
+            *(producer.partitions_for(t) for t in topics), return_exceptions=True
+        )
+        failed = [t for t, m in zip(topics, meta, strict=True) if isinstance(m, BaseException)]
+        for topic in topics:
+            if topic not in failed:
+                self._holds.pop(topic, None)
+        if not failed:
+            return set()
+        try:
+            cluster = await producer.client.fetch_all_metadata()
+        except Exception as exc:
+            raise BrokerUnavailable(f"no cluster metadata: {type(exc).__name__}: {exc}") from exc
+        known = cluster.topics()
+        for topic in failed:
+            if topic not in known:
+                self._hold(topic, _HOLD_TOPIC_S, f"topic {topic!r} does not exist")
+        return set(failed)
+
+    async def _send(
+        self, producer: Sender, rows: Sequence[Any]
+    ) -> list[tuple[Any, asyncio.Future[Any]]]:
+        sent: list[tuple[Any, asyncio.Future[Any]]] = []
+        refused: set[Destination] = set()
+        for row in rows:
+            dest = _dest(row)
+            if dest in refused:
+                continue  # never send a later row of a key past an earlier refused one
+            try:
+                fut = await producer.send(
+                    dest[0],
+                    value=bytes(row["value"]),
+                    key=dest[1],
+                    headers=_headers(row["headers"]),
+                )
+            except _REFUSED as exc:
+                # Refused by the client for this message alone: hold its key, go on.
+                self.failed += 1
+                refused.add(dest)
+                self._hold(dest, _HOLD_KEY_S, f"row {row['id']}: {type(exc).__name__}: {exc}")
+                continue
+            fut.add_done_callback(_retrieve)
+            sent.append((row, fut))
+        return sent
+
+    def _collect(self, sent: list[tuple[Any, asyncio.Future[Any]]]) -> list[int]:
+        acked: list[int] = []
+        last_acked: dict[Destination, int] = {}
+        first_failed: dict[Destination, int] = {}
+        transient = False
+        for row, fut in sent:
+            dest = _dest(row)
+            err = fut.exception() if fut.done() and not fut.cancelled() else TimeoutError()
+            if err is None:
+                acked.append(row["id"])
+                last_acked[dest] = row["id"]
+                self._holds.pop(dest, None)
+                continue
+            self.failed += 1
+            first_failed.setdefault(dest, row["id"])
+            if isinstance(err, _REFUSED):
+                self._hold(dest, _HOLD_KEY_S, f"row {row['id']}: {type(err).__name__}: {err}")
+            else:
+                transient = True  # the row stays pending; the next tick sends it again
+                self.last_error = f"row {row['id']}: {type(err).__name__}: {err}"
+        for dest, failed_id in first_failed.items():
+            if last_acked.get(dest, -1) > failed_id:
+                # Only when the broker fails one message and accepts a later one of the same
+                # partition in the same pipeline: counted and logged, never silent.
+                self.out_of_order += 1
+                log.error("relay: a later row of %r was acked after row %d failed", dest, failed_id)
+        if transient and not acked:
+            raise BrokerUnavailable(f"no ack for {len(sent)} row(s): {self.last_error}")
+        return acked
+
+    # ---------------------------------------------------------------- held destinations
+
+    def _hold(self, what: Destination | str, delays: tuple[float, float], why: str) -> None:
+        prev = self._holds.get(what)
+        failures = prev.failures + 1 if prev else 1
+        delay = min(delays[0] * 2 ** (failures - 1), delays[1])
+        self._holds[what] = _Hold(time.monotonic() + delay, failures)
+        self.last_error = why
+        log.warning("relay: %s; holding it back %.0fs (failure %d)", why, delay, failures)
+
+    def _blocked(self) -> store.Blocked:
         now = time.monotonic()
-        if now - self._last_cleanup < self.settings.cleanup_interval_s:
-            return
-        self._last_cleanup = now
-        s = self.settings
+        live = [w for w, h in self._holds.items() if h.until > now]
+        keys = [w for w in live if isinstance(w, tuple)][:_MAX_KEY_HOLDS]
+        return store.Blocked([w for w in live if isinstance(w, str)], keys)
+
+    @property
+    def held(self) -> int:
+        now = time.monotonic()
+        return sum(1 for h in self._holds.values() if h.until > now)
+
+    # ---------------------------------------------------------------- backlog and retention
+
+    async def refresh_backlog(self) -> None:
+        """Read the backlog count and the oldest unpublished row's age now."""
         async with self.pool.acquire() as conn:
             text, args = store.backlog()
             row = await conn.fetchrow(text, *args)
-            self.backlog, self.oldest_age_s = int(row[0]), float(row[1])
-            for query in (
-                store.purge_published(s.outbox_retention_s, s.cleanup_batch),
-                inbox.expire(s.dedup_window_s, s.cleanup_batch),
-            ):
-                # Each batch is its own short transaction.
-                for _ in range(100):
-                    status = await conn.execute(query[0], *query[1])
-                    if int(status.split()[-1]) < s.cleanup_batch:
-                        break
+        self.backlog, self.oldest_age_s = int(row[0]), float(row[1])
 
-
-def _headers(raw: Any) -> list[tuple[str, str]]:
-    items = json.loads(raw) if isinstance(raw, str) else raw
-    return [(str(k), str(v)) for k, v in items]
+    async def housekeeping(self) -> None:
+        """Backlog figures and retention, each on its own timer. Needs the database only."""
+        now = time.monotonic()
+        if now >= self._next_backlog:
+            self._next_backlog = now + self.backlog_interval_s
+            await self.refresh_backlog()
+        if now >= self._next_cleanup:
+            async with self.pool.acquire() as conn:
+                purged = await retention.purge(conn, self.settings)
+            # An unfinished pass continues on the next loop instead of after the interval.
+            self._next_cleanup = now + (self.settings.cleanup_interval_s if purged.finished else 0)
+            if purged.outbox or purged.inbox:
+                log.info("retention: deleted %d outbox, %d inbox rows", purged.outbox, purged.inbox)

@@ -1,24 +1,30 @@
 """SQL for ``dedup.outbox``. Rows are written only inside a batch transaction.
 
-A row's ``shard`` is a stable hash of (topic, key): the relay publishes one shard at a time
-in id order, which keeps per-key order even with several relays (see docs/outbox.md).
+A row's ``shard`` is a stable hash of (topic, key). The relay owns a shard through an advisory
+lock held for its transaction and publishes the shard's rows in id order, which keeps per-key
+order even with several relays (docs/outbox.md explains why ``FOR UPDATE SKIP LOCKED`` alone
+does not). Each function returns ``(text, args)`` so the queries can be read as strings.
+This module never talks to Kafka.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from consumer.constants import NOTIFY_CHANNEL, OUTBOX_SHARDS
 
 Query = tuple[str, list[Any]]
+Destination = tuple[str, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
+    """One outgoing message, as the batch transaction writes it."""
+
     topic: str
     key: bytes | None
     value: bytes
@@ -30,12 +36,22 @@ class OutboxRow:
         return shard_of(self.topic, self.key)
 
 
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """Destinations the relay holds back after a failed send: whole topics, or (topic, key)."""
+
+    topics: Collection[str] = ()
+    keys: Collection[Destination] = ()
+
+
 def shard_of(topic: str, key: bytes | None) -> int:
+    """Stable across processes and versions: all rows for one (topic, key) share a shard."""
     return zlib.crc32(topic.encode() + b"\x00" + (key or b"")) % OUTBOX_SHARDS
 
 
 def insert(rows: Sequence[OutboxRow]) -> Query:
-    # One statement for the whole batch; the NOTIFY is delivered only if the transaction commits.
+    # One statement for the whole batch. ORDER BY t.n makes the bigserial ids follow the order
+    # the handler published in. The NOTIFY is delivered only if the transaction commits.
     return (
         f"""
         WITH ins AS (
@@ -59,36 +75,60 @@ def insert(rows: Sequence[OutboxRow]) -> Query:
     )
 
 
-def claim_shards(lock_base: int, start: int, limit: int) -> Query:
-    # Shard ownership is an advisory lock held for the relay's transaction: rows of one shard
-    # (hence of one destination key) are published by one relay at a time, in id order.
-    # FOR UPDATE SKIP LOCKED alone would let two relays publish rows of one key out of order.
+# Rows of blocked destinations are invisible to a tick: they neither fill its LIMIT (which
+# would starve the rest of their shard) nor make a shard worth claiming. $n placeholders are
+# filled in by the callers below.
+_NOT_BLOCKED = """
+    NOT (o.topic = ANY(${t}::text[]))
+    AND NOT EXISTS (SELECT 1 FROM unnest(${bt}::text[], ${bk}::bytea[]) AS b(topic, key)
+                    WHERE b.topic = o.topic AND b.key IS NOT DISTINCT FROM o.key)
+"""
+
+
+def _blocked_args(blocked: Blocked) -> list[Any]:
+    keys = list(blocked.keys)
+    return [list(blocked.topics), [t for t, _ in keys], [k for _, k in keys]]
+
+
+def claim_shards(lock_base: int, start: int, limit: int, blocked: Blocked = Blocked()) -> Query:
+    # Shard ownership is a transaction-scoped advisory lock: rows of one shard (hence of one
+    # destination key) are published by one relay at a time, in id order, and the lock goes
+    # away with the transaction however the relay dies. The CASE makes PostgreSQL test for
+    # pending rows *before* trying the lock (it may otherwise reorder the quals by cost and
+    # lock empty shards, keeping them from other relays for the whole tick).
+    not_blocked = _NOT_BLOCKED.format(t=4, bt=5, bk=6)
     return (
         f"""
         SELECT s FROM (
             SELECT (g + $2) % {OUTBOX_SHARDS} AS s FROM generate_series(0, {OUTBOX_SHARDS - 1}) g
         ) shards
-        WHERE EXISTS (SELECT 1 FROM dedup.outbox o WHERE o.shard = shards.s
-                      AND o.published_at IS NULL)
-          AND pg_try_advisory_xact_lock($1, shards.s)
+        WHERE CASE WHEN EXISTS (SELECT 1 FROM dedup.outbox o
+                                WHERE o.shard = shards.s AND o.published_at IS NULL
+                                  AND {not_blocked})
+                   THEN pg_try_advisory_xact_lock($1, shards.s)
+                   ELSE false END
         LIMIT $3
         """,
-        [lock_base, start, limit],
+        [lock_base, start, limit, *_blocked_args(blocked)],
     )
 
 
-def pending(shards: Sequence[int], limit: int) -> Query:
+def pending(shards: Sequence[int], limit: int, blocked: Blocked = Blocked()) -> Query:
+    # Ordered by id over the claimed shards: for every shard the rows read are a prefix of its
+    # pending rows, so a later row of a key is never read without the earlier ones.
+    not_blocked = _NOT_BLOCKED.format(t=3, bt=4, bk=5)
     return (
-        """
-        SELECT id, topic, key, value, headers FROM dedup.outbox
-        WHERE shard = ANY($1::int[]) AND published_at IS NULL
-        ORDER BY id LIMIT $2
+        f"""
+        SELECT o.id, o.topic, o.key, o.value, o.headers FROM dedup.outbox o
+        WHERE o.shard = ANY($1::int[]) AND o.published_at IS NULL AND {not_blocked}
+        ORDER BY o.id LIMIT $2
         """,
-        [list(shards), limit],
+        [list(shards), limit, *_blocked_args(blocked)],
     )
 
 
 def mark_published(ids: Sequence[int]) -> Query:
+    # Runs in the tick's transaction, after the broker acknowledged every one of these ids.
     return (
         "UPDATE dedup.outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
         [list(ids)],
@@ -96,23 +136,53 @@ def mark_published(ids: Sequence[int]) -> Query:
 
 
 def backlog() -> Query:
+    # count(*) walks the partial index of pending rows. The oldest age looks at the first
+    # pending row of each shard (64 index probes) rather than every pending row: with a large
+    # backlog (the broker down for an hour) min(created_at) over all of them would read the
+    # whole heap. created_at is its writer's transaction start, so this is the age of the
+    # oldest unpublished message to within one transaction's duration.
     return (
-        """
-        SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
-        FROM dedup.outbox WHERE published_at IS NULL
+        f"""
+        SELECT
+            (SELECT count(*) FROM dedup.outbox WHERE published_at IS NULL),
+            COALESCE(EXTRACT(EPOCH FROM now() - (
+                SELECT min(first.created_at)
+                FROM generate_series(0, {OUTBOX_SHARDS - 1}) s,
+                LATERAL (SELECT created_at FROM dedup.outbox o
+                         WHERE o.shard = s AND o.published_at IS NULL
+                         ORDER BY o.id LIMIT 1) first
+            )), 0)::float8
         """,
         [],
     )
 
 
 def purge_published(older_than_s: int, limit: int) -> Query:
-    # Small batches through the partial index on published_at: no long locks.
+    # One small batch through the partial index on published_at, in its own short
+    # transaction. SKIP LOCKED lets every relay run retention at once without queueing behind
+    # each other on the same rows. Unpublished rows are never candidates.
     return (
         """
-        DELETE FROM dedup.outbox WHERE id = ANY(ARRAY(
+        WITH doomed AS (
             SELECT id FROM dedup.outbox
             WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1)
-            LIMIT $2))
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM dedup.outbox o USING doomed WHERE o.id = doomed.id
         """,
         [float(older_than_s), limit],
+    )
+
+
+def recent(topics: Sequence[str], limit: int) -> Query:
+    # For `consumer conflicts`: newest rows for these topics (published or not), walking the
+    # primary key backwards. Published rows live until retention purges them.
+    return (
+        """
+        SELECT id, topic, headers, created_at, published_at FROM dedup.outbox
+        WHERE topic = ANY($1::text[])
+        ORDER BY id DESC LIMIT $2
+        """,
+        [list(topics), limit],
     )

@@ -72,6 +72,7 @@ class Worker:
         self.stop = asyncio.Event()
         self.started = asyncio.Event()
 
+        self.relay: Any = None  # the in-worker outbox Relay: backlog, oldest_age_s, published
     async def seek_to_stored(self, tps: list[TopicPartition]) -> None:
         if not tps or self.consumer is None:
             return
@@ -123,7 +124,7 @@ class Worker:
         if s.relay_enabled:
             from consumer.outbox.relay import Relay
 
-            relay = Relay(s, pool=self.pool)
+            self.relay = relay = Relay(s, pool=self.pool)
             relay_task = asyncio.create_task(relay.run(self.stop))
         self.started.set()
         try:
