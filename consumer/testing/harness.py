@@ -1,0 +1,425 @@
+"""``TestApp``: run an app's handlers through the real batch protocol, without Kafka or Redis.
+
+Each ``send`` appends a record to an in-memory Kafka and runs it through the runtime's own
+:class:`~consumer.runtime.batch.BatchProcessor` (identity, hashing, leases, inbox claim,
+savepoints, outcomes, outbox rows), with :class:`~consumer.dedup.leases.MemoryLeases` for
+Redis and either the real ``PgTx`` on a PostgreSQL connection or ``MemoryTx`` over dicts.
+Committed outbox rows are published to the in-memory Kafka, as the relay would.
+
+The harness plays the worker's part (consumer/runtime/worker.py) without its Kafka client:
+it keeps a position per partition, re-reads a partition from the failed record when a batch
+stops on an indefinite failure (without sleeping the back-off), and after an injected crash
+starts a new processor (new lease token) that resumes from the stored position. Stored
+offsets are kept under a group of its own (``<group>.testapp-<random>``): a test must neither
+wait on a live deployment's offset rows nor skip records because of its positions. Namespaces
+(``<group>.<handler>``), hence inbox rows, are exactly those of the deployed app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel
+
+from consumer import codec
+from consumer.app import App
+from consumer.constants import CONFLICT_SUFFIX, CONTENT_MSGPACK, DLQ_SUFFIX, HEADER_CONTENT_TYPE
+from consumer.dedup.inbox import InboxRecord
+from consumer.dedup.leases import MemoryLeases
+from consumer.errors import TransientError
+from consumer.message import Message
+from consumer.runtime.batch import BatchProcessor
+from consumer.runtime.outcomes import BatchResult, Handled, Outcome
+from consumer.settings import Settings
+from consumer.testing.database import Backend, Failures, HandlerDb, PostgresBackend
+from consumer.testing.kafka import MemoryKafka
+from consumer.testing.store import MemoryStore
+
+
+class HarnessError(RuntimeError):
+    """The harness cannot answer: nothing to redeliver, a message that never settles, ..."""
+
+
+class _Crash(BaseException):
+    # The worker process dies here. A BaseException, so that no ``except Exception`` in the
+    # runtime handles it: the transaction is abandoned, leases and done markers are left as
+    # they are, and nothing after this point runs, as after a SIGKILL.
+    def __init__(self, point: str) -> None:
+        super().__init__(point)
+        self.point = point
+
+
+class _Processor(BatchProcessor):
+    """The runtime's processor, keeping what each committed transaction decided.
+
+    A crash after the commit loses the BatchResult ``process`` would have returned; what the
+    database committed is known all the same, and the harness reports it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.committed: list[Handled] = []
+
+    async def _transact(self, *args: Any, **kwargs: Any) -> BatchResult:
+        result = await super()._transact(*args, **kwargs)
+        self.committed += result.handled
+        return result
+
+    def take_committed(self) -> list[Handled]:
+        handled, self.committed = self.committed, []
+        return handled
+
+
+@dataclass
+class SendResult:
+    """What became of one sent record, and everything the worker did meanwhile."""
+
+    message: Message
+    # Every record the worker finished while handling this send (redeliveries included).
+    handled: list[Handled] = field(default_factory=list)
+    # Every message the relay published meanwhile: handler publishes, dead letters,
+    # conflicts and replies, in commit order.
+    published: list[Message] = field(default_factory=list)
+    # How many times a handler ran: a transient failure or a crash before the commit counts.
+    handler_calls: int = 0
+    # Back-offs the worker would have waited before each retry (the harness does not wait).
+    retry_delays_s: list[float] = field(default_factory=list)
+    # The fault point where the worker died, if an armed crash fired.
+    crashed: str | None = None
+
+    @property
+    def handling(self) -> Handled:
+        """The runtime's record of this message.
+
+        A record read again once the stored position is past it comes back SKIPPED; that
+        is a re-read, not what became of it, so an earlier outcome wins over SKIPPED.
+        """
+        pos = (self.message.topic, self.message.partition, self.message.offset)
+        mine = [
+            h
+            for h in self.handled
+            if (h.message.topic, h.message.partition, h.message.offset) == pos
+        ]
+        if not mine:
+            raise HarnessError(f"no outcome was recorded for {self.message.source}")
+        decided = [h for h in mine if h.outcome is not Outcome.SKIPPED]
+        return (decided or mine)[-1]
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.handling.outcome
+
+    @property
+    def result(self) -> Any:
+        """The handler's result as stored (JSON data); for a duplicate, the stored result if
+        PostgreSQL answered, None if the Redis done marker did."""
+        return self.handling.result
+
+    @property
+    def reason(self) -> str:
+        """Why: the Reject reason, the invalid-message reason, or for a duplicate the status
+        it duplicates ("done" or "rejected")."""
+        return self.handling.reason
+
+
+def _encode(payload: BaseModel | Mapping[str, Any] | list[Any] | bytes, content_type: str) -> bytes:
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, BaseModel):
+        return codec.encode(payload.model_dump(mode="json"), content_type)
+    return codec.encode(dict(payload) if isinstance(payload, Mapping) else payload, content_type)
+
+
+class TestApp:
+    """Runs ``app``'s handlers exactly as a worker would, in memory; see the module docstring.
+
+    ``db`` is a PostgreSQL DSN or an asyncpg connection when handlers use ``ctx.db``: the
+    framework's and the app's migrations are applied, then everything the test does happens
+    in one transaction that is rolled back on ``close()``. Without ``db`` the inbox, offsets
+    and outbox live in dicts and ``ctx.db`` raises :class:`DatabaseRequired`.
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(
+        self,
+        app: App,
+        db: str | asyncpg.Connection | None = None,
+        *,
+        settings: Settings | None = None,
+        migrate: bool = True,
+        max_rounds: int = 100,
+    ) -> None:
+        self.app = app
+        # The harness never waits for a lease held elsewhere: such a lease belongs to a
+        # crashed worker, and "waiting" for it is modelled as letting it expire.
+        self.settings = (settings or app.settings).model_copy(update={"lease_wait_ms": 0})
+        self.kafka = MemoryKafka()
+        self.leases = MemoryLeases()
+        self.group = f"{app.group}.testapp-{uuid.uuid4().hex[:8]}"
+        self._app = copy.copy(app)
+        self._app.group = self.group
+        self._db = db
+        self._migrate = migrate
+        self._max_rounds = max_rounds
+        self._backend: Backend | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._processor: _Processor | None = None
+        self._failures = Failures()
+        self._crash_at: str | None = None
+        self._positions: dict[tuple[str, int], int] = {}
+        self._kafka_committed: dict[tuple[str, int], int] = {}
+        self._last: Message | None = None
+        self._lock = asyncio.Lock()
+        self.handler_calls = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> TestApp:
+        """Open the store (connect, migrate, begin). ``send`` calls it when needed."""
+        if self._backend is None:
+            if self._db is None:
+                self._backend = MemoryStore()
+            else:
+                folders = list(self.app.migrations) if self._migrate else None
+                pg = await PostgresBackend.open(self._db, folders)
+                self._backend, self._conn = pg, pg.conn
+            self._processor = self._new_processor()
+        return self
+
+    async def close(self) -> None:
+        """Roll back everything done in PostgreSQL, and close the connection if it is ours."""
+        backend, self._backend, self._conn = self._backend, None, None
+        if backend is not None:
+            await backend.close()
+
+    async def __aenter__(self) -> TestApp:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _new_processor(self) -> _Processor:
+        backend = self._backend
+        assert backend is not None
+        conn = self._conn
+        return _Processor(
+            self._app,
+            self.settings,
+            self.leases,
+            f"testapp-{uuid.uuid4().hex[:12]}",
+            lambda: backend.begin(HandlerDb(conn, self._failures)),
+            fault=self._fault,
+        )
+
+    # ---------------------------------------------------------------- sending
+
+    async def send(
+        self,
+        topic: str,
+        payload: BaseModel | Mapping[str, Any] | list[Any] | bytes,
+        *,
+        key: str | bytes | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
+        partition: int = 0,
+        content_type: str | None = CONTENT_MSGPACK,
+    ) -> SendResult:
+        """Append a record to ``topic`` and process it now, as a worker would.
+
+        ``payload`` is a pydantic model or JSON-like data (encoded by ``content_type``,
+        msgpack by default) or raw bytes (sent as they are). ``key`` is the Kafka record key.
+        A ``content-type`` header is added unless ``headers`` has one or content_type is None.
+        """
+        raw_headers = [
+            (n, v.encode() if isinstance(v, str) else v) for n, v in (headers or {}).items()
+        ]
+        if content_type and not any(n.lower() == HEADER_CONTENT_TYPE for n, _ in raw_headers):
+            raw_headers.append((HEADER_CONTENT_TYPE, content_type.encode()))
+        value = _encode(payload, content_type or CONTENT_MSGPACK)
+        raw_key = key.encode() if isinstance(key, str) else key
+        async with self._lock:
+            await self.start()
+            msg = self.kafka.append(
+                topic, value, key=raw_key, headers=raw_headers, partition=partition
+            )
+            return await self._deliver(msg)
+
+    async def redeliver(
+        self, *, partition: int | None = None, same_offset: bool = False
+    ) -> SendResult:
+        """Deliver the last sent record again.
+
+        By default as a new record with the same key, value and headers (a producer retry, a
+        resent request, a copy on ``partition``): it goes through the dedup checks and comes
+        back ``DUPLICATE`` (or ``CONFLICT``). With ``same_offset=True`` the very same record is
+        read again, as Kafka does after a crash before its offset commit: the stored position
+        is already past it, so it is ``SKIPPED`` without looking at the inbox.
+        """
+        async with self._lock:
+            last = self._last
+            if last is None:
+                raise HarnessError("redeliver(): nothing was sent yet")
+            if same_offset:
+                if partition not in (None, last.partition):
+                    raise HarnessError("redeliver(same_offset=True) cannot change the partition")
+                self._positions[(last.topic, last.partition)] = last.offset
+                msg = last
+            else:
+                msg = self.kafka.append(
+                    last.topic,
+                    last.value,
+                    key=last.key,
+                    headers=last.headers,
+                    partition=last.partition if partition is None else partition,
+                )
+            return await self._deliver(msg)
+
+    async def _deliver(self, msg: Message) -> SendResult:
+        self._last = msg
+        out = SendResult(msg)
+        calls = self.handler_calls
+        try:
+            await self._drain(msg.topic, msg.partition, out)
+        finally:
+            out.handler_calls = self.handler_calls - calls
+        out.handling  # noqa: B018 - raises HarnessError now rather than at first use
+        return out
+
+    async def _drain(self, topic: str, partition: int, out: SendResult) -> None:
+        """Process the partition from its position to its end, retrying like the worker."""
+        tp = (topic, partition)
+        self._positions.setdefault(tp, 0)  # known to _restart() from the first batch on
+        error = ""
+        for _ in range(self._max_rounds):
+            records = self.kafka.read(topic, partition, self._positions.get(tp, 0))
+            if not records:
+                return
+            processor = self._processor
+            assert processor is not None
+            try:
+                batch = await processor.process(records)
+            except _Crash as crash:
+                out.crashed = crash.point
+                await self._restart()
+                continue
+            finally:
+                out.handled += processor.take_committed()
+                self._relay(out)
+            if batch.next_offset is not None:
+                self._kafka_committed[tp] = batch.next_offset
+            if batch.retry_offset is None:
+                self._positions[tp] = records[-1].offset + 1
+                continue
+            self._positions[tp] = batch.retry_offset
+            error = batch.error
+            out.retry_delays_s.append(batch.retry_delay_s)
+            self._expire_foreign_leases()
+        raise HarnessError(
+            f"{topic}/{partition} still retrying after {self._max_rounds} rounds: {error}"
+        )
+
+    def _relay(self, out: SendResult) -> None:
+        assert self._backend is not None
+        for row in self._backend.take_committed():
+            out.published.append(self.kafka.publish(row))
+
+    def _expire_foreign_leases(self) -> None:
+        # Leases not held by the live processor belong to crashed workers; the worker's retry
+        # would find them expired after lease_ms. The harness skips the wait.
+        assert self._processor is not None
+        token = self._processor.token
+        for ident, (owner, _) in list(self.leases.leases.items()):
+            if owner != token:
+                del self.leases.leases[ident]
+
+    async def _restart(self) -> None:
+        # A new worker process: new token, no in-flight state or attempt counts; leases and
+        # done markers of the dead one stay in "Redis". It seeks to the stored positions
+        # (else Kafka's committed offset), as Worker.seek_to_stored does.
+        assert self._backend is not None
+        self._processor = self._new_processor()
+        for tp in self._positions:
+            stored = await self._backend.stored_offset(self.group, *tp)
+            self._positions[tp] = stored if stored is not None else self._kafka_committed.get(tp, 0)
+
+    async def _fault(self, point: str) -> None:
+        if point == "mid_handler":  # the handler is about to run
+            self.handler_calls += 1
+        if self._crash_at == point:
+            self._crash_at = None
+            raise _Crash(point)
+
+    # ---------------------------------------------------------------- fault injection
+
+    def crash_after_commit(self) -> None:
+        """The next batch commits, then its worker dies before done markers, lease release and
+        the Kafka commit. A new worker takes over: nothing may be applied twice."""
+        self._crash_at = "after_commit"
+
+    def crash_before_commit(self) -> None:
+        """The next batch runs its handlers, then its worker dies before the commit: nothing it
+        did in the database survives, and the record is delivered again to a new worker."""
+        self._crash_at = "before_commit"
+
+    def expire_lease(self) -> None:
+        """Every lease now held expires, as if ``lease_ms`` had passed."""
+        self.leases.expire_leases()
+
+    def flush_redis(self) -> None:
+        """Redis loses every key (restart, failover, eviction): PostgreSQL must still decide."""
+        self.leases.flush()
+
+    def fail_next_db_call(
+        self, error: BaseException | type[BaseException] = TransientError, *, times: int = 1
+    ) -> None:
+        """The next ``times`` calls a handler makes on ``ctx.db`` raise ``error``.
+
+        The runtime classifies it as it would a real one: a retriable error (the default,
+        TransientError) rolls the message back and retries it, up to ``max_attempts``.
+        """
+        if self._db is None:
+            raise HarnessError("fail_next_db_call() needs TestApp(app, db=...): no handler db here")
+        self._failures.arm(error, times)
+
+    # ---------------------------------------------------------------- assertions
+
+    def published(self, topic: str) -> list[Message]:
+        """Every message on ``topic`` in the in-memory Kafka, in the order it arrived."""
+        return self.kafka.messages(topic)
+
+    def dead_letters(self, topic: str) -> list[Message]:
+        """Dead letters of records consumed from ``topic`` (its ``.dlq`` topic)."""
+        return self.kafka.messages(topic + DLQ_SUFFIX)
+
+    def conflicts(self, topic: str) -> list[Message]:
+        """Conflicts (key reused with another payload) on ``topic`` (its ``.conflicts`` topic)."""
+        return self.kafka.messages(topic + CONFLICT_SUFFIX)
+
+    async def inbox(self, topic: str, key: str, *, tenant: str | None = None) -> InboxRecord | None:
+        """The inbox record of ``key`` for the handler of ``topic``, or None."""
+        handler = self.app.handler_for(topic)
+        if handler is None:
+            raise HarnessError(f"no handler for topic {topic!r}")
+        await self.start()
+        assert self._backend is not None
+        namespace = f"{handler.name}@{tenant}" if tenant else handler.name
+        return await self._backend.record(namespace, key)
+
+    @property
+    def db(self) -> asyncpg.Connection:
+        """The connection the handlers use: query it to assert on their effects."""
+        if self._conn is None:
+            raise HarnessError("this TestApp has no database (or is not started)")
+        return self._conn
