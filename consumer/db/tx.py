@@ -39,12 +39,59 @@ class BatchTx(Protocol):
     ) -> None: ...
 
 
+class _Watched:
+    """The connection as a handler sees it, noting whether it may have left the transaction
+    failed since the message's savepoint: a statement raised (even if the handler swallowed
+    the error), or the handler used anything else of the connection (not followed here).
+    """
+
+    __slots__ = ("_conn", "clean")
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.clean = True
+
+    async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
+        try:
+            result: str = await self._conn.execute(query, *args, **kwargs)
+            return result
+        except BaseException:
+            self.clean = False
+            raise
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
+        try:
+            rows: list[Any] = await self._conn.fetch(query, *args, **kwargs)
+            return rows
+        except BaseException:
+            self.clean = False
+            raise
+
+    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await self._conn.fetchrow(query, *args, **kwargs)
+        except BaseException:
+            self.clean = False
+            raise
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await self._conn.fetchval(query, *args, **kwargs)
+        except BaseException:
+            self.clean = False
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        self.clean = False
+        return getattr(self._conn, name)
+
+
 class PgTx:
     """BatchTx on an asyncpg connection that is inside a transaction."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
-        self.db: Database = conn
+        self.db: Database = _Watched(conn)
         self._release_pending = False
 
     async def _exec(self, q: tuple[str, list[Any]]) -> None:
@@ -73,6 +120,8 @@ class PgTx:
         }
 
     async def savepoint(self) -> None:
+        if isinstance(self.db, _Watched):
+            self.db.clean = True
         if self._release_pending:
             # The previous message's release travels with this savepoint: one round trip
             # instead of two per message (simple-query protocol, two statements).
@@ -85,10 +134,16 @@ class PgTx:
         await self.conn.execute("ROLLBACK TO SAVEPOINT msg")
 
     async def release_savepoint(self) -> None:
-        # Deferred to the next savepoint(). Until then later statements of the batch run inside
-        # this (successful) savepoint, which changes nothing: COMMIT, or the release of an
-        # enclosing savepoint, keeps them with it, and any failure there fails the whole batch.
-        self._release_pending = True
+        if isinstance(self.db, _Watched) and self.db.clean:
+            # No statement of the handler failed, so RELEASE cannot fail: it is deferred to
+            # the next savepoint(). Until then the batch's later statements run inside this
+            # (successful) savepoint, which changes nothing: COMMIT, or the release of an
+            # enclosing savepoint, keeps them with it, and a failure there fails the batch.
+            self._release_pending = True
+        else:
+            # Possibly failed (say, an error the handler caught and ignored): RELEASE now, so
+            # that its failure is this message's, retried and then rejected like any other.
+            await self.conn.execute("RELEASE SAVEPOINT msg")
 
     async def complete(self, rows: Sequence[Completion]) -> None:
         if rows:
