@@ -11,7 +11,7 @@ SERVICES := scripts/services.sh
 LINT_PATHS := consumer handlers schemas tests scripts
 TYPED_PATHS := consumer handlers schemas
 
-.PHONY: help install services services-down services-status migrate lint typecheck test bench demo clean
+.PHONY: help install services services-down services-status migrate lint typecheck test bench demo chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -63,6 +63,12 @@ bench: install services ## benchmark: raw vs framework vs naive (docs/benchmarks
 # Options go in ARGS, e.g. `make demo ARGS="--count 5000 --keep"`; the services stay up after.
 demo: install services ## the payments service under duplicates, conflicts and a crash, audited
 	set -a; . ./.env; set +a; $(BIN)/python -m scripts.demo $(ARGS)
+
+# Its own Kafka/Redis/PostgreSQL (.services/chaos, ports 29092/26379/25432), started, faulted
+# and stopped by the run itself: the shared services are never touched. Options in ARGS,
+# e.g. `make chaos ARGS="--records 5000 --faults 8 --seed 2"`. Last line of output: JSON.
+chaos: install ## exactly-once audit under injected faults (docs/guarantees.md)
+	$(BIN)/python -m scripts.chaos $(ARGS)
 
 clean: ## stop the services and delete their data and logs (keeps the Kafka jars)
 	bash $(SERVICES) clean

@@ -1,0 +1,172 @@
+"""The processes under test: supervisors with their workers, relays, and one-off workers.
+
+The campaign starts every process here, keeps each one's output in its own log file, and is
+the only code that signals them: by pid, only pids it started (or the workers of a supervisor
+it started, read from /proc). Worker restarts are the supervisor's job (``consumer run``);
+the stand-alone relay is restarted here, as a process manager would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FAULT_LINE = re.compile(rb"consumer fault point (\w+): exiting")
+
+
+@dataclass
+class Proc:
+    """One process started by the campaign (a supervisor, a relay or a single worker)."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    restart: bool = False
+    popen: subprocess.Popen[bytes] | None = None
+    exits: list[int] = field(default_factory=list)
+    starts: int = 0
+    stopping: bool = False
+    reaped: bool = False  # the current popen's exit is recorded in ``exits``
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def children(self) -> list[int]:
+        """Pids of this process's children (a supervisor's workers)."""
+        if not self.alive():
+            return []
+        assert self.popen is not None
+        pid = self.popen.pid
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def fault_lines(self) -> list[str]:
+        """Fault points that made this process (or its workers) exit, from its log."""
+        try:
+            return [m.decode() for m in FAULT_LINE.findall(self.log.read_bytes())]
+        except OSError:
+            return []
+
+
+class Fleet:
+    """Every process of one campaign run."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs = logs
+        self.env = env
+        self.procs: dict[str, Proc] = {}
+        self._watch: asyncio.Task[None] | None = None
+        logs.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- starting
+
+    def _spawn(self, proc: Proc) -> None:
+        with proc.log.open("ab") as fh:
+            fh.write(f"\n===== start {time.strftime('%T')} {' '.join(proc.argv)}\n".encode())
+            proc.popen = subprocess.Popen(
+                proc.argv,
+                env=proc.env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C at the terminal reaches only the campaign
+            )
+        proc.starts += 1
+        proc.reaped = False
+
+    def start(self, name: str, args: list[str], *, restart: bool = False, **env: str) -> Proc:
+        """Start ``python -m consumer <args>`` as process ``name`` with extra env vars."""
+        argv = [sys.executable, "-m", "consumer", *args]
+        proc = Proc(name, argv, {**self.env, **env}, self.logs / f"{name}.log", restart)
+        self.procs[name] = proc
+        self._spawn(proc)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+        return proc
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            for proc in list(self.procs.values()):
+                if proc.reaped or proc.popen is None or (code := proc.popen.poll()) is None:
+                    continue
+                proc.exits.append(code)
+                proc.reaped = True
+                if proc.restart and not proc.stopping:
+                    await asyncio.sleep(0.3)
+                    self._spawn(proc)
+
+    # ---------------------------------------------------------------- signalling
+
+    @staticmethod
+    def signal_pid(pid: int, sig: int) -> bool:
+        try:
+            os.kill(pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    async def wait_exit(self, proc: Proc, timeout_s: float) -> int | None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.popen is not None and (code := proc.popen.poll()) is not None:
+                return code
+            await asyncio.sleep(0.1)
+        return None
+
+    async def stop(self, name: str, grace_s: float = 40.0) -> int | None:
+        """SIGTERM (drain), then SIGKILL after ``grace_s``; the exit code."""
+        proc = self.procs.get(name)
+        if proc is None or proc.popen is None:
+            return None
+        proc.stopping = True
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+        code = await self.wait_exit(proc, grace_s)
+        if code is None:
+            for child in proc.children():
+                self.signal_pid(child, signal.SIGKILL)
+            proc.popen.kill()
+            code = await self.wait_exit(proc, 10)
+        return code
+
+    async def stop_all(self, grace_s: float = 40.0) -> dict[str, int | None]:
+        names = [n for n, p in self.procs.items() if p.alive()]
+        codes = await asyncio.gather(*(self.stop(n, grace_s) for n in names))
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        return dict(zip(names, codes, strict=True))
+
+    def kill_everything(self) -> None:
+        """Last resort on the way out (an exception, Ctrl-C): SIGKILL all we started."""
+        for proc in self.procs.values():
+            proc.stopping = True
+            if proc.alive():
+                assert proc.popen is not None
+                for child in proc.children():
+                    self.signal_pid(child, signal.SIGCONT)
+                    self.signal_pid(child, signal.SIGKILL)
+                proc.popen.kill()
+                with contextlib.suppress(Exception):
+                    proc.popen.wait(5)
