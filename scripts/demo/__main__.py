@@ -221,7 +221,10 @@ class Demo:
             if not fleet.alive:
                 display.event(s.t_s, f"[red]the supervisor exited; see {fleet.log_path}")
                 return RET_STALLED
-            if sent_done and s.consumed == s.sent == a.count and s.backlog == 0:
+            all_in = sent_done and s.consumed == s.sent == a.count
+            if all_in and not any(label == "all consumed" for _, label in self.marks):
+                self.marks.append((s.t_s, "all consumed"))
+            if all_in and s.backlog == 0:
                 display.event(
                     s.t_s, "everything consumed, and every event, reply and dead letter published"
                 )

@@ -38,29 +38,38 @@ def draw(
     top.plot(t, _rates(samples, "duplicates"), label="duplicates / s", color="tab:orange")
     top.set_ylabel("messages per second")
     top.set_title(title)
-    top.legend(loc="upper right")
+    top.legend(loc="center right")
     top.grid(alpha=0.3)
 
     bottom.plot(t, [s.duplicates for s in samples], label="duplicates", color="tab:orange")
     bottom.plot(t, [s.conflicts for s in samples], label="conflicts", color="tab:red")
     bottom.plot(t, [s.dead_letters for s in samples], label="dead letters", color="tab:purple")
-    bottom.plot(t, [s.lag for s in samples], label="lag", color="tab:gray", linestyle="--")
-    bottom.set_ylabel("messages (cumulative; lag now)")
+    bottom.set_ylabel("messages so far")
     bottom.set_xlabel("seconds since start")
-    bottom.legend(loc="upper left")
     bottom.grid(alpha=0.3)
+    # Lag is an order of magnitude larger: its own axis, so the outcome curves stay readable.
+    lag = bottom.twinx()
+    lag.plot(
+        t, [s.lag for s in samples], label="lag (right axis)", color="tab:gray", linestyle="--"
+    )
+    lag.set_ylabel("lag (records not yet consumed)")
+    handles = bottom.get_legend_handles_labels()
+    extra = lag.get_legend_handles_labels()
+    bottom.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left")
 
-    for at, label in marks:
+    for n, (at, label) in enumerate(marks):
         for ax in (top, bottom):
             ax.axvline(at, color="black", linestyle=":", linewidth=1)
+        # Staggered, so labels of close events do not print over each other.
         top.annotate(
             label,
-            (at, 1),
+            (at, 0.98 - 0.1 * (n % 3)),
             xycoords=("data", "axes fraction"),
-            rotation=90,
             va="top",
-            ha="right",
+            ha="left",
             fontsize=8,
+            xytext=(3, 0),
+            textcoords="offset points",
         )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
