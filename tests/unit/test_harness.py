@@ -187,9 +187,8 @@ async def test_crash_after_commit_keeps_the_effect_and_leaves_the_lease() -> Non
         # The dead worker neither wrote its done marker nor released its lease.
         assert t.leases.done == {} and list(t.leases.leases) == [("shop.reserve", "o1")]
         again = await t.redeliver()
-        # The new worker waited out the dead one's lease, then the inbox answered.
+        # The dead worker's lease is still there; the committed inbox row answers.
         assert (again.outcome, again.result) == (Outcome.DUPLICATE, {"reserved": 2})
-        assert len(again.retry_delays_s) == 1
         assert runs == ["o1"]
 
 
@@ -258,3 +257,18 @@ async def test_faults_are_per_harness_and_never_global() -> None:
     finally:
         faults.install("after_commit", None)
     assert fired == []
+
+
+async def test_requests_with_reply_to_are_answered_again_on_duplicates() -> None:
+    app, _ = shop()
+    async with TestApp(app) as t:
+        ask = {"reply-to": "answers"}
+        first = await t.send("orders", Order(order_id="o1", quantity=2), headers=ask)
+        again = await t.redeliver()
+        replies = t.published("answers")
+        assert [payload(m) for m in replies] == [{"reserved": 2}, {"reserved": 2}]
+        assert replies[0].header_str("idempotency-key") == replies[1].header_str("idempotency-key")
+        assert (first.outcome, again.outcome) == (Outcome.APPLIED, Outcome.DUPLICATE)
+        unknown = await t.send("nobody-listens", Order(order_id="o1", quantity=2))
+        assert unknown.outcome is Outcome.INVALID
+        assert t.dead_letters("nobody-listens") == unknown.published
