@@ -27,8 +27,9 @@ from consumer import codec
 from consumer.constants import HEADER_CONTENT_TYPE
 from consumer.message import Message
 from consumer.testing.database import DatabaseRequired
-from consumer.testing.harness import HarnessError, SendResult, TestApp
+from consumer.testing.harness import TestApp
 from consumer.testing.kafka import MemoryKafka
+from consumer.testing.result import HarnessError, SendResult
 from consumer.testing.store import MemoryStore, MemoryTx
 
 M = TypeVar("M", bound=BaseModel)
