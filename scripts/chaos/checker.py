@@ -75,6 +75,17 @@ def _by_source(recs: list[Rec]) -> dict[str, set[str]]:
     return out
 
 
+def _with_both_hashes(recs: list[Rec]) -> set[str]:
+    # A conflict report must name both payload hashes (the new one and the stored one).
+    return {
+        r.headers.get("x-source", "")
+        for r in recs
+        if r.headers.get("x-payload-hash")
+        and r.headers.get("x-stored-hash")
+        and r.headers["x-payload-hash"] != r.headers["x-stored-hash"]
+    }
+
+
 def check(truth: dict[str, Any], ev: Evidence, names: Names) -> Result:
     res = Result()
     records: dict[str, dict[str, Any]] = truth["records"]
@@ -138,6 +149,7 @@ def _offsets(
     applied_keys: set[str],
 ) -> None:
     topic = names.requested
+    conflict_hashes = _with_both_hashes(ev.topics.get(topic + ".conflicts", []))
     expected_dead: set[str] = set()
     conflict_sources: set[str] = set()
     seen_ids: Counter[str] = Counter()
@@ -166,8 +178,10 @@ def _offsets(
             continue
         if expect == "conflict":
             conflict_sources.add(src)
-            if src in conflicts:
+            if src in conflicts and src in conflict_hashes:
                 res.counts["conflict_offsets"] += 1
+            elif src in conflicts:
+                res.bad("unclassified", f"{src}: on .conflicts without both payload hashes")
             else:
                 res.bad("unclassified", f"{src}: conflicting copy of {t['pid']} not on .conflicts")
             continue

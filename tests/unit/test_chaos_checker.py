@@ -1,0 +1,115 @@
+"""The chaos checker on hand-made evidence: silent when all is well, loud for each violation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from scripts.chaos.checker import Names, check
+from scripts.chaos.collect import Evidence, Rec
+
+pytestmark = pytest.mark.unit
+
+N = Names("req", "settled", "payments", "down", "payments.settle")
+IK = "payments.settle@acme:p1:0"
+TRUTH: dict[str, Any] = {
+    "records": {
+        "0": {"kind": "original", "tenant": "acme", "pid": "p1", "expect": "key"},
+        "1": {"kind": "duplicate", "tenant": "acme", "pid": "p1", "expect": "key"},
+        "2": {"kind": "conflict", "tenant": "acme", "pid": "p1", "expect": "conflict"},
+        "3": {"kind": "malformed", "expect": "dead:undecodable"},
+    },
+    "keys": {"acme|p1": {"outcome": "applied", "account": "acc-1", "cents": 100}},
+}
+
+
+def _rec(offset: int, **headers: str) -> Rec:
+    return Rec(0, offset, None, b"", {k.replace("_", "-"): v for k, v in headers.items()})
+
+
+def evidence() -> Evidence:
+    ev = Evidence()
+    ev.topics = {
+        "req": [_rec(i, chaos_id=str(i)) for i in range(4)],
+        "req.dlq": [_rec(0, x_source="req/0/3", x_reason="undecodable")],
+        "req.conflicts": [
+            _rec(0, x_source="req/0/2", x_reason="conflict", x_payload_hash="b", x_stored_hash="a")
+        ],
+        "settled": [_rec(0, idempotency_key=IK), _rec(1, idempotency_key=IK)],  # relay re-send
+        "settled.dlq": [],
+    }
+    ev.ledger = [("acme", "p1", "acc-1", 100)]
+    ev.inbox = {
+        ("payments.settle@acme", "p1"): {
+            "status": "done",
+            "topic": "req",
+            "partition": 0,
+            "offset": 0,
+        }
+    }
+    ev.offsets = {("payments", "req", 0): 4, ("down", "settled", 0): 2}
+    ev.downstream = [{"idempotency_key": IK}]
+    return ev
+
+
+def test_a_clean_run_classifies_every_offset() -> None:
+    res = check(TRUTH, evidence(), N)
+    assert res.ok, res.violations
+    c = res.counts
+    assert (c["applied_offsets"], c["duplicate_offsets"], c["conflict_offsets"]) == (1, 1, 1)
+    assert c["dead_lettered"] == 1 and c["relay_republished"] == 1
+
+
+def _double(ev: Evidence) -> None:
+    ev.ledger.append(("acme", "p1", "acc-1", 100))
+
+
+def _conflict_won(ev: Evidence) -> None:
+    ev.ledger = [("acme", "p1", "acc-1", 101)]
+
+
+def _lost(ev: Evidence) -> None:
+    ev.ledger = []
+
+
+def _unconsumed(ev: Evidence) -> None:
+    ev.offsets[("payments", "req", 0)] = 3
+
+
+def _no_dead_letter(ev: Evidence) -> None:
+    ev.topics["req.dlq"] = []
+
+
+def _conflict_without_hashes(ev: Evidence) -> None:
+    ev.topics["req.conflicts"] = [_rec(0, x_source="req/0/2", x_reason="conflict")]
+
+
+def _downstream_twice(ev: Evidence) -> None:
+    ev.downstream.append({"idempotency_key": IK})
+
+
+def _wrongly_dead_lettered(ev: Evidence) -> None:
+    ev.topics["req.dlq"].append(_rec(1, x_source="req/0/1", x_reason="rejected"))
+
+
+@pytest.mark.parametrize(
+    ("breakage", "violation"),
+    [
+        (_double, "double_applied"),
+        (_conflict_won, "conflicts_applied"),
+        (_lost, "lost"),
+        (_unconsumed, "unclassified"),
+        (_no_dead_letter, "unclassified"),
+        (_conflict_without_hashes, "unclassified"),
+        (_downstream_twice, "downstream_duplicates"),
+        (_wrongly_dead_lettered, "unexpected_dead_letters"),
+    ],
+)
+def test_each_violation_is_reported(breakage: Callable[[Evidence], None], violation: str) -> None:
+    ev = evidence()
+    breakage(ev)
+    res = check(TRUTH, ev, N)
+    assert not res.ok
+    assert res.violations.get(violation, 0) >= 1, res.violations
