@@ -183,14 +183,10 @@ class BatchProcessor:
         acquired = [i for i, s in states.items() if s.state == "acquired"]
         busy |= {i for i, s in states.items() if s.state == "held"}
 
-        # Stop before the first record whose key is still busy elsewhere; it is retried later.
-        stop = next(
-            (n for n, it in enumerate(items) if it.ident and it.ident.ident in busy), len(items)
-        )
         renewer = asyncio.create_task(self._renew(acquired)) if acquired else None
         done_markers: list[DoneMarker] = []
         try:
-            result = await self._transact(items[:stop], states, done_markers)
+            result = await self._transact(items, states, done_markers, busy)
             await self._fault("after_commit")
         except asyncio.CancelledError:
             raise
@@ -216,10 +212,6 @@ class BatchProcessor:
         finally:
             if renewer is not None:
                 renewer.cancel()
-        if stop < len(items) and result.retry_offset is None:
-            result.retry_offset = items[stop].msg.offset
-            result.retry_delay_s = self.settings.retry_backoff_ms / 1000
-            result.error = "lease held by another worker"
         await self._redis(
             self.leases.finish(done_markers, acquired, self.token, self.settings.done_cache_s),
             None,
@@ -263,8 +255,16 @@ class BatchProcessor:
     # ---------------------------------------------------------------- the transaction
 
     async def _transact(
-        self, items: list[_Item], states: dict[Ident, LeaseResult], done_markers: list[DoneMarker]
+        self,
+        items: list[_Item],
+        states: dict[Ident, LeaseResult],
+        done_markers: list[DoneMarker],
+        busy: set[Ident],
     ) -> BatchResult:
+        """``busy``: keys still leased elsewhere after the bounded wait. They are not claimed;
+        a committed record decides them (a holder that died after its commit leaves its lease
+        behind until it expires), and the batch stops before the first one without a record.
+        Records below the stored position are skipped before any of that."""
         result = BatchResult()
         if not items:
             return result
@@ -284,10 +284,11 @@ class BatchProcessor:
             to_claim = [
                 Claim(i[0], i[1], it.ident.hash, it.msg.topic, it.msg.partition, it.msg.offset)
                 for i, it in leaders.items()
-                if it.ident and i not in known
+                if it.ident and i not in known and i not in busy
             ]
             claimed = await tx.claim(to_claim)
             lookup = [c_ident for c in to_claim if (c_ident := (c.namespace, c.key)) not in claimed]
+            lookup += [i for i in leaders if i in busy and i not in known]
             # The stored result is needed when ANY copy in the batch asks for a reply, not
             # only the first one (tests/integration/test_reply_copies.py).
             asking = {
@@ -348,12 +349,17 @@ class BatchProcessor:
                         Handled(msg, Outcome.CONFLICT, *ident, h, f"stored hash {k.hash}")
                     )
                 else:
-                    # Neither claimed nor recorded: the row vanished between claim and read
-                    # (evicted). Indefinite: stop here and look again.
+                    # Neither claimed nor recorded: in flight elsewhere (lease still held), or
+                    # the row vanished between claim and read (evicted). Indefinite: stop here
+                    # and look again after a delay.
                     next_offset = msg.offset
                     result.retry_offset = msg.offset
                     result.retry_delay_s = self.settings.retry_backoff_ms / 1000
-                    result.error = "inbox record changed under the batch"
+                    result.error = (
+                        "lease held by another worker"
+                        if ident in busy
+                        else "inbox record changed under the batch"
+                    )
                     break
 
             await tx.complete(completions)

@@ -15,6 +15,7 @@ import msgpack
 from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel
 
+from consumer.dedup.leases import RedisLeases
 from consumer.runtime.outcomes import Handled, Outcome
 from consumer.runtime.worker import Worker
 from tests.conftest import eventually
@@ -151,11 +152,19 @@ async def effects(pg: asyncpg.Connection, table: str) -> list[str]:
     return sorted(r[0] for r in await pg.fetch(f"SELECT k FROM {table}"))
 
 
-async def cleanup(pg: asyncpg.Connection, unique: str) -> None:
-    """Delete one test's rows from the shared dedup tables (names carry ``unique``).
+async def cleanup(pg: asyncpg.Connection, unique: str, redis_url: str = "") -> None:
+    """Delete one test's rows from the shared dedup tables (names carry ``unique``), and its
+    Redis keys (by pattern: the Redis is shared, never flushed).
 
     Unpublished outbox rows would otherwise wait for whichever relay runs next, in any test.
     """
+    if redis_url:
+        leases = RedisLeases(redis_url)
+        try:
+            async for name in leases.redis.scan_iter(match=f"*{{*{unique}*}}*", count=1000):
+                await leases.redis.delete(name)
+        finally:
+            await leases.close()
     pattern = f"%{unique}%"
     await pg.execute("DELETE FROM dedup.outbox WHERE topic LIKE $1", pattern)
     await pg.execute("DELETE FROM dedup.inbox WHERE namespace LIKE $1", pattern)

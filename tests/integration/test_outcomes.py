@@ -77,7 +77,7 @@ async def env(settings, topics, pg, unique) -> AsyncIterator[Env]:
         yield Env(topic, table, f"g-{unique}", s, pg)
     finally:
         await pg.execute(f"DROP TABLE IF EXISTS {table}")
-        await cleanup(pg, unique)
+        await cleanup(pg, unique, settings.redis_url)
 
 
 # ---------------------------------------------------------------- no record: run the handler
@@ -376,7 +376,7 @@ async def test_lease_held_elsewhere_waits_then_sees_the_other_holders_result(
 
 
 async def test_lease_holder_that_died_after_commit_is_caught_by_the_inbox(env, producer, settings):
-    # The holder committed but never wrote its done marker; its lease then expires.
+    # The holder committed, then died before writing its done marker and releasing its lease.
     app = env.app()
     calls: list[str] = []
 
@@ -391,7 +391,8 @@ async def test_lease_holder_that_died_after_commit_is_caught_by_the_inbox(env, p
     digest = identify(handler, Message(env.topic, 0, 0, None, msgpack.packb(payload))).hash
     redis = RedisLeases(settings.redis_url)
     try:
-        await redis.redis.set(lease_key(env.ns(), "dead"), "dead-worker", px=600)
+        # Its lease outlives the test: only the inbox can tell that the key is done.
+        await redis.redis.set(lease_key(env.ns(), "dead"), "dead-worker", px=120_000)
         await env.pg.execute(
             """INSERT INTO dedup.inbox (namespace, key, payload_hash, hash_alg, status, result,
                    topic, partition, "offset", completed_at)
