@@ -19,9 +19,11 @@ from aiokafka import AIOKafkaConsumer
 
 from consumer import App, Context, Reject, Retry, Settings
 from consumer.constants import done_key, lease_key
+from consumer.db.pool import create_pool
 from consumer.dedup.identity import identify
 from consumer.dedup.leases import RedisLeases
 from consumer.message import Message
+from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.outcomes import Outcome
 from tests.conftest import app_settings, eventually, running
 from tests.integration.dedup_support import (
@@ -670,3 +672,66 @@ async def test_unstorable_result_is_the_handlers_error_not_a_stuck_partition(env
 
     assert [spy.at(0, o) for o in (a, b, c)] == [[REJECTED], [REJECTED], [INVALID]]
     assert await effects(env.pg, env.table) == []
+
+
+# ---------------------------------------------------------------- in-process coalescing
+
+
+class _RecordingLeases(RedisLeases):
+    """Real Redis leases that remember every acquisition answer."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.answers: list[tuple[str, str]] = []
+
+    async def acquire(self, idents, token, ttl_ms):  # type: ignore[no-untyped-def]
+        out = await super().acquire(idents, token, ttl_ms)
+        self.answers += [(key, r.state) for (_, key), r in zip(idents, out, strict=True)]
+        return out
+
+
+async def test_copies_in_one_process_await_the_first_instead_of_contending(env, settings):
+    # Two partitions' batches in one worker carry the same key. The second waits on the first
+    # in memory: it never even asks Redis while the first runs, then answers as a duplicate.
+    app = env.app()
+    started, release = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+
+    @app.handler(env.topic, schema=Pay, key=lambda p: p.id)
+    async def handle(p: Pay, ctx: Context) -> str:
+        calls.append(ctx.message.partition)
+        started.set()
+        await release.wait()
+        await env.effect(ctx, p.id)
+        return "once"
+
+    pool = await create_pool(settings.postgres_dsn, max_size=4)
+    leases = _RecordingLeases(settings.redis_url)
+    processor = BatchProcessor(
+        app, env.settings, leases, "tok-" + env.group, lambda: pg_transaction(pool)
+    )
+    body = msgpack.packb({"id": "co", "cents": 2})
+    try:
+        first = asyncio.create_task(processor.process([Message(env.topic, 0, 0, None, body)]))
+        await started.wait()
+        second = asyncio.create_task(processor.process([Message(env.topic, 1, 0, None, body)]))
+        inflight = processor.inflight[(env.ns(), "co")]
+
+        async def parked() -> bool:
+            # The second batch is waiting on the first's in-process future.
+            return bool(inflight._callbacks)
+
+        await eventually(parked, timeout_s=10, every_s=0.01)
+        assert leases.answers == [("co", "acquired")]  # the second has not asked Redis
+        release.set()
+        r1, r2 = await asyncio.wait_for(asyncio.gather(first, second), 30)
+    finally:
+        await leases.close()
+        await pool.close()
+
+    assert [h.outcome for h in r1.handled] == [APPLIED]
+    assert [h.outcome for h in r2.handled] == [DUPLICATE]
+    assert calls == [0]
+    assert leases.answers == [("co", "acquired"), ("co", "done")]  # never "held"
+    assert processor.inflight == {}
+    assert await effects(env.pg, env.table) == ["co"]
