@@ -241,9 +241,10 @@ class Demo:
         st = self.settings
         return (
             "paused on the dead worker's partitions: the group reassigns them once it "
-            f"notices (session timeout {st.session_timeout_ms / 1000:.0f}s), and keys it had "
-            f"leased wait for their Redis lease to expire ({st.lease_ms / 1000:.0f}s); "
-            "the inbox is the fence, the lease only stops two workers running one key"
+            f"notices (session timeout {st.session_timeout_ms / 1000:.0f}s), and keys it was "
+            "handling when it died (leased, never committed) wait for their Redis lease to "
+            f"expire ({st.lease_ms / 1000:.0f}s); the lease only stops two workers running one "
+            "key at once, the inbox is the fence"
         )
 
     def _write_summary(self, final: Sample, checks: list[Check]) -> None:
