@@ -2,14 +2,16 @@
 
 Every row carries an ``idempotency-key`` derived from where it came from, so a republish
 (relay crash, batch retried) carries the same key and a downstream consumer built with this
-framework applies it once.
+framework applies it once. Rows caused by a handler call carry the trace context of its span
+(consumer/tracing.py); without a recorded span, the consumed message's trace headers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from consumer import codec
+from consumer import codec, tracing
 from consumer.constants import (
     CONFLICT_SUFFIX,
     CONTENT_MSGPACK,
@@ -24,22 +26,17 @@ from consumer.constants import (
     HEADER_REASON,
     HEADER_SOURCE,
     HEADER_STORED_HASH,
-    TRACEPARENT,
 )
 from consumer.context import Outgoing
 from consumer.message import Message
 from consumer.outbox.store import OutboxRow
 
-_PASS_THROUGH = (TRACEPARENT, "tracestate")
+_PASS_THROUGH = tracing.TRACE_HEADERS
+Trace = Sequence[tuple[str, str]]
 
 
-def _trace(msg: Message) -> list[tuple[str, str]]:
-    out = []
-    for name in _PASS_THROUGH:
-        value = msg.header_str(name)
-        if value:
-            out.append((name, value))
-    return out
+def _trace(msg: Message, trace: Trace | None) -> list[tuple[str, str]]:
+    return list(trace) if trace is not None else tracing.outgoing(msg)
 
 
 def _original_headers(msg: Message) -> list[tuple[str, str]]:
@@ -70,6 +67,8 @@ def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> 
     same message every time it is produced.
     """
     rows = []
+    trace = tracing.outgoing(msg)  # written inside the handling span: that span's context
+    derived = _DERIVED | {name.lower() for name, _ in trace}
     for index, item in enumerate(items):
         if any("\x00" in n or "\x00" in v for n, v in item.headers):
             # Raised while the handler's savepoint is open, so it is the handler's error (a
@@ -77,19 +76,28 @@ def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> 
             raise ValueError(f"a header of the message to {item.topic!r} contains NUL")
         ik = f"{namespace}:{key}:{index}"
         headers = [
-            *[(n, v) for n, v in item.headers if n.lower() not in _DERIVED],
+            *[(n, v) for n, v in item.headers if n.lower() not in derived],
             (HEADER_IDEMPOTENCY_KEY, ik),
             (HEADER_SOURCE, msg.source),
-            *_trace(msg),
+            *trace,
         ]
         rows.append(OutboxRow(item.topic, item.key, item.value, tuple(headers), ik))
     return rows
 
 
 def reply(
-    msg: Message, reply_to: str, namespace: str, key: str, status: str, body: Any
+    msg: Message,
+    reply_to: str,
+    namespace: str,
+    key: str,
+    status: str,
+    body: Any,
+    trace: Trace | None = None,
 ) -> OutboxRow:
-    """The answer to a request; a duplicate request gets the same row (same idempotency key)."""
+    """The answer to a request; a duplicate request gets the same row (same idempotency key).
+
+    ``trace``: the handling span's headers when the answer comes from a handler call.
+    """
     ik = f"reply:{namespace}:{key}"
     headers = (
         (HEADER_CONTENT_TYPE, CONTENT_MSGPACK),
@@ -98,17 +106,30 @@ def reply(
         (HEADER_NAMESPACE, namespace),
         (HEADER_KEY, key),
         (HEADER_SOURCE, msg.source),
-        *_trace(msg),
+        *_trace(msg, trace),
     )
     return OutboxRow(reply_to, key.encode(), codec.encode(body), headers, ik)
 
 
 def dead_letter(
-    msg: Message, reason: str, detail: str, namespace: str = "", key: str = ""
+    msg: Message,
+    reason: str,
+    detail: str,
+    namespace: str = "",
+    key: str = "",
+    trace: Trace | None = None,
 ) -> OutboxRow:
-    """The original bytes, untouched, with the reason in headers."""
+    """The original bytes, untouched, with the reason in headers.
+
+    ``trace``: the span of the handler call that rejected it replaces the original trace
+    headers, so the dead letter sits in the trace where it failed.
+    """
+    replaced = {HEADER_IDEMPOTENCY_KEY}
+    if trace is not None:
+        replaced |= {*_PASS_THROUGH, *(name.lower() for name, _ in trace)}
     headers = [
-        *[(n, v) for n, v in _original_headers(msg) if n.lower() != HEADER_IDEMPOTENCY_KEY],
+        *[(n, v) for n, v in _original_headers(msg) if n.lower() not in replaced],
+        *(trace or ()),
         (HEADER_REASON, reason),
         (HEADER_DETAIL, detail[:1000].replace("\x00", "\\x00")),
         (HEADER_NAMESPACE, namespace),

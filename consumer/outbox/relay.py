@@ -36,7 +36,7 @@ from aiokafka.errors import (
     RecordListTooLargeError,
 )
 
-from consumer import faults
+from consumer import faults, metrics, tracing
 from consumer.constants import NOTIFY_CHANNEL, OUTBOX_SHARDS
 from consumer.db.pool import create_pool
 from consumer.outbox import retention, store
@@ -151,6 +151,7 @@ class Relay:
         failures = 0
         try:
             while not stop.is_set():
+                metrics.record_relay(self)  # the figures of the previous pass
                 # Cleared before the tick: a NOTIFY arriving during it wakes the next one.
                 self.wake.clear()
                 try:
@@ -304,20 +305,21 @@ class Relay:
             dest = _dest(row)
             if dest in refused:
                 continue  # never send a later row of a key past an earlier refused one
+            # A span per row, a child of the handling span named in the row's headers.
+            headers, span = tracing.publishing(dest[0], _headers(row["headers"]))
             try:
                 fut = await producer.send(
-                    dest[0],
-                    value=bytes(row["value"]),
-                    key=dest[1],
-                    headers=_headers(row["headers"]),
+                    dest[0], value=bytes(row["value"]), key=dest[1], headers=headers
                 )
             except _REFUSED as exc:
                 # Refused by the client for this message alone: hold its key, go on.
+                span.failed(exc)
                 self.failed += 1
                 refused.add(dest)
                 self._hold(dest, _HOLD_KEY_S, f"row {row['id']}: {type(exc).__name__}: {exc}")
                 continue
             fut.add_done_callback(_retrieve)
+            fut.add_done_callback(span.done)
             sent.append((row, fut))
         return sent
 

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumer import faults
+from consumer import faults, tracing
 from consumer.app import App
 from consumer.constants import HEADER_REPLY_TO
 from consumer.context import Context, to_jsonable
@@ -39,7 +39,7 @@ from consumer.handler import Handler
 from consumer.message import Message
 from consumer.outbox import envelopes
 from consumer.outbox.store import OutboxRow
-from consumer.runtime.outcomes import BatchResult, Handled, Outcome
+from consumer.runtime.outcomes import BatchCounts, BatchResult, Handled, Outcome
 from consumer.settings import Settings
 
 log = logging.getLogger("consumer.batch")
@@ -75,6 +75,8 @@ class _Run:
     outgoing: list[OutboxRow] = field(default_factory=list)
     delay_s: float = 0.0
     result_json: str | None = None
+    trace: tuple[tuple[str, str], ...] | None = None  # the handling span, for later rows
+    elapsed_s: float = 0.0
 
 
 class BatchProcessor:
@@ -145,6 +147,7 @@ class BatchProcessor:
         """Process records of one partition, in offset order. Never raises for a message."""
         if not records:
             return BatchResult()
+        started = time.monotonic()
         items = [self._parse(m) for m in records]
         leaders: dict[Ident, _Item] = {}
         for it in items:
@@ -166,11 +169,13 @@ class BatchProcessor:
             else:
                 mine[ident] = self.inflight[ident] = asyncio.get_running_loop().create_future()
         try:
-            return await self._process(items, leaders, busy)
+            result = await self._process(items, leaders, busy)
         finally:
             for ident, fut in mine.items():
                 fut.set_result(None)
                 del self.inflight[ident]
+        result.duration_s = time.monotonic() - started
+        return result
 
     async def _process(
         self, items: list[_Item], leaders: dict[Ident, _Item], busy: set[Ident]
@@ -183,7 +188,8 @@ class BatchProcessor:
         acquired = [i for i, s in states.items() if s.state == "acquired"]
         busy |= {i for i, s in states.items() if s.state == "held"}
 
-        renewer = asyncio.create_task(self._renew(acquired)) if acquired else None
+        renewed = BatchCounts()
+        renewer = asyncio.create_task(self._renew(acquired, renewed)) if acquired else None
         done_markers: list[DoneMarker] = []
         try:
             result = await self._transact(items, states, done_markers, busy)
@@ -217,6 +223,11 @@ class BatchProcessor:
             None,
         )
         result.redis_degraded = self.redis_degraded
+        if self.settings.redis_mode == "on" and not self.redis_degraded:
+            # Otherwise the "leases" were granted by a stand-in: nothing to count.
+            result.counts.lease_acquired = len(acquired)
+            result.counts.lease_contended = len(held)
+            result.counts.lease_renewed = renewed.lease_renewed
         return result
 
     async def _wait_for_holders(self, held: list[Ident]) -> dict[Ident, LeaseResult]:
@@ -232,11 +243,12 @@ class BatchProcessor:
             held = [i for i in held if out[i].state == "held"]
         return out
 
-    async def _renew(self, idents: list[Ident]) -> None:
+    async def _renew(self, idents: list[Ident], counts: BatchCounts) -> None:
         interval = self.settings.lease_ms / 3000
         while True:
             await asyncio.sleep(interval)
-            await self._redis(self.leases.renew(idents, self.token, self.settings.lease_ms), 0)
+            n = await self._redis(self.leases.renew(idents, self.token, self.settings.lease_ms), 0)
+            counts.lease_renewed += n
 
     def _parse(self, msg: Message) -> _Item:
         handler = self.app.handler_for(msg.topic)
@@ -287,6 +299,8 @@ class BatchProcessor:
                 if it.ident and i not in known and i not in busy
             ]
             claimed = await tx.claim(to_claim)
+            result.counts.fast_path = sum(1 for i in leaders if i in known)
+            result.counts.pg_path = len(leaders) - result.counts.fast_path
             lookup = [c_ident for c in to_claim if (c_ident := (c.namespace, c.key)) not in claimed]
             lookup += [i for i in leaders if i in busy and i not in known]
             # The stored result is needed when ANY copy in the batch asks for a reply, not
@@ -316,6 +330,7 @@ class BatchProcessor:
                 if k is None and ident in claimed and ident not in processed:
                     assert it.handler is not None
                     run = await self._run(tx, it.handler, it.ident, msg)
+                    result.counts.handler_s.append((it.handler.name, run.elapsed_s))
                     if run.status == "stop":
                         next_offset = msg.offset
                         result.retry_offset = msg.offset
@@ -332,8 +347,10 @@ class BatchProcessor:
                     done_markers.append(DoneMarker(ident[0], ident[1], run.status, h))
                     rows += run.outgoing
                     if run.status == "rejected":
-                        rows.append(envelopes.dead_letter(msg, "rejected", run.reason, *ident))
-                    self._reply(rows, msg, ident, known[ident])
+                        rows.append(
+                            envelopes.dead_letter(msg, "rejected", run.reason, *ident, run.trace)
+                        )
+                    self._reply(rows, msg, ident, known[ident], run.trace)
                     outcome = Outcome.APPLIED if run.status == "done" else Outcome.REJECTED
                     result.handled.append(Handled(msg, outcome, *ident, h, run.reason, run.result))
                 elif k is not None and k.hash == h:
@@ -380,14 +397,35 @@ class BatchProcessor:
             self.attempts.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
         return result
 
-    def _reply(self, rows: list[OutboxRow], msg: Message, ident: Ident, k: _Known) -> None:
+    def _reply(
+        self,
+        rows: list[OutboxRow],
+        msg: Message,
+        ident: Ident,
+        k: _Known,
+        trace: tuple[tuple[str, str], ...] | None = None,
+    ) -> None:
         reply_to = msg.header_str(HEADER_REPLY_TO)
         if not reply_to or not k.has_result:
             return
         body = k.result if k.status == "done" else {"rejected": k.reason}
-        rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body))
+        rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))
 
     async def _run(
+        self, tx: BatchTx, handler: Handler[Any, Any], ident: Identity, msg: Message
+    ) -> _Run:
+        """Run one handler in its own span (consumer/tracing.py), timed for the metrics."""
+        started = time.monotonic()
+        with tracing.handling(
+            msg, self.app.group, handler, ident, self.settings.hash_keys_in_logs
+        ) as span:
+            run = await self._call(tx, handler, ident, msg)
+            span.finish(run.status, run.reason)
+            run.trace = span.headers()
+        run.elapsed_s = time.monotonic() - started
+        return run
+
+    async def _call(
         self, tx: BatchTx, handler: Handler[Any, Any], ident: Identity, msg: Message
     ) -> _Run:
         """Run one handler inside a savepoint and classify what happened."""

@@ -30,11 +30,28 @@ class Handled:
 
 
 @dataclass
+class BatchCounts:
+    """Figures of one batch for the metrics (consumer/metrics.py); they decide nothing.
+
+    ``fast_path``: keys answered by a Redis done marker; ``pg_path``: keys sent to the inbox.
+    ``handler_s``: (handler name, seconds) of every handler call, including failed ones.
+    """
+
+    lease_acquired: int = 0
+    lease_contended: int = 0  # keys found leased by another worker on the first try
+    lease_renewed: int = 0
+    fast_path: int = 0
+    pg_path: int = 0
+    handler_s: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class BatchResult:
     """``next_offset`` is the position now stored (None if nothing moved).
 
     ``retry_offset`` is set when the batch stopped on an indefinite failure: the partition
-    must be re-read from there after ``retry_delay_s``.
+    must be re-read from there after ``retry_delay_s``. ``counts`` and ``duration_s`` are
+    for the metrics.
     """
 
     handled: list[Handled] = field(default_factory=list)
@@ -43,6 +60,8 @@ class BatchResult:
     retry_delay_s: float = 0.0
     error: str = ""
     redis_degraded: bool = False
+    counts: BatchCounts = field(default_factory=BatchCounts)
+    duration_s: float = 0.0
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for h in self.handled if h.outcome is outcome)

@@ -19,7 +19,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumer import faults
+from consumer import faults, logs, metrics
 from consumer.app import App
 from consumer.db.pool import create_pool
 from consumer.dedup.leases import LeaseStore, NoLeases, RedisLeases
@@ -48,8 +48,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         # The batch in flight finishes (and commits) before the partitions are given up.
         async with self.worker.lock:
             self.worker.stats.rebalances += 1
+            revoked = list(revoked)
+            metrics.record_revoked(revoked)
             for tp in revoked:
                 self.worker.retry_tasks.pop(tp, None)
+                self.worker.stats.lag.pop(f"{tp.topic}/{tp.partition}", None)  # not ours now
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await self.worker.seek_to_stored(list(assigned))
@@ -175,6 +178,9 @@ class Worker:
                     pos = commit.get(tp) or 0
                     if hw is not None and pos:
                         self.stats.lag[f"{tp.topic}/{tp.partition}"] = max(0, hw - pos)
+            # Metrics and per-message log lines: fed here only, from the results.
+            metrics.record_tick(self.app, list(work), results, self.stats)
+            logs.log_outcomes(results, self.settings.hash_keys_in_logs)
 
     def _retry_later(self, tp: TopicPartition, result: BatchResult) -> None:
         assert self.consumer is not None and result.retry_offset is not None

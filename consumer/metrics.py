@@ -1,0 +1,290 @@
+"""Prometheus metrics: what operators watch (outcomes, leases, lag, outbox) as ``consumer_*``.
+
+Responsible for defining the metrics, feeding them from the runtime's own figures
+(:class:`~consumer.runtime.outcomes.BatchResult`, the rebalance listener, the relay's
+counters) and exposing them. It never decides anything and is never read back by the runtime.
+
+Two modes, chosen by prometheus_client when it is first imported:
+
+* **in-process** (no ``PROMETHEUS_MULTIPROC_DIR``): the default registry of this process, so
+  an application's own metrics are exposed alongside;
+* **multiprocess** (``consumer run`` with ``CONSUMER_METRICS_PORT``): the supervisor sets
+  ``PROMETHEUS_MULTIPROC_DIR`` before starting the workers, every worker writes its values to
+  memory-mapped files there, and the supervisor serves one endpoint that merges them.
+
+The metric objects are created on first use, so importing this module costs nothing and a
+process that records nothing (the supervisor) leaves no files behind.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import weakref
+from collections import Counter as Tally
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from consumer.app import App
+    from consumer.runtime.outcomes import BatchResult
+    from consumer.runtime.stats import Stats
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RETRIED = "retried"  # an outcome label that is not an Outcome: the record is read again
+NO_HANDLER = "none"  # handler label of a record on a topic no handler consumes
+
+# Seconds: a handler touching one row is ~1 ms; a payment gateway call is ~1 s; 30 s is the
+# default handler timeout.
+_DURATION_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class _Partition(Protocol):
+    topic: str
+    partition: int
+
+
+class _Metrics:
+    """Every metric of the package; one instance per process (see :func:`_m`)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.messages = Counter(
+            "consumer_messages_total",
+            "Consumed records by handler and outcome "
+            "(applied, duplicate, conflict, rejected, invalid, skipped, retried).",
+            ["handler", "outcome"],
+        )
+        self.handler_duration = Histogram(
+            "consumer_handler_duration_seconds",
+            "Time in a handler call, inside its savepoint (failed calls included).",
+            ["handler"],
+            buckets=_DURATION_BUCKETS_S,
+        )
+        self.batch_duration = Histogram(
+            "consumer_batch_duration_seconds",
+            "Time to process one partition batch: Redis round trips, transaction, commit.",
+            buckets=_DURATION_BUCKETS_S,
+        )
+        self.lease_acquisitions = Counter(
+            "consumer_lease_acquisitions_total", "Redis leases acquired (or re-acquired)."
+        )
+        self.lease_contention = Counter(
+            "consumer_lease_contention_total",
+            "Keys found leased by another worker on the first try of a batch.",
+        )
+        self.lease_renewals = Counter(
+            "consumer_lease_renewals_total", "Leases renewed while a batch was running."
+        )
+        self.dedup_path = Counter(
+            "consumer_dedup_lookups_total",
+            "Keys decided by a Redis done marker (path=redis, the fast path) or sent to "
+            "the PostgreSQL inbox (path=postgres).",
+            ["path"],
+        )
+        # live*: a dead worker's gauges are dropped (mark_process_dead), not kept forever.
+        self.redis_degraded = Gauge(
+            "consumer_redis_degraded",
+            "1 while a worker runs on PostgreSQL alone because Redis failed.",
+            multiprocess_mode="livemax",
+        )
+        # Every relay reads the same table: the max of equal figures, not their sum.
+        self.outbox_backlog = Gauge(
+            "consumer_outbox_backlog_rows",
+            "Outbox rows not yet published.",
+            multiprocess_mode="livemax",
+        )
+        self.outbox_oldest_age = Gauge(
+            "consumer_outbox_oldest_row_age_seconds",
+            "Age of the oldest unpublished outbox row.",
+            multiprocess_mode="livemax",
+        )
+        self.relay_published = Counter(
+            "consumer_relay_published_messages_total", "Outbox rows published and acked."
+        )
+        self.relay_errors = Counter(
+            "consumer_relay_errors_total",
+            "Relay failures: kind=send (a row refused or not acked), kind=tick (a whole "
+            "tick failed, e.g. broker or database down).",
+            ["kind"],
+        )
+        # The owner of a partition reports its lag; a worker that gives a partition up
+        # reports 0 for it, so the max over live workers is the owner's figure.
+        self.lag = Gauge(
+            "consumer_lag_messages",
+            "Records between the stored position and the partition's high watermark.",
+            ["topic", "partition"],
+            multiprocess_mode="livemax",
+        )
+        self.rebalances = Counter(
+            "consumer_rebalances_total", "Rebalances this worker took part in (revocations)."
+        )
+
+
+_metrics: _Metrics | None = None
+
+
+def _m() -> _Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = _Metrics()
+    return _metrics
+
+
+# ---------------------------------------------------------------- feeding
+
+
+def handler_name(app: App, topic: str) -> str:
+    handler = app.handler_for(topic)
+    return handler.name if handler is not None else NO_HANDLER
+
+
+def record_tick(
+    app: App, partitions: Sequence[_Partition], results: Sequence[BatchResult], stats: Stats
+) -> None:
+    """Everything one fetch loop iteration tells: one result per partition batch, in order."""
+    m = _m()
+    for tp, result in zip(partitions, results, strict=True):
+        name = handler_name(app, tp.topic)
+        tally = Tally(h.outcome.value for h in result.handled)
+        if result.retry_offset is not None:
+            tally[RETRIED] += 1
+        for outcome, n in tally.items():
+            m.messages.labels(name, outcome).inc(n)
+        c = result.counts
+        for handler, seconds in c.handler_s:
+            m.handler_duration.labels(handler).observe(seconds)
+        m.batch_duration.observe(result.duration_s)
+        _inc(m.lease_acquisitions, c.lease_acquired)
+        _inc(m.lease_contention, c.lease_contended)
+        _inc(m.lease_renewals, c.lease_renewed)
+        _inc(m.dedup_path.labels("redis"), c.fast_path)
+        _inc(m.dedup_path.labels("postgres"), c.pg_path)
+        lag = stats.lag.get(f"{tp.topic}/{tp.partition}")
+        if lag is not None:
+            m.lag.labels(tp.topic, str(tp.partition)).set(lag)
+    if results:
+        m.redis_degraded.set(1 if results[-1].redis_degraded else 0)
+
+
+def record_revoked(partitions: Iterable[_Partition]) -> None:
+    """A rebalance took these partitions away: count it, stop reporting their lag."""
+    m = _m()
+    m.rebalances.inc()
+    for tp in partitions:
+        m.lag.labels(tp.topic, str(tp.partition)).set(0)
+
+
+@dataclass
+class _Seen:
+    published: int = 0
+    failed: int = 0
+    errors: int = 0
+
+
+_relays: weakref.WeakKeyDictionary[Any, _Seen] = weakref.WeakKeyDictionary()
+
+
+def record_relay(relay: Any) -> None:
+    """Bring the relay's figures over; its counters are cumulative, so only the growth counts."""
+    m = _m()
+    seen = _relays.setdefault(relay, _Seen())
+    _inc(m.relay_published, relay.published - seen.published)
+    _inc(m.relay_errors.labels("send"), relay.failed - seen.failed)
+    _inc(m.relay_errors.labels("tick"), relay.errors - seen.errors)
+    seen.published, seen.failed, seen.errors = relay.published, relay.failed, relay.errors
+    m.outbox_backlog.set(relay.backlog)
+    m.outbox_oldest_age.set(relay.oldest_age_s)
+
+
+def _inc(counter: Any, n: int) -> None:
+    if n > 0:
+        counter.inc(n)
+
+
+# ---------------------------------------------------------------- exposing
+
+
+def multiprocess_dir() -> str | None:
+    """The shared directory of multiprocess mode, or None in in-process mode."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def prepare_multiprocess(path: str = "") -> tuple[str, bool]:
+    """Set up multiprocess mode for this process and its children; returns (dir, temporary).
+
+    Must run before any child imports prometheus_client. An existing directory is emptied of
+    metric files: values left by another run would otherwise be added to this one's.
+    """
+    temporary = not path
+    if temporary:
+        path = tempfile.mkdtemp(prefix="consumer-metrics-")
+    else:
+        os.makedirs(path, exist_ok=True)
+        for old in glob.glob(os.path.join(path, "*.db")):
+            os.remove(old)
+    os.environ[MULTIPROC_ENV] = path
+    return path, temporary
+
+
+def mark_dead(pid: int) -> None:
+    """A worker is gone: drop its live gauges (its counters still count in the totals)."""
+    path = multiprocess_dir()
+    if path:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: every process's files in multiprocess mode, else this process."""
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+    path = multiprocess_dir()
+    if path is None:
+        return REGISTRY
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path)  # type: ignore[no-untyped-call]
+    return merged
+
+
+def render() -> bytes:
+    """The exposition text, as a scrape would get it."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry())
+
+
+class Server:
+    """The ``/metrics`` endpoint, served from a daemon thread until :meth:`close`."""
+
+    def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
+        from prometheus_client import start_http_server
+
+        self._httpd, self._thread = start_http_server(port, addr, registry())
+        self.port = int(self._httpd.server_port)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)

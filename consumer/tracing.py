@@ -1,0 +1,209 @@
+"""OpenTelemetry through ``opentelemetry-api`` only: the SDK and exporter are the app's choice.
+
+Responsible for three things:
+
+* a span per handler call (kind CONSUMER, ``<topic> process``), a child of the producer's
+  context taken from the message headers (W3C ``traceparent`` by default; whatever the global
+  propagator reads);
+* the trace headers of every outbox row written while that span is current, so the message
+  the relay publishes belongs to the same trace;
+* a span per relayed row (kind PRODUCER, ``<topic> publish``), a child of the row's context,
+  whose own context replaces the row's trace headers on the wire.
+
+Until the application installs a tracer provider (``trace.set_tracer_provider``) nothing is
+recorded and nothing is rewritten: trace headers pass through from the consumed message to
+what it causes, unchanged, as if this module did not exist. It never decides an outcome and
+never raises into the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from consumer.constants import TRACEPARENT
+from consumer.logs import key_for_logs
+from consumer.message import Message
+
+if TYPE_CHECKING:
+    from consumer.dedup.identity import Identity
+    from consumer.handler import Handler
+
+TRACE_HEADERS = (TRACEPARENT, "tracestate")  # what passes through when nothing is recorded
+_SCOPE = "consumer"
+_provider: trace.TracerProvider | None = None
+
+
+def use_provider(provider: trace.TracerProvider | None) -> None:
+    """Record with ``provider`` instead of the global one (tests, embedding); None to undo."""
+    global _provider
+    _provider = provider
+
+
+def enabled() -> bool:
+    """True once a real tracer provider is installed: spans are then recorded."""
+    provider = _provider or trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def _tracer() -> trace.Tracer:
+    return trace.get_tracer(_SCOPE, tracer_provider=_provider)
+
+
+class _MessageHeaders(Getter[Message]):
+    def get(self, carrier: Message, key: str) -> list[str] | None:
+        value = carrier.header_str(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Message) -> list[str]:
+        return [name for name, _ in carrier.headers]
+
+
+class _ByteHeaders(Getter[Sequence[tuple[str, bytes]]]):
+    def get(self, carrier: Sequence[tuple[str, bytes]], key: str) -> list[str] | None:
+        key = key.lower()
+        found = [v.decode(errors="replace") for n, v in carrier if n.lower() == key]
+        return found[-1:] or None
+
+    def keys(self, carrier: Sequence[tuple[str, bytes]]) -> list[str]:
+        return [name for name, _ in carrier]
+
+
+_MESSAGE_HEADERS = _MessageHeaders()
+_BYTE_HEADERS = _ByteHeaders()
+
+
+def passthrough(msg: Message) -> list[tuple[str, str]]:
+    """The consumed message's own trace headers (what an outgoing row carries without a span)."""
+    out = []
+    for name in TRACE_HEADERS:
+        value = msg.header_str(name)
+        if value:
+            out.append((name, value))
+    return out
+
+
+def outgoing(msg: Message) -> list[tuple[str, str]]:
+    """Trace headers for a row written now on behalf of ``msg``.
+
+    The current span's context when one is recorded (the handling span), else ``msg``'s own.
+    """
+    if enabled() and trace.get_current_span().get_span_context().is_valid:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        if carrier:
+            return list(carrier.items())
+    return passthrough(msg)
+
+
+# ---------------------------------------------------------------- handling
+
+
+class Handling:
+    """The span of one handler call, as the batch sees it."""
+
+    def __init__(self, msg: Message, span: trace.Span | None) -> None:
+        self._msg = msg
+        self._span = span
+
+    def finish(self, status: str, reason: str) -> None:
+        """Record how the call ended: ``done``, ``rejected`` or ``stop`` (read again later)."""
+        if self._span is None:
+            return
+        outcome = {"done": "applied", "stop": "retried"}.get(status, status)
+        self._span.set_attribute("consumer.outcome", outcome)
+        if status != "done":
+            self._span.set_status(Status(StatusCode.ERROR, reason[:500]))
+
+    def headers(self) -> tuple[tuple[str, str], ...] | None:
+        """Trace headers naming this span, for rows written after it ended (dead letter,
+        reply); None when nothing is recorded, so those rows keep the message's own."""
+        return None if self._span is None else tuple(outgoing(self._msg))
+
+
+@contextmanager
+def handling(
+    msg: Message, group: str, handler: Handler[Any, Any], ident: Identity, hash_key: bool
+) -> Iterator[Handling]:
+    """The current span while a handler runs. The key is hashed as in logs (``hash_key``)."""
+    if not enabled():
+        yield Handling(msg, None)
+        return
+    parent = propagate.extract(msg, getter=_MESSAGE_HEADERS)
+    attributes: dict[str, Any] = {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": msg.topic,
+        "messaging.destination.partition.id": str(msg.partition),
+        "messaging.kafka.offset": msg.offset,
+        "messaging.consumer.group.name": group,
+        "consumer.handler": handler.name,
+        "consumer.namespace": ident.namespace,
+        "consumer.idempotency_key": key_for_logs(ident.key, hash_key),
+    }
+    with _tracer().start_as_current_span(
+        f"{msg.topic} process", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+    ) as span:
+        yield Handling(msg, span)
+
+
+# ---------------------------------------------------------------- relaying
+
+
+class Publishing:
+    """The span of one relayed row, ended when the broker answers."""
+
+    def __init__(self, span: trace.Span | None) -> None:
+        self._span = span
+
+    def done(self, fut: Any) -> None:
+        """A send future's callback: ends the span with the broker's answer."""
+        if self._span is None:
+            return
+        if fut.cancelled():
+            self.failed(TimeoutError("send cancelled"))
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.failed(exc)
+        else:
+            self._span.end()
+
+    def failed(self, exc: BaseException) -> None:
+        if self._span is None:
+            return
+        self._span.record_exception(exc)
+        self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
+        self._span.end()
+
+
+_NOT_RECORDED = Publishing(None)
+
+
+def publishing(
+    topic: str, headers: list[tuple[str, bytes]]
+) -> tuple[list[tuple[str, bytes]], Publishing]:
+    """A span for sending one row, and the row's headers now naming that span."""
+    if not enabled():
+        return headers, _NOT_RECORDED
+    parent = propagate.extract(headers, getter=_BYTE_HEADERS)
+    span = _tracer().start_span(
+        f"{topic} publish",
+        context=parent,
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": topic,
+        },
+    )
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span, parent))
+    names = {n.lower() for n in carrier}
+    kept = [(n, v) for n, v in headers if n.lower() not in names]
+    return kept + [(n, v.encode()) for n, v in carrier.items()], Publishing(span)
