@@ -58,6 +58,12 @@ def parse(argv: list[str]) -> runner.Config:
         help="small run: 20,000 records, 1 repeat, 5,000 naive, 6 s of latency load",
     )
     p.add_argument("--profile", action="store_true", help="profile one framework leg only")
+    p.add_argument(
+        "--experiment",
+        default="",
+        choices=["", "no-savepoints"],
+        help="what-if for the framework legs (not a framework mode; implies --no-doc)",
+    )
     p.add_argument("--keep-topics", action="store_true")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     a = p.parse_args(argv)
@@ -75,12 +81,13 @@ def parse(argv: list[str]) -> runner.Config:
         only=tuple(x.strip() for x in a.legs.split(",") if x.strip()),
         profile=a.profile,
         keep_topics=a.keep_topics,
+        experiment=a.experiment,
         command="make bench" + (f' ARGS="{shlex.join(argv)}"' if argv else ""),
     )
     if a.quick:
         cfg.records, cfg.repeats = min(cfg.records, 20_000), 1
         cfg.naive_records, cfg.latency_s = min(cfg.naive_records, 5_000), 6.0
-    cfg.write_doc = not a.no_doc and not a.profile and not cfg.only
+    cfg.write_doc = not (a.no_doc or a.profile or cfg.only or a.experiment)
     return cfg
 
 

@@ -53,6 +53,7 @@ class Env:
     log_dir: Path
     services: dict[str, int]
     say: Callable[[str], None]
+    experiment: str = ""
 
 
 @dataclass
@@ -224,6 +225,7 @@ def worker_spec(env: Env, leg: Leg, group: str, topic: str, data: Dataset | None
         "bootstrap": env.bootstrap,
         "redis_url": env.redis_url,
         "dsn": env.dsn,
+        "experiment": env.experiment,
         "settings": {
             "kafka_bootstrap": env.bootstrap,
             "redis_url": env.redis_url,

@@ -176,8 +176,8 @@ HEADERS = [
     "load 1m",
     "exactly once",
 ]
-LAT_HEADERS = ["batch", "offered msgs/s", "p50 ms", "p50 min-max", "p99 ms", "p99 min-max",
-               "samples", "exactly once"]  # fmt: skip
+LAT_HEADERS = ["batch", "offered msgs/s", "consumed msgs/s", "p50 ms", "p50 min-max", "p99 ms",
+               "p99 min-max", "samples", "exactly once"]  # fmt: skip
 
 
 def latency_rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -187,10 +187,12 @@ def latency_rows(summary: dict[str, Any]) -> list[list[str]]:
             continue
         p50, r50 = _fmt(leg.get("p50_ms"), 1)
         p99, r99 = _fmt(leg.get("p99_ms"), 1)
+        consumed, _ = _fmt(leg["msgs_s"])
         out.append(
             [
                 key.removeprefix("latency"),
                 f"{summary['offered_msgs_s']:,.0f}",
+                consumed,
                 p50,
                 r50,
                 p99,
@@ -245,13 +247,18 @@ def chart(summary: dict[str, Any], path: Path) -> None:
         for i, (b, _) in enumerate(lat):
             target = 120 if int(b) > 100 else 25
             ax2.hlines(target, i - 0.45, i + 0.45, colors="black", linestyles="dashed")
+            ax2.text(i - 0.2, p50[i], f"{p50[i]:.0f}", ha="center", va="bottom", fontsize=8)
+            ax2.text(i + 0.2, p99[i], f"{p99[i]:.0f}", ha="center", va="bottom", fontsize=8)
         ax2.set_xticks(list(x), [f"batch {b}" for b, _ in lat])
         ax2.set_ylabel("ms (dashed: p99 target)")
         ax2.legend()
         ax2.set_title(f"Latency to commit at {summary['offered_msgs_s']:,.0f} msgs/s offered")
     else:
         ax2.set_axis_off()
-    fig.suptitle(f"dedup-consumer benchmark, {summary['date']}, load {summary['load_1m_after']}")
+    fig.suptitle(
+        f"dedup-consumer benchmark, {summary['date']}, {summary['cpus']} CPUs, load average "
+        f"(1 min) {summary['load_1m_before']} before, {summary['load_1m_after']} after"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -42,6 +42,7 @@ class Config:
     profile: bool = False
     keep_topics: bool = False
     write_doc: bool = True
+    experiment: str = ""  # see worker._experiment
     command: str = "make bench"
 
 
@@ -114,6 +115,7 @@ async def run(cfg: Config, say: Any) -> Results:
         log_dir,
         sysstat.service_pids(ROOT / ".services"),
         say,
+        cfg.experiment,
     )
     topics: list[str] = []
     try:

@@ -79,7 +79,24 @@ class BenchWorker(Worker):
             proc._transact = timed_transact  # type: ignore[method-assign]
 
 
+def _experiment(name: str) -> None:
+    """What-if measurements, never a framework mode: see docs/benchmarks.md."""
+    if name == "no-savepoints":
+        # Handlers run without a savepoint: what the per-message SAVEPOINT/RELEASE round trips
+        # cost. Unsafe when a handler fails (its partial writes would stay); the benchmark's
+        # handler never fails, and the exactly-once check still runs.
+        from consumer.db.tx import PgTx
+
+        async def nothing(self: PgTx) -> None:
+            return None
+
+        PgTx.savepoint = PgTx.release_savepoint = nothing  # type: ignore[method-assign]
+    elif name:
+        raise ValueError(f"unknown experiment {name!r}")
+
+
 async def run_framework(spec: dict[str, Any], control: Control, meter: Meter) -> dict[str, Any]:
+    _experiment(spec.get("experiment", ""))
     worker = BenchWorker(spec, control, meter)
     control.on_stop.append(worker.stop.set)
 
