@@ -19,7 +19,7 @@ never raises into the runtime.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 TRACE_HEADERS = (TRACEPARENT, "tracestate")  # what passes through when nothing is recorded
 _SCOPE = "consumer"
+_NOT_INSTALLED = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 _provider: trace.TracerProvider | None = None
 
 
@@ -48,7 +49,7 @@ def use_provider(provider: trace.TracerProvider | None) -> None:
 def enabled() -> bool:
     """True once a real tracer provider is installed: spans are then recorded."""
     provider = _provider or trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return not isinstance(provider, _NOT_INSTALLED)
 
 
 def _tracer() -> trace.Tracer:
@@ -105,11 +106,17 @@ def outgoing(msg: Message) -> list[tuple[str, str]]:
 
 
 class Handling:
-    """The span of one handler call, as the batch sees it."""
+    """The span of one handler call, as the batch sees it (a no-op when nothing is recorded)."""
 
-    def __init__(self, msg: Message, span: trace.Span | None) -> None:
+    def __init__(self, msg: Message | None, span: trace.Span | None) -> None:
         self._msg = msg
         self._span = span
+
+    def __enter__(self) -> Handling:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
     def finish(self, status: str, reason: str) -> None:
         """Record how the call ended: ``done``, ``rejected`` or ``stop`` (read again later)."""
@@ -123,17 +130,27 @@ class Handling:
     def headers(self) -> tuple[tuple[str, str], ...] | None:
         """Trace headers naming this span, for rows written after it ended (dead letter,
         reply); None when nothing is recorded, so those rows keep the message's own."""
-        return None if self._span is None else tuple(outgoing(self._msg))
+        if self._span is None or self._msg is None:
+            return None
+        return tuple(outgoing(self._msg))
+
+
+_NOT_HANDLED = Handling(None, None)
+
+
+def handling(
+    msg: Message, group: str, handler: Handler[Any, Any], ident: Identity, hash_key: bool
+) -> AbstractContextManager[Handling]:
+    """The current span while a handler runs. The key is hashed as in logs (``hash_key``)."""
+    if not enabled():
+        return _NOT_HANDLED  # the hot path without a provider: no generator, no span
+    return _recorded(msg, group, handler, ident, hash_key)
 
 
 @contextmanager
-def handling(
+def _recorded(
     msg: Message, group: str, handler: Handler[Any, Any], ident: Identity, hash_key: bool
 ) -> Iterator[Handling]:
-    """The current span while a handler runs. The key is hashed as in logs (``hash_key``)."""
-    if not enabled():
-        yield Handling(msg, None)
-        return
     parent = propagate.extract(msg, getter=_MESSAGE_HEADERS)
     attributes: dict[str, Any] = {
         "messaging.system": "kafka",
