@@ -1,4 +1,4 @@
-"""The campaign's output: readable tables (rich) on stderr-free stdout, then one JSON line.
+"""The campaign's output: readable tables (rich) on stdout, then one JSON line (logs: stderr).
 
 The JSON object is always the last line of stdout, so scripts and the test can read it with
 ``out.splitlines()[-1]``. Figures come only from the checker and the injector's records.
@@ -14,6 +14,14 @@ from rich.table import Table
 
 from scripts.chaos.campaign import RunResult
 from scripts.chaos.checker import INVARIANTS
+
+# The broken build counts as caught only by a per-key verdict (an effect lost or doubled),
+# not by offsets left unconsumed: a run that merely failed to drain proves nothing.
+CAUGHT_BY = ("lost", "double_applied", "conflicts_applied", "rejects_applied")
+
+
+def caught(broken: RunResult | None) -> bool:
+    return broken is not None and any(broken.check.counts[k] for k in CAUGHT_BY)
 
 
 def summary(main: RunResult, broken: RunResult | None, seconds: float) -> dict[str, Any]:
@@ -50,7 +58,7 @@ def summary(main: RunResult, broken: RunResult | None, seconds: float) -> dict[s
         "relay_republished": c["relay_republished"],
         "producer_copies": c["producer_copies"],
         "drained": main.drained,
-        "checker_caught_broken_build": int(bool(broken and not broken.check.ok)),
+        "checker_caught_broken_build": int(caught(broken)),
         "broken_build_violations": broken.check.violations if broken else None,
         "seconds": round(seconds, 1),
         "seed": main.cfg.seed,
