@@ -10,18 +10,22 @@ from consumer.app import App
 from consumer.errors import ConfigError
 
 
+class AppImportError(ConfigError):
+    """``module:app`` names nothing importable, or not an App (the CLI's RET_IMPORT)."""
+
+
 def load_app(spec: str) -> App:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"expected 'module:app', got {spec!r}")
+        raise AppImportError(f"expected 'module:app', got {spec!r}")
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
+        raise AppImportError(f"cannot import {module_name!r}: {exc}") from None
     app = getattr(module, attr, None)
     if not isinstance(app, App):
-        raise ConfigError(f"{spec!r} is not a consumer.App (found {type(app).__name__})")
+        raise AppImportError(f"{spec!r} is not a consumer.App (found {type(app).__name__})")
     return app

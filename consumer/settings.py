@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     hash_keys_in_logs: bool = False
     log_json: bool = False
     status_interval_s: float = Field(default=5.0, gt=0)
+    # Supervisor (consumer run): below the orchestrator's own kill timeout (Kubernetes: 30 s).
+    shutdown_grace_s: float = Field(default=25.0, gt=0)
+    restart_backoff_s: float = Field(default=0.5, ge=0)
+    restart_backoff_max_s: float = Field(default=30.0, ge=0)
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_dir: str = ""
     tenant_header: str = "tenant"

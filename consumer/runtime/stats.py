@@ -29,6 +29,24 @@ class Stats:
             self.retries += 1
         self.redis_degraded = result.redis_degraded
 
+    def fields(self, rate: float) -> dict[str, object]:
+        """The status as data: the ``status`` field of a JSON log line."""
+        o = self.by_outcome
+        return {
+            "partitions": len(self.partitions),
+            "msgs_per_s": round(rate, 1),
+            "consumed": self.consumed,
+            "applied": o["applied"],
+            "duplicates": o["duplicate"],
+            "conflicts": o["conflict"],
+            "rejected": o["rejected"],
+            "invalid": o["invalid"],
+            "retries": self.retries,
+            "rebalances": self.rebalances,
+            "lag": sum(self.lag.values()),
+            "redis_degraded": self.redis_degraded,
+        }
+
     def line(self, rate: float) -> str:
         o = self.by_outcome
         return (

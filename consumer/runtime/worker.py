@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -55,7 +56,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.worker.stats.lag.pop(f"{tp.topic}/{tp.partition}", None)  # not ours now
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self.worker.seek_to_stored(list(assigned))
+        # Under the lock: records fetched before the seek (the fetcher starts on the new
+        # assignment while the stored positions are being read) wait, then meet the floor.
+        async with self.worker.lock:
+            await self.worker.seek_to_stored(list(assigned))
 
 
 class Worker:
@@ -69,13 +73,15 @@ class Worker:
         self.lock = asyncio.Lock()
         self.stats = Stats()
         self.retry_tasks: dict[TopicPartition, asyncio.TimerHandle] = {}
+        # Stored position of each partition at assignment; records below it are stale.
+        self.floor: dict[TopicPartition, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.pool: Any = None
         self.processor: BatchProcessor | None = None
         self.stop = asyncio.Event()
         self.started = asyncio.Event()
-
         self.relay: Any = None  # the in-worker outbox Relay: backlog, oldest_age_s, published
+
     async def seek_to_stored(self, tps: list[TopicPartition]) -> None:
         if not tps or self.consumer is None:
             return
@@ -88,10 +94,12 @@ class Worker:
                 log.warning("reading stored offsets failed (%s); retry %d", exc, attempt)
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
         positions = {(r[0], r[1]): r[2] for r in rows}
+        self.floor = {}
         for tp in tps:
             pos = positions.get((tp.topic, tp.partition))
             if pos is not None:
                 self.consumer.seek(tp, pos)
+                self.floor[tp] = pos
         self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in tps)
 
     async def _leases(self) -> LeaseStore:
@@ -108,7 +116,13 @@ class Worker:
         self.processor = BatchProcessor(
             self.app, s, leases, self.token, lambda: pg_transaction(self.pool)
         )
-        instance = f"{self.app.group}-{self.worker_id}" if s.static_membership else None
+        # One static identity per (host, slot): two machines running `--workers N` of one
+        # group must not claim the same group.instance.id (the broker fences the older one).
+        instance = (
+            f"{self.app.group}-{socket.gethostname()}-{self.worker_id}"
+            if s.static_membership
+            else None
+        )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
             group_id=self.app.group,
@@ -137,11 +151,12 @@ class Worker:
             status.cancel()
             for handle in self.retry_tasks.values():
                 handle.cancel()
+            # Leave the group first: the partitions move now, not after the relay's drain.
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()  # leaves the group
             if relay_task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(relay_task, 10)
-            with contextlib.suppress(Exception):
-                await self.consumer.stop()  # leaves the group
             await leases.close()
             await self.pool.close()
 
@@ -154,7 +169,12 @@ class Worker:
             return
         async with self.lock:
             assigned = self.consumer.assignment()
-            work = {tp: recs for tp, recs in fetched.items() if tp in assigned and recs}
+            work = {
+                tp: live
+                for tp, recs in fetched.items()
+                if tp in assigned
+                and (live := [r for r in recs if r.offset >= self.floor.get(tp, 0)])
+            }
             results = await asyncio.gather(
                 *(self.processor.process([to_message(r) for r in recs]) for recs in work.values())
             )
@@ -210,4 +230,9 @@ class Worker:
             now = time.monotonic()
             rate = (self.stats.consumed - last) / max(now - last_t, 1e-9)
             last, last_t = self.stats.consumed, now
-            log.info("worker %d %s", self.worker_id, self.stats.line(rate))
+            log.info(
+                "worker %d %s",
+                self.worker_id,
+                self.stats.line(rate),
+                extra={"status": self.stats.fields(rate)},
+            )

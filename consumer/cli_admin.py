@@ -1,0 +1,241 @@
+"""Operator commands: ``consumer inspect``, ``consumer evict``, ``consumer conflicts``.
+
+They read (and, for ``evict``, delete) one app's dedup records and print rich tables. They
+never run a handler and never publish. Evicting makes the framework forget a key: the next
+message with it runs the handler again, so it asks for confirmation unless ``--yes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consumer.constants import (
+    CONFLICT_SUFFIX,
+    HEADER_HASH,
+    HEADER_KEY,
+    HEADER_NAMESPACE,
+    HEADER_SOURCE,
+    HEADER_STORED_HASH,
+    done_key,
+    lease_key,
+)
+from consumer.dedup import inbox
+from consumer.exitcodes import RET_ABORTED, RET_CONNECT, RET_NOT_FOUND
+from consumer.outbox import store
+
+if TYPE_CHECKING:
+    from consumer.app import App
+    from consumer.settings import Settings
+
+APP_ARG = typer.Argument(..., metavar="MODULE:APP", help="the App, e.g. handlers.app:app")
+NS_ARG = typer.Argument(..., help="handler namespace, e.g. payments.settle (or name@tenant)")
+KEY_ARG = typer.Argument(..., help="the idempotency key")
+
+
+def _console() -> Console:
+    # Piped into a file or grep, lines stay whole (hashes and keys unbroken).
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=200)
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    from consumer.cli import fail
+
+    try:
+        return await asyncpg.connect(settings.postgres_dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        fail(f"cannot reach PostgreSQL: {type(exc).__name__}: {exc}", RET_CONNECT)
+
+
+async def _epoch(conn: asyncpg.Connection) -> str:
+    # Done markers carry the database's epoch (see constants.done_key).
+    value = await conn.fetchval("SELECT value FROM dedup.meta WHERE name = 'epoch'")
+    return str(value or "")
+
+
+async def _redis_state(settings: Settings, namespace: str, key: str, epoch: str) -> dict[str, str]:
+    """What the accelerator says about a key; Redis being down is reported, not fatal."""
+    if settings.redis_mode == "off":
+        return {"redis": "off (CONSUMER_REDIS_MODE=off)"}
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
+    try:
+        done = await client.get(done_key(namespace, key, epoch))
+        lease = await client.get(lease_key(namespace, key))
+        lease_ms = await client.pttl(lease_key(namespace, key)) if lease else -2
+    except Exception as exc:
+        return {"redis": f"unreachable ({type(exc).__name__}: {exc})"}
+    finally:
+        await client.aclose()
+    return {
+        "done marker": _text(done) if done else "none",
+        "lease": f"held by {_text(lease)} ({lease_ms} ms left)" if lease else "free",
+    }
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _record_table(row: asyncpg.Record, redis_state: dict[str, str]) -> Table:
+    table = Table(title=f"{row['namespace']} / {row['key']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    result = row["result"]
+    for name, value in [
+        ("status", row["status"]),
+        ("payload hash", f"{row['payload_hash']} ({row['hash_alg']})"),
+        ("result", result if result is None or isinstance(result, str) else json.dumps(result)),
+        ("reason", row["reason"]),
+        ("first seen at", row["first_seen_at"].isoformat()),
+        ("completed at", row["completed_at"].isoformat() if row["completed_at"] else None),
+        ("first seen in", f"{row['topic']}/{row['partition']}@{row['offset']}"),
+        *redis_state.items(),
+    ]:
+        table.add_row(name, "-" if value is None else str(value))
+    return table
+
+
+def _not_found(app: App, namespace: str, key: str) -> None:
+    from consumer.cli import fail
+
+    names = sorted(h.name for h in app.handlers)
+    base = namespace.partition("@")[0]
+    hint = "" if base in names else f"; this app's namespaces: {', '.join(names) or 'none'}"
+    fail(f"no record for namespace {namespace!r}, key {key!r}{hint}", RET_NOT_FOUND)
+
+
+async def _fetch(settings: Settings, namespace: str, key: str) -> tuple[asyncpg.Record | None, str]:
+    """The inbox record of a key (None if there is none), and the database's epoch."""
+    conn = await _connect(settings)
+    try:
+        text, args = inbox.get(namespace, key)
+        row: asyncpg.Record | None = await conn.fetchrow(text, *args)
+        return row, await _epoch(conn)
+    finally:
+        await conn.close()
+
+
+def inspect(app_spec: str = APP_ARG, namespace: str = NS_ARG, key: str = KEY_ARG) -> None:
+    """Show the record of one key: status, payload hash, result, first seen at."""
+    from consumer.cli import load
+
+    app = load(app_spec)
+    row, epoch = asyncio.run(_fetch(app.settings, namespace, key))
+    if row is None:
+        _not_found(app, namespace, key)
+    assert row is not None
+    redis_state = asyncio.run(_redis_state(app.settings, namespace, key, epoch))
+    _console().print(_record_table(row, redis_state))
+
+
+async def _evict(settings: Settings, namespace: str, key: str, epoch: str) -> int:
+    conn = await _connect(settings)
+    try:
+        async with conn.transaction():
+            # A worker's transaction holding the row is finished in milliseconds; waiting
+            # longer than that means something is stuck, and the operator should know.
+            await conn.execute("SET LOCAL lock_timeout = '5s'")
+            text, args = inbox.evict(namespace, key)
+            status = await conn.execute(text, *args)
+    finally:
+        await conn.close()
+    deleted = int(status.split()[-1])
+    # After the database: a worker reading the record before the DELETE may still write a
+    # done marker, which this removes. Redis is only the accelerator, so it goes second.
+    if settings.redis_mode != "off":
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
+        try:
+            await client.delete(done_key(namespace, key, epoch), lease_key(namespace, key))
+        finally:
+            await client.aclose()
+    return deleted
+
+
+def evict(
+    app_spec: str = APP_ARG,
+    namespace: str = NS_ARG,
+    key: str = KEY_ARG,
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+) -> None:
+    """Forget one key (inbox record, done marker, lease): its next message runs the handler."""
+    from consumer.cli import fail, load
+
+    app = load(app_spec)
+    row, epoch = asyncio.run(_fetch(app.settings, namespace, key))
+    if row is None:
+        _not_found(app, namespace, key)
+    assert row is not None
+    console = _console()
+    console.print(_record_table(row, {}))
+    if not yes and not typer.confirm(
+        "Evict this record? The next message with this key will run the handler again",
+        default=False,
+    ):
+        fail("not evicted; nothing changed", RET_ABORTED)
+    deleted = asyncio.run(_evict(app.settings, namespace, key, epoch))
+    if deleted == 0:  # deleted by someone else (or expired) since it was shown
+        fail(f"no record for namespace {namespace!r}, key {key!r} any more", RET_NOT_FOUND)
+    console.print(f"evicted {namespace} / {key}")
+
+
+async def _conflicts(settings: Settings, topics: Sequence[str], limit: int) -> list[Any]:
+    conn = await _connect(settings)
+    try:
+        text, args = store.recent(topics, limit)
+        return list(await conn.fetch(text, *args))
+    finally:
+        await conn.close()
+
+
+def _headers(raw: Any) -> dict[str, str]:
+    pairs = json.loads(raw) if isinstance(raw, str) else raw
+    return {str(name): str(value) for name, value in pairs}
+
+
+def conflicts(
+    app_spec: str = APP_ARG,
+    limit: int = typer.Option(20, "--limit", "-n", min=1, max=10_000, help="rows to show"),
+) -> None:
+    """List the most recent conflicts (a key reused with a different payload), newest first.
+
+    Read from the outbox, so only conflicts within the outbox retention window are shown.
+    """
+    from consumer.cli import load
+
+    app = load(app_spec)
+    topics = [t + CONFLICT_SUFFIX for t in app.topics]
+    rows = asyncio.run(_conflicts(app.settings, topics, limit))
+    table = Table(title=f"recent conflicts of {app.group} ({len(rows)})")
+    for column in ("at (UTC)", "namespace", "key", "payload hash", "stored hash", "source", "sent"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        h = _headers(row["headers"])
+        table.add_row(
+            row["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
+            h.get(HEADER_NAMESPACE, "-"),
+            h.get(HEADER_KEY, "-"),
+            h.get(HEADER_HASH, "-"),
+            h.get(HEADER_STORED_HASH, "-"),
+            h.get(HEADER_SOURCE, "-"),
+            "yes" if row["published_at"] else "pending",
+        )
+    _console().print(table)
+
+
+def register(cli: typer.Typer) -> None:
+    """Add the operator commands to the ``consumer`` command."""
+    cli.command("inspect")(inspect)
+    cli.command("evict")(evict)
+    cli.command("conflicts")(conflicts)

@@ -1,0 +1,23 @@
+"""Exit codes of the ``consumer`` command, one name each (documented in docs/operations.md).
+
+Process managers and scripts branch on these: a restart helps after RET_KILLED or
+RET_WORKER_FAILED, never after RET_CONFIG or RET_IMPORT.
+"""
+
+from __future__ import annotations
+
+RET_OK = 0  # stopped on request, every worker drained within the grace period
+RET_ERROR = 1  # unexpected error; a traceback was logged (also Python's own code for one)
+RET_CONFIG = 2  # bad command-line option or CONSUMER_* setting (click's usage errors use 2 too)
+RET_IMPORT = 3  # MODULE:APP cannot be imported, raised while importing, or is not an App
+RET_CONNECT = 4  # a service (PostgreSQL, Redis) could not be reached at start
+RET_KILLED = 5  # shutdown grace period expired: workers still running were SIGKILLed
+RET_WORKER_FAILED = 6  # a worker failed in a way a restart cannot fix, or failed while draining
+RET_NOT_FOUND = 7  # admin commands: no inbox record for that namespace and key
+RET_ABORTED = 8  # admin commands: the confirmation was declined; nothing was changed
+
+NAMES: dict[int, str] = {
+    code: name
+    for name, code in sorted(globals().items())
+    if name.startswith("RET_") and isinstance(code, int)
+}

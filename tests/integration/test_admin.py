@@ -1,0 +1,142 @@
+"""``consumer inspect``, ``evict`` and ``conflicts`` against records a real worker wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from consumer.constants import done_key
+from consumer.exitcodes import RET_ABORTED, RET_NOT_FOUND, RET_OK
+from tests.apps.counting import EFFECTS_DDL
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+APP = "tests.apps.counting:app"
+
+
+def cli(env: dict[str, str], *argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *argv],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _spawn_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "consumer", "worker", APP, "--no-relay"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@pytest.fixture
+async def recorded(settings, topics, producer, pg, unique, tmp_path):
+    """k1 applied, then reused with another payload (a conflict); k2 applied."""
+    topic = await topics("admin", partitions=1)
+    await pg.execute(EFFECTS_DDL)
+    env = {
+        **os.environ,
+        "COUNTING_TOPIC": topic,
+        "COUNTING_GROUP": f"ga-{unique}",
+        "COUNTING_RUN": unique,
+        "CONSUMER_FETCH_TIMEOUT_MS": "50",
+    }
+    for key, n in (("k1", 1), ("k1", 2), ("k2", 3)):
+        headers = [("idempotency-key", key.encode()), ("content-type", b"application/json")]
+        await producer.send_and_wait(topic, json.dumps({"n": n}).encode(), headers=headers)
+    worker = _spawn_worker(env, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 60
+        while (
+            await pg.fetchval(
+                "SELECT next_offset FROM dedup.offsets WHERE group_id = $1", env["COUNTING_GROUP"]
+            )
+            != 3
+        ):
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            await asyncio.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == RET_OK
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    return env, f"{env['COUNTING_GROUP']}.count"
+
+
+async def test_inspect_shows_the_record(recorded, pg):
+    env, ns = recorded
+    stored = await pg.fetchrow(
+        "SELECT payload_hash, first_seen_at FROM dedup.inbox WHERE namespace = $1 AND key = 'k1'",
+        ns,
+    )
+    done = cli(env, "inspect", APP, ns, "k1")
+    assert done.returncode == RET_OK, done.stderr
+    for needle in ("status", "done", stored["payload_hash"], "first seen at", "result", "1"):
+        assert needle in done.stdout
+    assert stored["first_seen_at"].isoformat()[:19] in done.stdout
+    assert "done marker" in done.stdout and f"done:{stored['payload_hash']}" in done.stdout
+
+    missing = cli(env, "inspect", APP, ns, "nope")
+    assert missing.returncode == RET_NOT_FOUND
+    assert missing.stderr.strip().splitlines() == [
+        f"error: no record for namespace {ns!r}, key 'nope'"
+    ]
+    wrong_ns = cli(env, "inspect", APP, "other.ns", "k1")
+    assert wrong_ns.returncode == RET_NOT_FOUND
+    assert f"this app's namespaces: {ns}" in wrong_ns.stderr
+
+
+async def test_conflicts_lists_the_reused_key_with_both_hashes(recorded, pg):
+    env, ns = recorded
+    stored = await pg.fetchval(
+        "SELECT payload_hash FROM dedup.inbox WHERE namespace = $1 AND key = 'k1'", ns
+    )
+    out = cli(env, "conflicts", APP, "--limit", "5")
+    assert out.returncode == RET_OK, out.stderr
+    assert f"recent conflicts of {env['COUNTING_GROUP']} (1)" in out.stdout
+    (line,) = [line for line in out.stdout.splitlines() if stored in line]
+    assert ns in line and " k1 " in line
+    assert f"{env['COUNTING_TOPIC']}/0/1" in line  # the conflicting record: offset 1
+
+
+async def test_evict_asks_then_forgets_the_key_everywhere(recorded, pg):
+    env, ns = recorded
+    declined = cli(env, "evict", APP, ns, "k1", stdin="n\n")
+    assert declined.returncode == RET_ABORTED
+    assert "nothing changed" in declined.stderr
+    assert await pg.fetchval("SELECT count(*) FROM dedup.inbox WHERE namespace = $1", ns) == 2
+
+    epoch = await pg.fetchval("SELECT value FROM dedup.meta WHERE name = 'epoch'")
+    r = aioredis.from_url(env["CONSUMER_REDIS_URL"])
+    try:
+        assert await r.exists(done_key(ns, "k1", epoch))
+        done = cli(env, "evict", APP, ns, "k1", "--yes")
+        assert done.returncode == RET_OK, done.stderr
+        assert f"evicted {ns} / k1" in done.stdout
+        assert not await r.exists(done_key(ns, "k1", epoch))
+        assert await r.exists(done_key(ns, "k2", epoch))
+    finally:
+        await r.aclose()
+    keys = await pg.fetch("SELECT key FROM dedup.inbox WHERE namespace = $1", ns)
+    assert [row["key"] for row in keys] == ["k2"]
+    again = cli(env, "evict", APP, ns, "k1", "--yes")
+    assert again.returncode == RET_NOT_FOUND
