@@ -27,7 +27,7 @@ import asyncpg
 
 from scripts.chaos import checker, collect, workload
 from scripts.chaos.faults import ONE_OFF, Injector, describe, schedule
-from scripts.chaos.fleet import ROOT, Fleet
+from scripts.chaos.fleet import ROOT, Fleet, reap_leftovers
 from scripts.chaos.producer import Producer, create_topics
 from scripts.chaos.services import Instance
 
@@ -154,6 +154,9 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     rng = random.Random(cfg.seed)
     names = _names()
     cfg.out.mkdir(parents=True, exist_ok=True)
+    pidfile = inst.dir / "fleet.pids"
+    if leftovers := reap_leftovers(pidfile, inst.bootstrap):
+        log.warning("killed %d process(es) left over by an earlier run", len(leftovers))
     log.info("[%s] fresh services instance %r", cfg.name, inst.name)
     await inst.fresh()
     topics = {names.requested: PARTITIONS, names.settled: SETTLED_PARTITIONS}
@@ -168,7 +171,7 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     wl.save(cfg.out / "truth.json")
     log.info("[%s] workload: %s", cfg.name, wl.counts())
 
-    fleet = Fleet(cfg.out / "logs", env)
+    fleet = Fleet(cfg.out / "logs", env, pidfile)
     injector = Injector(
         fleet, inst, PAYMENTS_APP, pause_s=_pause_s(), rng=random.Random(cfg.seed + 1)
     )

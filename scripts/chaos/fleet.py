@@ -65,12 +65,39 @@ class Proc:
             return []
 
 
-class Fleet:
-    """Every process of one campaign run."""
+def reap_leftovers(pidfile: Path, bootstrap: str) -> list[int]:
+    """SIGKILL processes a previous campaign started and left behind (it was SIGKILLed).
 
-    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+    Only pids listed in ``pidfile`` (written by :class:`Fleet`, removed after a clean finish)
+    that still run ``python -m consumer`` against this instance's broker (a reused pid is
+    someone else's process and is left alone): an orphaned worker of an earlier run, maybe
+    of the broken build, must not join the next run's consumer group.
+    """
+    killed: list[int] = []
+    if not pidfile.exists():
+        return killed
+    mine = f"CONSUMER_KAFKA_BOOTSTRAP={bootstrap}".encode()
+    for pid in {int(p) for p in pidfile.read_text().split() if p.isdigit()}:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-m" in cmdline and b"consumer" in cmdline and mine in environ:
+            Fleet.signal_pid(pid, signal.SIGCONT)
+            if Fleet.signal_pid(pid, signal.SIGKILL):
+                killed.append(pid)
+    pidfile.unlink()
+    return killed
+
+
+class Fleet:
+    """Every process of one campaign run. Each pid started is appended to ``pidfile``."""
+
+    def __init__(self, logs: Path, env: dict[str, str], pidfile: Path) -> None:
         self.logs = logs
         self.env = env
+        self.pidfile = pidfile
         self.procs: dict[str, Proc] = {}
         self._watch: asyncio.Task[None] | None = None
         logs.mkdir(parents=True, exist_ok=True)
@@ -91,6 +118,8 @@ class Fleet:
             )
         proc.starts += 1
         proc.reaped = False
+        with self.pidfile.open("a") as fh:
+            fh.write(f"{proc.popen.pid}\n")
 
     def start(self, name: str, args: list[str], *, restart: bool = False, **env: str) -> Proc:
         """Start ``python -m consumer <args>`` as process ``name`` with extra env vars."""
@@ -159,7 +188,7 @@ class Fleet:
         return dict(zip(names, codes, strict=True))
 
     def kill_everything(self) -> None:
-        """Last resort on the way out (an exception, Ctrl-C): SIGKILL all we started."""
+        """On the way out, whatever happened: SIGKILL all we started that still runs."""
         for proc in self.procs.values():
             proc.stopping = True
             if proc.alive():
@@ -170,3 +199,5 @@ class Fleet:
                 proc.popen.kill()
                 with contextlib.suppress(Exception):
                     proc.popen.wait(5)
+        if not any(p.alive() for p in self.procs.values()):
+            self.pidfile.unlink(missing_ok=True)  # nothing left for the next run to reap
