@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -153,6 +154,9 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     t0 = time.monotonic()
     rng = random.Random(cfg.seed)
     names = _names()
+    # Logs are appended to across restarts within a run, so an earlier run's must go: the
+    # random fault points are counted from them.
+    shutil.rmtree(cfg.out / "logs", ignore_errors=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
     pidfile = inst.dir / "fleet.pids"
     if leftovers := reap_leftovers(pidfile, inst.bootstrap):
