@@ -214,7 +214,19 @@ def relay_cmd(
             loop.add_signal_handler(sig, stop.set)
         await Relay(app.settings).run(stop)
 
-    asyncio.run(main())
+    endpoint = None
+    if app.settings.metrics_port:  # its own endpoint: this process is nobody's worker
+        from consumer import metrics
+
+        try:
+            endpoint = metrics.Server(app.settings.metrics_port)
+        except OSError as exc:
+            fail(f"CONSUMER_METRICS_PORT={app.settings.metrics_port}: {exc}", RET_CONFIG)
+    try:
+        asyncio.run(main())
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 def _register_admin() -> None:

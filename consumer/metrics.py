@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import tempfile
 import weakref
 from collections import Counter as Tally
@@ -276,15 +277,37 @@ def render() -> bytes:
 
 
 class Server:
-    """The ``/metrics`` endpoint, served from a daemon thread until :meth:`close`."""
+    """The ``/metrics`` endpoint, served from a daemon thread until :meth:`close`.
 
-    def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
+    ``cleanup``: a temporary multiprocess directory to remove on close.
+    """
+
+    def __init__(self, port: int, addr: str = "0.0.0.0", cleanup: str = "") -> None:
         from prometheus_client import start_http_server
 
         self._httpd, self._thread = start_http_server(port, addr, registry())
         self.port = int(self._httpd.server_port)
+        self._cleanup = cleanup
 
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)
+        if self._cleanup:
+            shutil.rmtree(self._cleanup, ignore_errors=True)
+
+
+def serve_workers(port: int, path: str = "") -> Server:
+    """The supervisor's endpoint: multiprocess mode for the workers it is about to start.
+
+    Call before starting any worker (they inherit ``PROMETHEUS_MULTIPROC_DIR``). ``path``:
+    the directory to share (``CONSUMER_METRICS_DIR``), else a temporary one. Raises OSError
+    when the port cannot be bound.
+    """
+    path, temporary = prepare_multiprocess(path)
+    try:
+        return Server(port, cleanup=path if temporary else "")
+    except BaseException:
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
+        raise

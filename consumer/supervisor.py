@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
+from consumer import metrics
 from consumer.exitcodes import (
     NAMES,
     RET_CONFIG,
@@ -145,6 +146,7 @@ class Supervisor:
                 continue
             pid, lived_s = slot.proc.pid, now - slot.started
             slot.proc, slot.last_code = None, code
+            metrics.mark_dead(pid)  # its gauges go; its counters stay in the totals
             if code in FATAL_CODES:
                 log.error(
                     "worker %d (pid %d) %s; a restart cannot fix that, stopping",
@@ -247,6 +249,15 @@ def supervise(
     """Run ``workers`` worker processes of ``app_spec`` until SIGTERM/SIGINT; an exit code."""
     s = settings or load_settings()
     me = os.getpid()
+    endpoint = None
+    if s.metrics_port:
+        # Before any worker starts: they inherit PROMETHEUS_MULTIPROC_DIR (consumer/metrics.py).
+        try:
+            endpoint = metrics.serve_workers(s.metrics_port, s.metrics_dir)
+        except OSError as exc:
+            log.error("CONSUMER_METRICS_PORT=%d: cannot serve metrics: %s", s.metrics_port, exc)
+            return RET_CONFIG
+        log.info("metrics for all workers on port %d, path /metrics", endpoint.port)
     sup = Supervisor(
         lambda i: worker_command(app_spec, i, relay=relay, log_json=log_json, parent_pid=me),
         workers,
@@ -255,4 +266,8 @@ def supervise(
         backoff_max_s=s.restart_backoff_max_s,
     )
     log.info("supervising %d worker(s) of %s (pid %d)", workers, app_spec, me)
-    return sup.run()
+    try:
+        return sup.run()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
