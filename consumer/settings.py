@@ -24,7 +24,9 @@ class Settings(BaseSettings):
 
     batch_max_records: int = Field(default=500, ge=1, le=10_000)
     fetch_timeout_ms: int = Field(default=200, ge=1)
-    lease_ms: int = Field(default=30_000, ge=100)
+    # Renewed every lease_ms/3 while a batch runs, so it need not cover the handler timeout;
+    # it bounds how long a key waits after its holder dies before committing.
+    lease_ms: int = Field(default=10_000, ge=100)
     lease_wait_ms: int = Field(default=5_000, ge=0)
     dedup_window_s: int = Field(default=7 * 24 * 3600, ge=60)
     done_cache_s: int = Field(default=24 * 3600, ge=1)

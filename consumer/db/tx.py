@@ -1,8 +1,9 @@
 """The batch transaction: every store operation one batch needs, on one connection.
 
 :class:`BatchTx` is the contract; :class:`PgTx` runs it on PostgreSQL. The in-memory harness
-(consumer/testing.py) implements the same contract, and one contract test suite runs against
-both. This module only executes queries defined next to their tables.
+(``MemoryTx`` in consumer/testing/store.py) implements the same contract, and one contract
+test suite (tests/contract/) runs against both. This module only executes queries defined
+next to their tables.
 """
 
 from __future__ import annotations

@@ -111,7 +111,10 @@ class Worker:
     async def run(self) -> None:
         s = self.settings
         faults.configure(s.faults)
-        self.pool = await create_pool(s.postgres_dsn, max_size=s.pg_pool_max)
+        # A batch transaction is idle between statements only while a handler awaits
+        # something outside the database, which its timeout bounds.
+        idle_ms = int(s.handler_timeout_s * 1000) + s.lease_ms
+        self.pool = await create_pool(s.postgres_dsn, max_size=s.pg_pool_max, idle_in_tx_ms=idle_ms)
         leases = await self._leases()
         self.processor = BatchProcessor(
             self.app, s, leases, self.token, lambda: pg_transaction(self.pool)
@@ -156,7 +159,9 @@ class Worker:
                 await self.consumer.stop()  # leaves the group
             if relay_task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(relay_task, 10)
+                    # Short: rows acked but not yet marked are simply sent again later,
+                    # with the same idempotency keys.
+                    await asyncio.wait_for(relay_task, 2)
             await leases.close()
             await self.pool.close()
 
