@@ -272,29 +272,36 @@ class Relay:
     async def _missing_topics(self, producer: Sender, topics: list[str]) -> set[str]:
         """Topics whose rows cannot be sent this tick; the ones absent from the cluster are held.
 
-        Metadata for all topics at once: a missing topic costs one metadata timeout per tick
-        rather than one per row, and its rows are not sent at all. A topic that merely failed
-        to resolve while the broker is unreachable is not held (that would delay recovery):
-        the tick fails as a whole instead.
+        Topics the producer has not seen yet are looked up in ONE fresh metadata request
+        first: a topic the cluster does not have is held at once, instead of costing a
+        metadata timeout (``relay_publish_timeout_ms``) and delaying every other row of the
+        shards taken this tick. A topic that merely failed to resolve while the broker is
+        unreachable is not held (that would delay recovery): the tick fails as a whole instead.
         """
+        unseen = [t for t in topics if producer.client.cluster.partitions_for_topic(t) is None]
+        absent: set[str] = set()
+        if unseen:
+            try:
+                cluster = await asyncio.wait_for(
+                    producer.client.fetch_all_metadata(),
+                    self.settings.relay_publish_timeout_ms / 1000,
+                )
+            except Exception as exc:
+                raise BrokerUnavailable(
+                    f"no cluster metadata: {type(exc).__name__}: {exc}"
+                ) from exc
+            absent = {t for t in unseen if t not in cluster.topics()}
+            for topic in sorted(absent):
+                self._hold(topic, _HOLD_TOPIC_S, f"topic {topic!r} does not exist")
+        present = [t for t in topics if t not in absent]
         meta = await asyncio.gather(
-            *(producer.partitions_for(t) for t in topics), return_exceptions=True
+            *(producer.partitions_for(t) for t in present), return_exceptions=True
         )
-        failed = [t for t, m in zip(topics, meta, strict=True) if isinstance(m, BaseException)]
-        for topic in topics:
+        failed = {t for t, m in zip(present, meta, strict=True) if isinstance(m, BaseException)}
+        for topic in present:
             if topic not in failed:
                 self._holds.pop(topic, None)
-        if not failed:
-            return set()
-        try:
-            cluster = await producer.client.fetch_all_metadata()
-        except Exception as exc:
-            raise BrokerUnavailable(f"no cluster metadata: {type(exc).__name__}: {exc}") from exc
-        known = cluster.topics()
-        for topic in failed:
-            if topic not in known:
-                self._hold(topic, _HOLD_TOPIC_S, f"topic {topic!r} does not exist")
-        return set(failed)
+        return absent | failed
 
     async def _send(
         self, producer: Sender, rows: Sequence[Any]
