@@ -142,6 +142,7 @@ def ready(tmp: Path, slot: int, incarnation: int) -> Callable[[], bool]:
 def test_a_crashed_worker_is_restarted_and_the_log_says_why(driver, tmp_path):
     d = driver("crash_once")
     until(ready(tmp_path, 0, 1), "slot 0 restarted after its crash")
+    until(ready(tmp_path, 0, 0), "slot 0 up")
     until(ready(tmp_path, 1, 0), "slot 1 up")
     assert d.starts(0) == 2 and d.starts(1) == 1
     assert "worker 0 (pid " in d.log() and "exited with code 9 after" in d.log()
@@ -160,6 +161,7 @@ def test_a_crashed_worker_is_restarted_and_the_log_says_why(driver, tmp_path):
 
 def test_sigint_is_forwarded_too(driver, tmp_path):
     d = driver("obedient")
+    until(ready(tmp_path, 0, 0), "slot 0 up")
     until(ready(tmp_path, 1, 0), "slot 1 up")
     pids = [d.child_pid(0), d.child_pid(1)]
     d.proc.send_signal(signal.SIGINT)
@@ -177,6 +179,7 @@ def test_a_worker_that_cannot_import_stops_everything_with_its_code(driver, tmp_
 
 def test_workers_that_do_not_drain_are_killed_after_the_grace_period(driver, tmp_path):
     d = driver("stubborn", grace_s=0.5)
+    until(ready(tmp_path, 0, 0), "slot 0 up")
     until(ready(tmp_path, 1, 0), "slot 1 up")
     pids = [d.child_pid(0), d.child_pid(1)]
     d.proc.send_signal(signal.SIGTERM)
@@ -187,6 +190,7 @@ def test_workers_that_do_not_drain_are_killed_after_the_grace_period(driver, tmp
 
 def test_a_second_signal_skips_the_rest_of_the_grace_period(driver, tmp_path):
     d = driver("stubborn", grace_s=600)
+    until(ready(tmp_path, 0, 0), "slot 0 up")
     until(ready(tmp_path, 1, 0), "slot 1 up")
     d.proc.send_signal(signal.SIGTERM)
     until(lambda: "draining 2 worker(s)" in d.log(), "draining")
