@@ -2,7 +2,8 @@
 
 Progress goes to stderr, one line per leg. stdout carries the tables and, as its last line,
 one JSON object with the figures. Exit status: 0 when every leg passed its exactly-once
-check, 1 otherwise.
+check, 1 otherwise. The whole summary is kept in out/bench/<run>/summary.json;
+``python -m scripts.bench --redraw out/bench/<run>/summary.json`` redraws chart and doc.
 """
 
 from __future__ import annotations
@@ -91,12 +92,25 @@ def parse(argv: list[str]) -> runner.Config:
     return cfg
 
 
+def redraw(path: Path) -> int:
+    """Chart and doc section again from a run's saved summary.json (no measuring)."""
+    summary = json.loads(path.read_text())
+    report.chart(summary, CHART)
+    report.write_doc(summary, DOC, CHART)
+    print(f"wrote {DOC.relative_to(ROOT)} and {CHART.relative_to(ROOT)} from {path}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--redraw"] and len(argv) == 2:
+        return redraw(Path(argv[1]))
     cfg = parse(argv)
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False)
     res = asyncio.run(runner.run(cfg, lambda line: err.print(line, markup=False)))
     summary = report.summarize(res)
+    saved = ROOT / "out" / "bench" / res.run_id / "summary.json"
+    saved.write_text(json.dumps(summary, indent=1))
     if res.profile_path is not None:
         err.print(f"profile: {res.profile_path} (+ .html)", markup=False)
         if res.profile_path.exists():

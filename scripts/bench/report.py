@@ -236,7 +236,10 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     ax1.set_xscale("log")
     ax1.set_xlabel("messages/s (log scale; median, min-max)")
     for i, m in enumerate(med):
-        ax1.text(m * 1.05 if m else 1, i, f"{m:,.0f}" if m else "FAILED", va="center", fontsize=8)
+        # Right of the error bar, so the figure and the whisker do not overlap.
+        x = (m + hi[i]) * 1.15 if m else 1
+        ax1.text(x, i, f"{m:,.0f}" if m else "FAILED", va="center", fontsize=8)
+    ax1.set_xlim(right=max(m + h for m, h in zip(med, hi, strict=True)) * 4 if med else None)
     ax1.set_title(f"Throughput, batch {summary['batch']}, {summary['records']:,} records")
     if lat:
         x = range(len(lat))
@@ -271,6 +274,26 @@ def _md_table(headers: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def targets(summary: dict[str, Any]) -> list[str]:
+    """The issue's targets against this run: one line each, met or not."""
+    lat = summary["latency_by_batch"]
+    checks: list[tuple[str, float | None, float, bool]] = [
+        ("`ratio_vs_naive` >= 10", summary["ratio_vs_naive"], 10, True),
+        ("`ratio_vs_raw` >= 0.25", summary["ratio_vs_raw"], 0.25, True),
+    ]
+    for batch, figures in lat.items():
+        limit = 120.0 if int(batch) > 100 else 25.0
+        checks.append((f"p99 <= {limit:.0f} ms at batch {batch}", figures["p99_ms"], limit, False))
+    out = []
+    for name, value, limit, at_least in checks:
+        if value is None:
+            out.append(f"- {name}: not measured")
+            continue
+        met = value >= limit if at_least else value <= limit
+        out.append(f"- {name}: {value:,.3g} ({'met' if met else 'NOT met'})")
+    return out
+
+
 def markdown(summary: dict[str, Any], chart_rel: str) -> str:
     s = summary
     fw = s["framework_msgs_s_by_workers"]
@@ -290,6 +313,9 @@ the naive leg consumed the first {s["naive_records"]:,}. Relay: {s["relay"]}._
 
 Framework by workers (msgs/s): {", ".join(f"{n}: {v:,.0f}" if v else f"{n}: -" for n, v in fw.items())}.
 {", ".join(f"`{k}` = {s[k]}" for k in keys)}.
+
+Targets (see "The targets" above):
+{chr(10).join(targets(s))}
 
 Failures:{failures}
 
