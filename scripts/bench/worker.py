@@ -76,7 +76,7 @@ class BenchWorker(Worker):
 
         proc.process = timed_process  # type: ignore[method-assign]
         if self.latency:
-            proc._transact = timed_transact  # type: ignore[method-assign]
+            proc._transact = timed_transact  # type: ignore[method-assign,assignment]
 
 
 def _experiment(name: str) -> None:
