@@ -19,26 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from consumer import faults, tracing
+from consumer import faults
 from consumer.app import App
 from consumer.constants import HEADER_REPLY_TO
-from consumer.context import Context, to_jsonable
 from consumer.db.tx import BatchTx
+from consumer.dedup.accelerator import Accelerator
 from consumer.dedup.identity import Identity, identify
 from consumer.dedup.inbox import Claim, Completion
 from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
-from consumer.errors import InvalidMessage, Reject, Retry, is_retriable
+from consumer.errors import InvalidMessage, is_retriable
 from consumer.handler import Handler
 from consumer.message import Message
 from consumer.outbox import envelopes
 from consumer.outbox.store import OutboxRow
+from consumer.runtime.invoke import run_handler
 from consumer.runtime.outcomes import BatchCounts, BatchResult, Handled, Outcome
 from consumer.settings import Settings
 
@@ -67,18 +67,6 @@ class _Known:
     has_result: bool = False
 
 
-@dataclass(slots=True)
-class _Run:
-    status: str  # "done" | "rejected" | "stop"
-    result: Any = None
-    reason: str = ""
-    outgoing: list[OutboxRow] = field(default_factory=list)
-    delay_s: float = 0.0
-    result_json: str | None = None
-    trace: tuple[tuple[str, str], ...] | None = None  # the handling span, for later rows
-    elapsed_s: float = 0.0
-
-
 class BatchProcessor:
     """Runs batches of one app. One per worker process; safe for concurrent partitions."""
 
@@ -97,49 +85,26 @@ class BatchProcessor:
         # harness passes its own, so one harness's injected faults never reach another's.
         self._fault = fault
         self.settings = settings
-        self.leases = leases
         self.token = token
+        self.redis = Accelerator(leases, settings, token)
         self.inflight: dict[Ident, asyncio.Future[None]] = {}
         self.attempts: dict[tuple[str, int, int], int] = {}
-        self._degraded_until = 0.0
-        self.redis_failures = 0
 
-    # ---------------------------------------------------------------- Redis, degraded mode
+    @property
+    def leases(self) -> LeaseStore:
+        return self.redis.store
+
+    @leases.setter
+    def leases(self, store: LeaseStore) -> None:
+        self.redis.store = store
 
     @property
     def redis_degraded(self) -> bool:
-        return time.monotonic() < self._degraded_until
+        return self.redis.degraded
 
-    def _degrade(self, exc: BaseException) -> None:
-        if not self.redis_degraded:
-            log.warning(
-                "redis unavailable (%s: %s); continuing on PostgreSQL alone for %.0fs",
-                type(exc).__name__,
-                exc,
-                self.settings.redis_retry_s,
-            )
-        self.redis_failures += 1
-        self._degraded_until = time.monotonic() + self.settings.redis_retry_s
-
-    async def _redis(self, call: Awaitable[Any], default: Any) -> Any:
-        if self.redis_degraded:
-            with contextlib.suppress(BaseException):
-                call.close()  # type: ignore[attr-defined]
-            return default
-        try:
-            return await call
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._degrade(exc)
-            return default
-
-    async def _acquire(self, idents: Sequence[Ident]) -> list[LeaseResult]:
-        granted = [LeaseResult("acquired") for _ in idents]
-        result: list[LeaseResult] = await self._redis(
-            self.leases.acquire(idents, self.token, self.settings.lease_ms), granted
-        )
-        return result
+    @property
+    def redis_failures(self) -> int:
+        return self.redis.failures
 
     # ---------------------------------------------------------------- the batch
 
@@ -181,10 +146,10 @@ class BatchProcessor:
         self, items: list[_Item], leaders: dict[Ident, _Item], busy: set[Ident]
     ) -> BatchResult:
         idents = [i for i in leaders if i not in busy]
-        states = dict(zip(idents, await self._acquire(idents), strict=True))
+        states = dict(zip(idents, await self.redis.acquire(idents), strict=True))
         held = [i for i, s in states.items() if s.state == "held"]
         if held:
-            states.update(await self._wait_for_holders(held))
+            states.update(await self.redis.wait_for_holders(held))
         acquired = [i for i, s in states.items() if s.state == "acquired"]
         busy |= {i for i, s in states.items() if s.state == "held"}
 
@@ -218,10 +183,7 @@ class BatchProcessor:
         finally:
             if renewer is not None:
                 renewer.cancel()
-        await self._redis(
-            self.leases.finish(done_markers, acquired, self.token, self.settings.done_cache_s),
-            None,
-        )
+        await self.redis.finish(done_markers, acquired)
         result.redis_degraded = self.redis_degraded
         if self.settings.redis_mode == "on" and not self.redis_degraded:
             # Otherwise the "leases" were granted by a stand-in: nothing to count.
@@ -230,25 +192,11 @@ class BatchProcessor:
             result.counts.lease_renewed = renewed.lease_renewed
         return result
 
-    async def _wait_for_holders(self, held: list[Ident]) -> dict[Ident, LeaseResult]:
-        """Poll leased keys until they finish elsewhere (done) or free up (acquired), bounded."""
-        out: dict[Ident, LeaseResult] = {}
-        deadline = time.monotonic() + self.settings.lease_wait_ms / 1000
-        delay = 0.02
-        while held and time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
-            for ident, state in zip(held, await self._acquire(held), strict=True):
-                out[ident] = state
-            held = [i for i in held if out[i].state == "held"]
-        return out
-
     async def _renew(self, idents: list[Ident], counts: BatchCounts) -> None:
         interval = self.settings.lease_ms / 3000
         while True:
             await asyncio.sleep(interval)
-            n = await self._redis(self.leases.renew(idents, self.token, self.settings.lease_ms), 0)
-            counts.lease_renewed += n
+            counts.lease_renewed += await self.redis.renew(idents)
 
     def _parse(self, msg: Message) -> _Item:
         handler = self.app.handler_for(msg.topic)
@@ -329,9 +277,22 @@ class BatchProcessor:
                 k = known.get(ident)
                 if k is None and ident in claimed and ident not in processed:
                     assert it.handler is not None
-                    run = await self._run(tx, it.handler, it.ident, msg)
+                    pos = (msg.topic, msg.partition, msg.offset)
+                    attempt = self.attempts.get(pos, 0) + 1
+                    run = await run_handler(
+                        tx,
+                        it.handler,
+                        it.ident,
+                        msg,
+                        attempt=attempt,
+                        group=group,
+                        settings=self.settings,
+                        fault=self._fault,
+                    )
                     result.counts.handler_s.append((it.handler.name, run.elapsed_s))
                     if run.status == "stop":
+                        if run.counted:
+                            self.attempts[pos] = attempt
                         next_offset = msg.offset
                         result.retry_offset = msg.offset
                         result.retry_delay_s = run.delay_s
@@ -388,10 +349,7 @@ class BatchProcessor:
             if self.settings.unsafe_broken == "done_before_commit":
                 # TEST-ONLY BROKEN BUILD (Settings.unsafe_broken, scripts/chaos): markers
                 # before the commit, the bug the chaos checker must catch. Never enable.
-                await self._redis(
-                    self.leases.finish(done_markers, [], self.token, self.settings.done_cache_s),
-                    None,
-                )
+                await self.redis.finish(done_markers, [])
             await self._fault("before_commit")
         for h_ in result.handled:
             self.attempts.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
@@ -410,82 +368,6 @@ class BatchProcessor:
             return
         body = k.result if k.status == "done" else {"rejected": k.reason}
         rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))
-
-    async def _run(
-        self, tx: BatchTx, handler: Handler[Any, Any], ident: Identity, msg: Message
-    ) -> _Run:
-        """Run one handler in its own span (consumer/tracing.py), timed for the metrics."""
-        started = time.monotonic()
-        with tracing.handling(
-            msg, self.app.group, handler, ident, self.settings.hash_keys_in_logs
-        ) as span:
-            run = await self._call(tx, handler, ident, msg)
-            span.finish(run.status, run.reason)
-            run.trace = span.headers()
-        run.elapsed_s = time.monotonic() - started
-        return run
-
-    async def _call(
-        self, tx: BatchTx, handler: Handler[Any, Any], ident: Identity, msg: Message
-    ) -> _Run:
-        """Run one handler inside a savepoint and classify what happened."""
-        pos = (msg.topic, msg.partition, msg.offset)
-        attempt = self.attempts.get(pos, 0) + 1
-        ctx = Context(tx.db, ident.namespace, ident.key, msg, ident.hash, attempt)
-        timeout_s = handler.timeout_s or self.settings.handler_timeout_s
-        await tx.savepoint()
-        try:
-            await self._fault("mid_handler")
-            value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
-            # Everything that can fail because of this message's result happens before the
-            # savepoint is released, so it takes the per-message (bounded) path below. Failing
-            # later, at the batch's shared statements, would re-run the batch without limit.
-            result = to_jsonable(value)
-            result_json = json.dumps(result)
-            if _has_nul(result):
-                raise ValueError("the result contains NUL characters, which PostgreSQL refuses")
-            outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
-            await tx.release_savepoint()
-        except Reject as exc:
-            await tx.rollback_savepoint()
-            return _Run("rejected", reason=_safe_text(exc.reason))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await tx.rollback_savepoint()
-            described = _safe_text(f"{type(exc).__name__}: {exc}")
-            retriable = is_retriable(exc, handler.retry_on)
-            if retriable is None:
-                retriable = handler.on_error == "retry"
-                log.exception("handler %s raised %s", handler.name, described)
-            if not retriable:
-                return _Run("rejected", reason=f"error: {described}")
-            self.attempts[pos] = attempt
-            max_attempts = handler.max_attempts or self.settings.max_attempts
-            if attempt >= max_attempts:
-                return _Run("rejected", reason=f"attempts_exhausted ({attempt}): {described}")
-            delay = exc.delay_s if isinstance(exc, Retry) else self._backoff(attempt)
-            return _Run("stop", reason=described, delay_s=delay)
-        return _Run("done", result=result, outgoing=outgoing, result_json=result_json)
-
-    def _backoff(self, attempt: int) -> float:
-        base = self.settings.retry_backoff_ms * 2 ** (attempt - 1)
-        return float(min(base, self.settings.retry_backoff_max_ms)) / 1000
-
-
-def _safe_text(text: str) -> str:
-    # PostgreSQL text and jsonb cannot hold NUL; a reason is for people, so show it escaped.
-    return text.replace("\x00", "\\x00")
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
 
 
 @contextlib.asynccontextmanager

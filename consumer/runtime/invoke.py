@@ -1,0 +1,140 @@
+"""One handler call inside its savepoint, and what its outcome means.
+
+A handler's return is a definite success; ``Reject`` and non-retriable errors are definite
+failures; retriable errors stop the batch at this message (nothing recorded) until
+``max_attempts`` is reached, after which the failure is definite. Lock contention inside
+PostgreSQL (deadlock, serialization failure) is retried without counting an attempt: it says
+nothing about the message, and a payment must not be dead-lettered because two batches met.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumer import faults, tracing
+from consumer.context import Context, to_jsonable
+from consumer.db.tx import BatchTx
+from consumer.dedup.identity import Identity
+from consumer.errors import Reject, Retry, is_retriable
+from consumer.handler import Handler
+from consumer.message import Message
+from consumer.outbox import envelopes
+from consumer.outbox.store import OutboxRow
+from consumer.settings import Settings
+
+log = logging.getLogger("consumer.batch")
+
+# serialization_failure, deadlock_detected: contention between transactions, not a property
+# of the message.
+_CONTENTION_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+@dataclass(slots=True)
+class Run:
+    status: str  # "done" | "rejected" | "stop"
+    result: Any = None
+    reason: str = ""
+    outgoing: list[OutboxRow] = field(default_factory=list)
+    delay_s: float = 0.0
+    result_json: str | None = None
+    trace: tuple[tuple[str, str], ...] | None = None  # the handling span, for later rows
+    elapsed_s: float = 0.0
+    counted: bool = True  # whether a "stop" used up one of the message's attempts
+
+
+def backoff_s(settings: Settings, attempt: int) -> float:
+    base = settings.retry_backoff_ms * 2 ** (max(attempt, 1) - 1)
+    return float(min(base, settings.retry_backoff_max_ms)) / 1000
+
+
+async def run_handler(
+    tx: BatchTx,
+    handler: Handler[Any, Any],
+    ident: Identity,
+    msg: Message,
+    *,
+    attempt: int,
+    group: str,
+    settings: Settings,
+    fault: faults.Hook,
+) -> Run:
+    """Run one handler in its own span (consumer/tracing.py), timed for the metrics."""
+    started = time.monotonic()
+    with tracing.handling(msg, group, handler, ident, settings.hash_keys_in_logs) as span:
+        run = await _call(tx, handler, ident, msg, attempt, settings, fault)
+        span.finish(run.status, run.reason)
+        run.trace = span.headers()
+    run.elapsed_s = time.monotonic() - started
+    return run
+
+
+async def _call(
+    tx: BatchTx,
+    handler: Handler[Any, Any],
+    ident: Identity,
+    msg: Message,
+    attempt: int,
+    settings: Settings,
+    fault: faults.Hook,
+) -> Run:
+    ctx = Context(tx.db, ident.namespace, ident.key, msg, ident.hash, attempt)
+    timeout_s = handler.timeout_s or settings.handler_timeout_s
+    await tx.savepoint()
+    try:
+        await fault("mid_handler")
+        value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
+        # Everything that can fail because of this message's result happens before the
+        # savepoint is released, so it takes the per-message (bounded) path below. Failing
+        # later, at the batch's shared statements, would re-run the batch without limit.
+        result = to_jsonable(value)
+        result_json = json.dumps(result)
+        if _has_nul(result):
+            raise ValueError("the result contains NUL characters, which PostgreSQL refuses")
+        outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
+        await tx.release_savepoint()
+    except Reject as exc:
+        await tx.rollback_savepoint()
+        return Run("rejected", reason=_safe_text(exc.reason))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await tx.rollback_savepoint()
+        return _classify(exc, handler, attempt, settings)
+    return Run("done", result=result, outgoing=outgoing, result_json=result_json)
+
+
+def _classify(exc: Exception, handler: Handler[Any, Any], attempt: int, settings: Settings) -> Run:
+    described = _safe_text(f"{type(exc).__name__}: {exc}")
+    if getattr(exc, "sqlstate", None) in _CONTENTION_SQLSTATES:
+        return Run("stop", reason=described, delay_s=backoff_s(settings, attempt), counted=False)
+    retriable = is_retriable(exc, handler.retry_on)
+    if retriable is None:
+        retriable = handler.on_error == "retry"
+        log.exception("handler %s raised %s", handler.name, described)
+    if not retriable:
+        return Run("rejected", reason=f"error: {described}")
+    max_attempts = handler.max_attempts or settings.max_attempts
+    if attempt >= max_attempts:
+        return Run("rejected", reason=f"attempts_exhausted ({attempt}): {described}")
+    delay = exc.delay_s if isinstance(exc, Retry) else backoff_s(settings, attempt)
+    return Run("stop", reason=described, delay_s=delay)
+
+
+def _safe_text(text: str) -> str:
+    # PostgreSQL text and jsonb cannot hold NUL; a reason is for people, so show it escaped.
+    return text.replace("\x00", "\\x00")
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
