@@ -15,6 +15,7 @@ import msgpack
 from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel
 
+from consumer.constants import done_key, lease_key
 from consumer.dedup.leases import RedisLeases
 from consumer.runtime.outcomes import Handled, Outcome
 from consumer.runtime.worker import Worker
@@ -161,7 +162,7 @@ async def cleanup(pg: asyncpg.Connection, unique: str, redis_url: str = "") -> N
     if redis_url:
         leases = RedisLeases(redis_url)
         try:
-            async for name in leases.redis.scan_iter(match=f"*{{*{unique}*}}*", count=1000):
+            async for name in leases.redis.scan_iter(match=f"*{{*{unique}*}}*", count=20_000):
                 await leases.redis.delete(name)
         finally:
             await leases.close()
@@ -169,3 +170,14 @@ async def cleanup(pg: asyncpg.Connection, unique: str, redis_url: str = "") -> N
     await pg.execute("DELETE FROM dedup.outbox WHERE topic LIKE $1", pattern)
     await pg.execute("DELETE FROM dedup.inbox WHERE namespace LIKE $1", pattern)
     await pg.execute("DELETE FROM dedup.offsets WHERE group_id LIKE $1", pattern)
+
+
+async def db_epoch(pg: asyncpg.Connection) -> str:
+    """The database epoch a Worker puts in its done-marker keys."""
+    return str(await pg.fetchval("SELECT value FROM dedup.meta WHERE name = 'epoch'") or "")
+
+
+def redis_keys(namespace: str, keys: list[str], epoch: str) -> list[str]:
+    """The lease and done-marker keys of ``keys``: deleted by name, since SCAN over the shared
+    Redis (hundreds of thousands of keys) takes seconds."""
+    return [name for k in keys for name in (lease_key(namespace, k), done_key(namespace, k, epoch))]
