@@ -735,3 +735,25 @@ async def test_copies_in_one_process_await_the_first_instead_of_contending(env, 
     assert leases.answers == [("co", "acquired"), ("co", "done")]  # never "held"
     assert processor.inflight == {}
     assert await effects(env.pg, env.table) == ["co"]
+
+
+async def test_swallowed_database_error_fails_the_run_not_the_partition(env, producer):
+    # The savepoint is aborted after a failed statement; a handler that catches the error
+    # and returns used to fail the whole batch at RELEASE SAVEPOINT, on every redelivery.
+    app = env.app()
+
+    @app.handler(env.topic, schema=Pay, key=lambda p: p.id, on_error="reject")
+    async def handle(p: Pay, ctx: Context) -> str:
+        try:
+            await ctx.db.execute("SELECT 1 / 0")
+        except asyncpg.DataError:
+            pass
+        return "carried on"
+
+    async with running(app) as worker:
+        spy = Spy(worker)
+        bad = await send(producer, env.topic, {"id": "swallow"})
+        await wait_offset(env.pg, env.group, env.topic, 0, bad + 1)
+
+    assert spy.at(0, bad) == [REJECTED]
+    assert "InFailedSQLTransaction" in (await inbox(env.pg, env.ns()))["swallow"]["reason"]
