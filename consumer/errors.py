@@ -7,8 +7,8 @@
     ├── InvalidMessage                 definite: the message never reached the handler
     │   ├── DecodeError                undecodable bytes (reason "undecodable")
     │   ├── SchemaError                payload fails validation (reason "invalid_schema")
-    │   ├── MissingKey                 no idempotency key (reason "missing_key")
-    │   └── BadKey                     empty, over-long or non-UTF-8 key (reason "bad_key")
+    │   ├── MissingKey                 no or empty idempotency key (reason "missing_key")
+    │   └── BadKey                     over-long, non-UTF-8 or NUL-bearing key (reason "bad_key")
     ├── TransientError                 indefinite (retriable = True): nothing is recorded
     │   ├── StoreUnavailable           PostgreSQL or Redis unreachable, commit outcome unknown
     │   └── LeaseBusy                  another worker holds the key's lease past the wait bound

@@ -107,6 +107,9 @@ def make_handler(
             f"@handler on {fn.__name__}: key= must be a function of the payload, "
             f"'header' or 'record', not {key!r}"
         )
+    if name is not None and ("{" in name or "}" in name or not name.strip()):
+        # The name is the namespace, which sits inside a Redis hash tag: lease:{ns}:key.
+        raise ConfigError(f"@handler on {fn.__name__}: name= must be non-empty, without braces")
     if max_attempts is not None and max_attempts < 1:
         raise ConfigError(f"@handler on {fn.__name__}: max_attempts must be >= 1")
     return Handler(

@@ -63,7 +63,9 @@ async def settle(p: PaymentRequested, ctx: Context) -> Receipt:
         tenant,
     )
     # An external call takes the same idempotency key, so a retried batch charges once.
-    ref = await gateway.charge(ctx.db, ctx.idempotency_key, p.account, p.cents)
+    # The gateway's key space is global: scope our key by namespace (handler and tenant), or
+    # two tenants reusing a payment id would share one charge.
+    ref = await gateway.charge(ctx.db, f"{ctx.namespace}:{ctx.idempotency_key}", p.account, p.cents)
     ctx.publish(
         SETTLED,
         PaymentSettled(

@@ -49,6 +49,8 @@ def test_sync_functions_are_accepted_and_run_in_a_thread():
         ({"hash_exclude": {"sent_on"}}, "sent_on"),
         ({"max_attempts": 0}, "max_attempts"),
         ({"on_error": "explode"}, "on_error"),
+        ({"name": "a}:b"}, "braces"),
+        ({"name": " "}, "non-empty"),
     ],
 )
 def test_bad_options_are_refused(kwargs, needle):
