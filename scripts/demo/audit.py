@@ -140,9 +140,10 @@ async def run_audit(truth: Truth, names: Names, dsn: str, bootstrap: str, final:
         balances = await pg.fetch(
             "SELECT account, balance_cents FROM accounts WHERE account = ANY($1)", accounts
         )
+        # The handler charges under "<namespace>:<payment id>" (namespace = handler@tenant).
         charges = await pg.fetch(
             "SELECT idempotency_key, cents FROM gateway_charges WHERE idempotency_key = ANY($1)",
-            ids,
+            [f"{ns}:{pid}" for ns in names.namespaces for pid in ids],
         )
     finally:
         await pg.close()
@@ -199,13 +200,18 @@ async def run_audit(truth: Truth, names: Names, dsn: str, bootstrap: str, final:
         )
     )
 
+    def charge_key(pid: str) -> str:
+        tenant = applied[pid]["tenant"]
+        return f"{names.namespace}@{tenant}:{pid}" if tenant else f"{names.namespace}:{pid}"
+
     charged = {r["idempotency_key"] for r in charges}
+    expected_charges = {charge_key(pid) for pid in applied}
     checks.append(
         _check(
             "gateway charged once per applied payment",
             _n(len(applied), "charges"),
             _n(len(charges), "charges"),
-            charged == set(applied) and len(charges) == len(applied),
+            charged == expected_charges and len(charges) == len(applied),
         )
     )
 
