@@ -167,8 +167,13 @@ class Worker:
 
     async def _tick(self) -> None:
         assert self.consumer is not None and self.processor is not None
+        # Up to one batch per assigned partition: aiokafka fills max_records from one
+        # partition's buffer first, so a single-batch fetch would leave the other partitions'
+        # transactions idle while this one waits on PostgreSQL round trips.
+        size = self.settings.batch_max_records
         fetched = await self.consumer.getmany(
-            timeout_ms=self.settings.fetch_timeout_ms, max_records=self.settings.batch_max_records
+            timeout_ms=self.settings.fetch_timeout_ms,
+            max_records=size * max(1, len(self.consumer.assignment())),
         )
         if not fetched:
             return
@@ -180,11 +185,11 @@ class Worker:
                 if tp in assigned
                 and (live := [r for r in recs if r.offset >= self.floor.get(tp, 0)])
             }
-            results = await asyncio.gather(
-                *(self.processor.process([to_message(r) for r in recs]) for recs in work.values())
-            )
+            per_tp = await asyncio.gather(*(self._partition(recs) for recs in work.values()))
+            pairs = [(tp, r) for tp, results in zip(work, per_tp, strict=True) for r in results]
+            results = [r for _, r in pairs]
             commit: dict[TopicPartition, int] = {}
-            for tp, result in zip(work, results, strict=True):
+            for tp, result in pairs:
                 self.stats.add(result)
                 if result.next_offset is not None:
                     commit[tp] = result.next_offset
@@ -204,8 +209,22 @@ class Worker:
                     if hw is not None and pos:
                         self.stats.lag[f"{tp.topic}/{tp.partition}"] = max(0, hw - pos)
             # Metrics and per-message log lines: fed here only, from the results.
-            metrics.record_tick(self.app, list(work), results, self.stats)
+            metrics.record_tick(self.app, [tp for tp, _ in pairs], results, self.stats)
             logs.log_outcomes(results, self.settings.hash_keys_in_logs)
+
+    async def _partition(self, recs: list[Any]) -> list[BatchResult]:
+        """One partition's records, in order, as transactions of at most batch_max_records."""
+        assert self.processor is not None
+        size = self.settings.batch_max_records
+        out: list[BatchResult] = []
+        for start in range(0, len(recs), size):
+            result = await self.processor.process(
+                [to_message(r) for r in recs[start : start + size]]
+            )
+            out.append(result)
+            if result.retry_offset is not None:
+                break  # the rest is re-read from the retry position
+        return out
 
     def _retry_later(self, tp: TopicPartition, result: BatchResult) -> None:
         assert self.consumer is not None and result.retry_offset is not None
