@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from consumer import App, Settings, load_settings
@@ -159,3 +159,46 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(every_s)
+
+
+async def read_topic(settings: Settings, topic: str, expect: int | None = None) -> list[Any]:
+    """The records of ``topic`` from the beginning, per partition in offset order.
+
+    Without ``expect``: everything up to the end offsets as they are now. With ``expect``:
+    wait (bounded, 60 s) until that many records have arrived, e.g. while a relay publishes.
+    """
+    probe = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await probe.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(await probe.partitions_for(topic))]
+    finally:
+        await probe.stop()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: dict[TopicPartition, list[Any]] = {tp: [] for tp in tps}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        end = await consumer.end_offsets(tps) if expect is None else None
+
+        async def more() -> bool:
+            if end is not None:
+                return any([await consumer.position(tp) < end[tp] for tp in tps])
+            return sum(len(v) for v in out.values()) < (expect or 0)
+
+        while await more():
+            assert loop.time() < deadline, f"{topic}: timed out reading"
+            for tp, recs in (await consumer.getmany(timeout_ms=200)).items():
+                out[tp].extend(r for r in recs if end is None or r.offset < end[tp])
+        return [r for tp in tps for r in out[tp]]
+    finally:
+        await consumer.stop()
+
+
+def header_map(record: Any) -> dict[str, str]:
+    """A consumed record's headers as text."""
+    return {k: v.decode() for k, v in record.headers}

@@ -46,7 +46,8 @@ from consumer.settings import Settings
 log = logging.getLogger("consumer.relay")
 _LOCK_BASE = 0x6F7574  # "out": advisory lock class of the outbox shards
 _HOLD_KEY_S = (1.0, 60.0)  # first and longest hold of a key after a refused row
-_HOLD_TOPIC_S = (5.0, 300.0)  # a missing topic stalls a tick for the whole metadata timeout
+_NEW_TOPIC_WAIT_S = 10.0  # a new topic can take seconds to reach a fresh broker's metadata
+_HOLD_TOPIC_S = (5.0, 300.0)  # first and longest hold of a topic the cluster does not have
 _MAX_KEY_HOLDS = 1_000  # bound on the SQL arrays; beyond it rows are simply retried
 # Errors about one message that no retry will cure. Anything else (timeouts, leader changes,
 # a broker down) is transient: the row stays pending and the next tick sends it again.
@@ -290,7 +291,15 @@ class Relay:
                 raise BrokerUnavailable(
                     f"no cluster metadata: {type(exc).__name__}: {exc}"
                 ) from exc
-            absent = {t for t in unseen if t not in cluster.topics()}
+            listed = cluster.topics()
+            # A topic created a moment ago may not be in that answer yet: give each unlisted
+            # one a short wait of its own before holding it back.
+            late = [t for t in unseen if t not in listed]
+            found = await asyncio.gather(
+                *(asyncio.wait_for(producer.partitions_for(t), _NEW_TOPIC_WAIT_S) for t in late),
+                return_exceptions=True,
+            )
+            absent = {t for t, f in zip(late, found, strict=True) if isinstance(f, BaseException)}
             for topic in sorted(absent):
                 self._hold(topic, _HOLD_TOPIC_S, f"topic {topic!r} does not exist")
         present = [t for t in topics if t not in absent]

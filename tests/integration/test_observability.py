@@ -20,7 +20,6 @@ from typing import Any
 
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumer import Settings, logs, tracing
 from consumer.exitcodes import RET_OK
 from tests.apps.observed import make_app
-from tests.conftest import ROOT, app_settings, eventually, running
+from tests.conftest import ROOT, app_settings, eventually, header_map, read_topic, running
 
 pytestmark = pytest.mark.integration
 
@@ -48,31 +47,6 @@ def fast(settings: Settings, **overrides: Any) -> Settings:
 
 def order(n: int, reject: bool = False) -> bytes:
     return msgpack.packb({"n": n, "reject": reject})
-
-
-async def read_all(settings: Settings, producer: Any, topic: str, expect: int) -> list[Any]:
-    """The first ``expect`` records of ``topic`` (all partitions), waiting for them (bounded)."""
-    tps = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: list[Any] = []
-        deadline = asyncio.get_running_loop().time() + 60
-        while len(out) < expect:
-            assert asyncio.get_running_loop().time() < deadline, f"{topic}: {len(out)}/{expect}"
-            for recs in (await consumer.getmany(timeout_ms=200)).values():
-                out.extend(recs)
-        return out
-    finally:
-        await consumer.stop()
-
-
-def headers(record: Any) -> dict[str, str]:
-    return {k: v.decode() for k, v in record.headers}
 
 
 # ---------------------------------------------------------------- traces
@@ -127,8 +101,8 @@ async def test_the_producers_trace_continues_to_the_relayed_message(
         ],
     )
     async with running(app):
-        [relayed] = await read_all(settings, producer, out, 1)
-        [dead] = await read_all(settings, producer, topic + ".dlq", 1)
+        [relayed] = await read_topic(settings, out, 1)
+        [dead] = await read_topic(settings, topic + ".dlq", 1)
 
     recorded = list(spans.get_finished_spans())
     handling = _one(recorded, f"{topic} process", TRACE_ID)
@@ -137,7 +111,7 @@ async def test_the_producers_trace_continues_to_the_relayed_message(
     assert handling.parent is not None and handling.parent.span_id == int(PARENT_ID, 16)
     assert handling.attributes["consumer.outcome"] == "applied"
     assert publish.parent is not None and publish.parent.span_id == handling.context.span_id
-    trace_id, span_id = _ids(headers(relayed)["traceparent"])
+    trace_id, span_id = _ids(header_map(relayed)["traceparent"])
     assert (trace_id, span_id) == (TRACE_ID, f"{publish.context.span_id:016x}")
 
     # The dead letter of a rejected message sits in the trace where it was rejected.
@@ -148,7 +122,7 @@ async def test_the_producers_trace_continues_to_the_relayed_message(
     dlq_publish = _one(recorded, f"{topic}.dlq publish", DLQ_TRACE_ID)
     assert dlq_publish.parent is not None
     assert dlq_publish.parent.span_id == rejected.context.span_id
-    assert _ids(headers(dead)["traceparent"]) == (
+    assert _ids(header_map(dead)["traceparent"]) == (
         DLQ_TRACE_ID,
         f"{dlq_publish.context.span_id:016x}",
     )
@@ -165,8 +139,8 @@ async def test_without_a_tracer_provider_trace_headers_pass_through(
     sent.append(("tracestate", b"vendor=1"))
     await producer.send_and_wait(topic, order(1), key=b"k1", headers=sent)
     async with running(app):
-        [relayed] = await read_all(settings, producer, out, 1)
-    h = headers(relayed)
+        [relayed] = await read_topic(settings, out, 1)
+    h = header_map(relayed)
     assert (h["traceparent"], h["tracestate"]) == (TRACEPARENT, "vendor=1")
 
 
@@ -370,6 +344,6 @@ async def test_scrape_after_a_run_shows_the_exact_counts(
     assert proc.returncode == RET_OK
 
     # The figures are the broker's: the published messages, dead letters and conflicts.
-    assert len(await read_all(settings, producer, f"obs-metrics-out-{unique}", 6)) == 6
-    assert len(await read_all(settings, producer, topic + ".dlq", 4)) == 4
-    assert len(await read_all(settings, producer, topic + ".conflicts", 2)) == 2
+    assert len(await read_topic(settings, f"obs-metrics-out-{unique}", 6)) == 6
+    assert len(await read_topic(settings, topic + ".dlq", 4)) == 4
+    assert len(await read_topic(settings, topic + ".conflicts", 2)) == 2

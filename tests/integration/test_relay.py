@@ -35,7 +35,7 @@ from consumer.message import Message
 from consumer.outbox import envelopes, store
 from consumer.outbox.relay import Relay
 from consumer.outbox.store import OutboxRow
-from tests.conftest import app_settings, eventually, running
+from tests.conftest import app_settings, eventually, header_map, read_topic, running
 
 pytestmark = pytest.mark.integration
 
@@ -117,30 +117,6 @@ async def count(settings: Settings, topic: str) -> int:
         return sum((await consumer.end_offsets(tps)).values())
     finally:
         await consumer.stop()
-
-
-async def read(settings: Settings, topic: str) -> list[Any]:
-    """Every message in the topic, per partition in offset order."""
-    tps = await partitions(settings, topic)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out: dict[TopicPartition, list[Any]] = {tp: [] for tp in tps}
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            for tp, recs in (await consumer.getmany(timeout_ms=500)).items():
-                out[tp].extend(r for r in recs if r.offset < end[tp])
-        return [r for tp in tps for r in out[tp]]
-    finally:
-        await consumer.stop()
-
-
-def hdr(record: Any) -> dict[str, str]:
-    return {k: v.decode() for k, v in record.headers}
 
 
 async def drained(pool: Any, relay: Relay | None = None, producer: Any = None) -> None:
@@ -236,12 +212,12 @@ async def test_relay_killed_after_ack_sends_twice_and_downstream_applies_once(
     relay = Relay(db, pool=pool)
     async with producer_of(relay) as kafka:
         await drained(pool, relay, kafka)
-    records = await read(db, topic)
+    records = await read_topic(db, topic)
     assert len(records) == 6
-    keys = sorted(hdr(r)["idempotency-key"] for r in records)
+    keys = sorted(header_map(r)["idempotency-key"] for r in records)
     assert keys == sorted([f"up.settle:req-{unique}:{i}" for i in range(3)] * 2)
     for r in records:
-        h = hdr(r)
+        h = header_map(r)
         assert h["content-type"] == CONTENT_MSGPACK
         assert h["x-source"] == "orders/1/7"
         assert h["traceparent"] == TRACEPARENT
@@ -290,8 +266,8 @@ async def test_exception_after_ack_leaves_rows_pending_and_run_recovers(
         faults.install("relay_after_ack", None)
     assert raised == 1 and relay.errors == 1
     assert "relay died after the ack" in relay.last_error
-    records = await read(db, topic)
-    assert sorted(hdr(r)["idempotency-key"] for r in records) == sorted(
+    records = await read_topic(db, topic)
+    assert sorted(header_map(r)["idempotency-key"] for r in records) == sorted(
         [f"ik-{i}" for i in range(4)] * 2
     )
 
@@ -335,7 +311,7 @@ async def test_relays_racing_lose_nothing_and_keep_per_key_order(
     assert codes == [0, 0], [log.read_text() for log in logs]
 
     by_key: dict[str, list[int]] = defaultdict(list)
-    for r in await read(db, topic):
+    for r in await read_topic(db, topic):
         body = msgpack.unpackb(r.value)
         assert r.key == f"key-{body['key']}".encode()
         by_key[r.key.decode()].append(body["seq"])
@@ -412,7 +388,7 @@ async def test_rows_wait_while_the_broker_is_unreachable_then_go_out(
             return back.published == 5 and back.backlog == 0
 
         await eventually(caught_up)
-    assert [msgpack.unpackb(r.value)["seq"] for r in await read(db, topic)] == list(range(5))
+    assert [msgpack.unpackb(r.value)["seq"] for r in await read_topic(db, topic)] == list(range(5))
 
 
 async def test_a_refused_row_holds_back_only_its_own_key(
@@ -441,7 +417,7 @@ async def test_a_refused_row_holds_back_only_its_own_key(
         # The too-big row stays, and so does the later row of its key (order); the missing
         # topic's row stays; the rest went out exactly once although four ticks ran.
         assert [r["idempotency_key"] for r in left] == ["too-big", "after-too-big", "nowhere"]
-        published = sorted(hdr(r)["idempotency-key"] for r in await read(db, topic))
+        published = sorted(header_map(r)["idempotency-key"] for r in await read_topic(db, topic))
         assert published == ["ok-1", "ok-3"]
         assert relay.failed >= 1 and relay.out_of_order == 0
 
@@ -508,14 +484,14 @@ async def test_a_duplicate_request_gets_the_stored_reply_again(
         await drained(pool)
 
     assert runs == 1
-    answers = await read(db, replies)
+    answers = await read_topic(db, replies)
     assert len(answers) == 2
-    first, again = (hdr(r) for r in answers)
+    first, again = (header_map(r) for r in answers)
     assert first["idempotency-key"] == again["idempotency-key"] == f"reply:bank-{unique}.deposit:d1"
     assert first["x-outcome"] == again["x-outcome"] == "done"
     assert first["traceparent"] == TRACEPARENT and first["content-type"] == CONTENT_MSGPACK
     assert [msgpack.unpackb(r.value) for r in answers] == [{"id": "d1", "credited": 100}] * 2
-    conflict = hdr((await read(db, requests + ".conflicts"))[0])
+    conflict = header_map((await read_topic(db, requests + ".conflicts"))[0])
     assert conflict["x-reason"] == "conflict" and "idempotency-key" in conflict
 
 
