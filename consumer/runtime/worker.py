@@ -72,6 +72,7 @@ class Worker:
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.lock = asyncio.Lock()
         self.stats = Stats()
+        self._status_last, self._status_t = 0, time.monotonic()
         self.retry_tasks: dict[TopicPartition, asyncio.TimerHandle] = {}
         # Stored position of each partition at assignment; records below it are stale.
         self.floor: dict[TopicPartition, int] = {}
@@ -139,6 +140,7 @@ class Worker:
         )
         self.consumer.subscribe(self.app.topics, listener=_Listener(self))
         await self.consumer.start()
+        self._status_last, self._status_t = 0, time.monotonic()
         status = asyncio.create_task(self._status_loop())
         relay_task = None
         if s.relay_enabled:
@@ -152,6 +154,8 @@ class Worker:
                 await self._tick()
         finally:
             status.cancel()
+            # The last counters, even for a worker stopped before its first interval.
+            self._log_status()
             for handle in self.retry_tasks.values():
                 handle.cancel()
             # Leave the group first: the partitions move now, not after the relay's drain.
@@ -248,15 +252,18 @@ class Worker:
         self.retry_tasks[tp] = asyncio.get_running_loop().call_later(result.retry_delay_s, resume)
 
     async def _status_loop(self) -> None:
-        last, last_t = 0, time.monotonic()
         while True:
             await asyncio.sleep(self.settings.status_interval_s)
-            now = time.monotonic()
-            rate = (self.stats.consumed - last) / max(now - last_t, 1e-9)
-            last, last_t = self.stats.consumed, now
-            log.info(
-                "worker %d %s",
-                self.worker_id,
-                self.stats.line(rate),
-                extra={"status": self.stats.fields(rate)},
-            )
+            self._log_status()
+
+    def _log_status(self) -> None:
+        """One status line: the counters, and the rate since the previous line."""
+        now = time.monotonic()
+        rate = (self.stats.consumed - self._status_last) / max(now - self._status_t, 1e-9)
+        self._status_last, self._status_t = self.stats.consumed, now
+        log.info(
+            "worker %d %s",
+            self.worker_id,
+            self.stats.line(rate),
+            extra={"status": self.stats.fields(rate)},
+        )
