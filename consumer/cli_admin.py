@@ -1,4 +1,4 @@
-"""Operator commands: ``consumer inspect``, ``consumer evict``, ``consumer conflicts``.
+"""Operator commands: ``consumer inspect``, ``evict``, ``conflicts`` and ``replay``.
 
 They read (and, for ``evict``, delete) one app's dedup records and print rich tables. They
 never run a handler and never publish. Evicting makes the framework forget a key: the next
@@ -19,6 +19,7 @@ from rich.table import Table
 
 from consumer.constants import (
     CONFLICT_SUFFIX,
+    DLQ_SUFFIX,
     HEADER_HASH,
     HEADER_KEY,
     HEADER_NAMESPACE,
@@ -28,7 +29,7 @@ from consumer.constants import (
     lease_key,
 )
 from consumer.dedup import inbox
-from consumer.exitcodes import RET_ABORTED, RET_CONNECT, RET_NOT_FOUND
+from consumer.exitcodes import RET_ABORTED, RET_CONFIG, RET_CONNECT, RET_NOT_FOUND
 from consumer.outbox import store
 
 if TYPE_CHECKING:
@@ -234,8 +235,58 @@ def conflicts(
     _console().print(table)
 
 
+def replay(
+    app_spec: str = APP_ARG,
+    dlq_topic: str = typer.Argument(
+        ..., metavar="TOPIC.dlq", help="the dead-letter topic, e.g. payments.requested.dlq"
+    ),
+    reason: list[str] = typer.Option(
+        ["failed"], "--reason", "-r", help="x-reason values to replay (repeatable)"
+    ),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="replay at most N"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="count, send nothing, keep position"),
+) -> None:
+    """Send dead letters back to their topic (default: those that `failed` transiently).
+
+    Safe to repeat: every copy is deduplicated like any message. Each reason set keeps its own
+    read position, so a second run replays only dead letters that arrived since.
+    """
+    from rich.progress import Progress
+
+    from consumer.cli import fail, load
+    from consumer.replay import replay as run_replay
+
+    app = load(app_spec)
+    if dlq_topic.removesuffix(DLQ_SUFFIX) not in app.topics:
+        fail(f"{dlq_topic!r} is not the dead-letter topic of one of {app.topics}", RET_CONFIG)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"reading {dlq_topic}", total=None)
+        summary = asyncio.run(
+            run_replay(
+                app,
+                app.settings,
+                dlq_topic,
+                reason,
+                limit=limit,
+                dry_run=dry_run,
+                progress=lambda read, total: bar.update(task, completed=read, total=total),
+            )
+        )
+    verb = "would replay" if dry_run else "replayed"
+    table = Table(title=f"{dlq_topic}: {summary.read} dead letters read ({summary.group})")
+    for column in ("x-reason", verb, "skipped"):
+        table.add_column(column, justify="left" if column == "x-reason" else "right")
+    for r in sorted(set(summary.replayed) | set(summary.skipped)):
+        table.add_row(r, str(summary.replayed[r]), str(summary.skipped[r]))
+    console = _console()
+    console.print(table)
+    for topic, n in sorted(summary.targets.items()):
+        console.print(f"{verb} {n} to {topic}")
+
+
 def register(cli: typer.Typer) -> None:
     """Add the operator commands to the ``consumer`` command."""
     cli.command("inspect")(inspect)
     cli.command("evict")(evict)
     cli.command("conflicts")(conflicts)
+    cli.command("replay")(replay)

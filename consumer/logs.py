@@ -36,6 +36,7 @@ _OUTCOME_LEVEL = {
     "skipped": logging.DEBUG,
     "conflict": logging.WARNING,
     "rejected": logging.WARNING,
+    "failed": logging.WARNING,
     "invalid": logging.WARNING,
 }
 outcome_log = logging.getLogger("consumer.outcomes")

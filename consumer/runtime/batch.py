@@ -266,6 +266,7 @@ class BatchProcessor:
             rows: list[OutboxRow] = []
             next_offset = live[-1].msg.offset + 1 if live else None
             processed: set[Ident] = set()
+            failed: dict[Ident, str] = {}
             for it in live:
                 msg = it.msg
                 if it.ident is None:
@@ -275,7 +276,10 @@ class BatchProcessor:
                     continue
                 ident, h = it.ident.ident, it.ident.hash
                 k = known.get(ident)
-                if k is None and ident in claimed and ident not in processed:
+                if ident in failed:
+                    rows.append(envelopes.dead_letter(msg, "failed", failed[ident], *ident))
+                    result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, failed[ident]))
+                elif k is None and ident in claimed and ident not in processed:
                     assert it.handler is not None
                     pos = (msg.topic, msg.partition, msg.offset)
                     attempt = self.attempts.get(pos, 0) + 1
@@ -298,6 +302,16 @@ class BatchProcessor:
                         result.retry_delay_s = run.delay_s
                         result.error = run.reason
                         break
+                    if run.status == "failed":
+                        # Transient failures past max_attempts: a dead letter, and no record
+                        # (the claim is undone below), so a replay runs the handler again.
+                        # Copies later in this batch share the dead letter's fate.
+                        failed[ident] = run.reason
+                        rows.append(
+                            envelopes.dead_letter(msg, "failed", run.reason, *ident, run.trace)
+                        )
+                        result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, run.reason))
+                        continue
                     processed.add(ident)
                     known[ident] = _Known(run.status, h, run.result, run.reason, True)
                     completions.append(

@@ -2,9 +2,12 @@
 
 A handler's return is a definite success; ``Reject`` and non-retriable errors are definite
 failures; retriable errors stop the batch at this message (nothing recorded) until
-``max_attempts`` is reached, after which the failure is definite. Lock contention inside
-PostgreSQL (deadlock, serialization failure) is retried without counting an attempt: it says
-nothing about the message, and a payment must not be dead-lettered because two batches met.
+``max_attempts`` is reached, after which the message is dead-lettered as ``failed`` and still
+nothing is recorded: a transient failure never burns the key, so a replay of the dead letter
+(or a later copy) runs the handler again, as NServiceBus's recoverability does. Lock
+contention inside PostgreSQL (deadlock, serialization failure) is retried without counting an
+attempt: it says nothing about the message, and a payment must not be dead-lettered because
+two batches met.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ _CONTENTION_SQLSTATES = frozenset({"40001", "40P01"})
 
 @dataclass(slots=True)
 class Run:
-    status: str  # "done" | "rejected" | "stop"
+    status: str  # "done" | "rejected" | "failed" | "stop"
     result: Any = None
     reason: str = ""
     outgoing: list[OutboxRow] = field(default_factory=list)
@@ -120,7 +123,8 @@ def _classify(exc: Exception, handler: Handler[Any, Any], attempt: int, settings
         return Run("rejected", reason=f"error: {described}")
     max_attempts = handler.max_attempts or settings.max_attempts
     if attempt >= max_attempts:
-        return Run("rejected", reason=f"attempts_exhausted ({attempt}): {described}")
+        # Not a definite outcome: a dead letter, and nothing recorded (the key stays free).
+        return Run("failed", reason=f"attempts_exhausted ({attempt}): {described}")
     delay = exc.delay_s if isinstance(exc, Retry) else backoff_s(settings, attempt)
     return Run("stop", reason=described, delay_s=delay)
 

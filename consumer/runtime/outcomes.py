@@ -14,6 +14,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # same key, same hash, already done or rejected
     CONFLICT = "conflict"  # same key, different hash: never applied, routed to .conflicts
     REJECTED = "rejected"  # definite failure: recorded and dead-lettered
+    FAILED = "failed"  # transient failures past max_attempts: dead-lettered, nothing recorded
     INVALID = "invalid"  # never reached a handler: dead-lettered, nothing recorded
     SKIPPED = "skipped"  # below the stored position: already accounted for
 

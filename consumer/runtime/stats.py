@@ -40,6 +40,7 @@ class Stats:
             "duplicates": o["duplicate"],
             "conflicts": o["conflict"],
             "rejected": o["rejected"],
+            "failed": o["failed"],
             "invalid": o["invalid"],
             "retries": self.retries,
             "rebalances": self.rebalances,
@@ -52,6 +53,7 @@ class Stats:
         return (
             f"partitions={len(self.partitions)} msgs/s={rate:.0f} consumed={self.consumed} "
             f"applied={o['applied']} duplicates={o['duplicate']} conflicts={o['conflict']} "
-            f"rejected={o['rejected']} invalid={o['invalid']} retries={self.retries} "
-            f"lag={sum(self.lag.values())}" + (" redis=DEGRADED" if self.redis_degraded else "")
+            f"rejected={o['rejected']} failed={o['failed']} invalid={o['invalid']} "
+            f"retries={self.retries} lag={sum(self.lag.values())}"
+            + (" redis=DEGRADED" if self.redis_degraded else "")
         )

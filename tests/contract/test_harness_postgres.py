@@ -113,6 +113,7 @@ async def test_fail_next_db_call_takes_the_runtime_retry_path(
         assert (ok.outcome, ok.result, ok.handler_calls) == (Outcome.APPLIED, 1, 2)
         t.fail_next_db_call(TimeoutError, times=2)
         exhausted = await t.send("notes", Note(note_id="n2", text="b"))
-        assert exhausted.outcome is Outcome.REJECTED
+        assert exhausted.outcome is Outcome.FAILED
         assert exhausted.reason.startswith("attempts_exhausted (2): TimeoutError")
+        assert await t.inbox("notes", "n2") is None  # transient: the key is not burned
         assert await t.db.fetchval(f"SELECT count(*) FROM {table}") == 1

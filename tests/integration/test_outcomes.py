@@ -43,7 +43,7 @@ from tests.integration.dedup_support import (
 pytestmark = pytest.mark.integration
 
 APPLIED, DUPLICATE, CONFLICT = Outcome.APPLIED, Outcome.DUPLICATE, Outcome.CONFLICT
-REJECTED, INVALID = Outcome.REJECTED, Outcome.INVALID
+REJECTED, INVALID, FAILED = Outcome.REJECTED, Outcome.INVALID, Outcome.FAILED
 
 
 @dataclass
@@ -458,32 +458,39 @@ async def test_retryable_failure_records_nothing_then_applies(env, producer, set
     assert await outbox(env.pg, env.topic + ".dlq") == []
 
 
-async def test_attempts_exhausted_is_rejected_and_dead_lettered(env, producer):
+async def test_attempts_exhausted_is_dead_lettered_without_burning_the_key(env, producer):
+    """Transient failures past max_attempts: a dead letter, no record; a later copy runs again."""
     app = env.app()
-    calls: list[int] = []
+    calls: list[tuple[str, int]] = []
 
     @app.handler(env.topic, schema=Pay, key=lambda p: p.id, max_attempts=2)
     async def handle(p: Pay, ctx: Context) -> str:
-        calls.append(ctx.attempt)
+        calls.append((p.id, ctx.attempt))
         await env.effect(ctx, p.id)
-        raise TimeoutError("upstream timed out")
+        if len(calls) <= 2:
+            raise TimeoutError("upstream timed out")
+        return "applied at last"
 
     async with running(app) as worker:
         spy = Spy(worker)
         off = await send(producer, env.topic, {"id": "t"})
+        await wait_offset(env.pg, env.group, env.topic, 0, off + 1)
+        assert await inbox(env.pg, env.ns()) == {}  # nothing recorded: the key is free
+        [dlq] = await outbox(env.pg, env.topic + ".dlq")
+        assert dlq["headers"]["x-reason"] == "failed"
+        assert dlq["headers"]["x-detail"].startswith("attempts_exhausted (2): TimeoutError")
+        # The dependency is back: a copy (say, the dead letter replayed) applies once.
+        replay = await send(producer, env.topic, {"id": "t"})
         dup = await send(producer, env.topic, {"id": "t"})
         await wait_offset(env.pg, env.group, env.topic, 0, dup + 1)
 
-    assert calls == [1, 2]
-    assert spy.at(0, off) == [REJECTED]
+    assert calls == [("t", 1), ("t", 2), ("t", 1)]
+    assert spy.at(0, off) == [FAILED]
+    assert spy.at(0, replay) == [APPLIED]
     assert spy.at(0, dup) == [DUPLICATE]
-    assert await effects(env.pg, env.table) == []
+    assert await effects(env.pg, env.table) == ["t"]
     rec = (await inbox(env.pg, env.ns()))["t"]
-    assert rec["status"] == "rejected"
-    assert rec["reason"].startswith("attempts_exhausted (2): TimeoutError")
-    [dlq] = await outbox(env.pg, env.topic + ".dlq")
-    assert dlq["headers"]["x-reason"] == "rejected"
-    assert "attempts_exhausted" in dlq["headers"]["x-detail"]
+    assert (rec["status"], rec["result"]) == ("done", "applied at last")
 
 
 @pytest.mark.parametrize(("on_error", "expected_calls"), [("reject", 1), ("retry", 3)])
@@ -502,10 +509,15 @@ async def test_unknown_exceptions_follow_on_error(env, producer, on_error, expec
         await wait_offset(env.pg, env.group, env.topic, 0, off + 1)
 
     assert len(calls) == expected_calls  # settings max_attempts=3
-    assert spy.at(0, off) == [REJECTED]
-    reason = (await inbox(env.pg, env.ns()))["u"]["reason"]
-    assert "ValueError: a bug" in reason
-    assert reason.startswith("error:" if on_error == "reject" else "attempts_exhausted (3)")
+    [dlq] = await outbox(env.pg, env.topic + ".dlq")
+    assert "ValueError: a bug" in dlq["headers"]["x-detail"]
+    if on_error == "reject":  # definite: recorded
+        assert spy.at(0, off) == [REJECTED]
+        assert (await inbox(env.pg, env.ns()))["u"]["reason"].startswith("error:")
+    else:  # treated as transient: dead-lettered after the attempts, nothing recorded
+        assert spy.at(0, off) == [FAILED]
+        assert dlq["headers"]["x-detail"].startswith("attempts_exhausted (3)")
+        assert await inbox(env.pg, env.ns()) == {}
 
 
 async def test_handler_timeout_is_indefinite_then_bounded(env, producer):
@@ -526,11 +538,13 @@ async def test_handler_timeout_is_indefinite_then_bounded(env, producer):
         quick = await send(producer, env.topic, {"id": "quick", "cents": 2})
         await wait_offset(env.pg, env.group, env.topic, 0, quick + 1)
 
-    assert spy.at(0, slow) == [REJECTED]
+    assert spy.at(0, slow) == [FAILED]
     assert spy.at(0, quick) == [APPLIED]  # the connection is usable after the cancel
     assert calls == [1, 2, 1]
     assert await effects(env.pg, env.table) == ["quick"]
-    assert "TimeoutError" in (await inbox(env.pg, env.ns()))["slow"]["reason"]
+    assert "slow" not in await inbox(env.pg, env.ns())
+    [dlq] = await outbox(env.pg, env.topic + ".dlq")
+    assert "TimeoutError" in dlq["headers"]["x-detail"]
 
 
 async def test_sync_handler_runs_in_a_thread(env, producer):

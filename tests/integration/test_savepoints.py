@@ -1,7 +1,7 @@
 """A message's savepoint release may be deferred to the next savepoint (one round trip less per
 message, consumer/db/tx.py), but only when none of the handler's statements failed. A handler
 that catches a database error and returns anyway leaves the transaction failed: that must stay
-this message's failure (retried, then rejected) and must not fail its whole batch forever.
+this message's failure (retried, then dead-lettered as failed) and must not fail its whole batch forever.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from consumer import App, Context
 from schemas.payments import PaymentRequested
 from tests.conftest import app_settings, eventually, running
+from tests.integration.dedup_support import outbox
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ async def test_swallowed_db_error_is_the_messages_failure(settings, topics, prod
     async with running(app) as worker:
 
         async def all_seen() -> bool:
-            return worker.stats.by_outcome["applied"] + worker.stats.by_outcome["rejected"] >= 4
+            return worker.stats.by_outcome["applied"] + worker.stats.by_outcome["failed"] >= 4
 
         await eventually(all_seen)
     rows = await pg.fetch(f"SELECT k FROM {table} ORDER BY k")
@@ -55,12 +56,10 @@ async def test_swallowed_db_error_is_the_messages_failure(settings, topics, prod
             "SELECT key, status, reason FROM dedup.inbox WHERE namespace = $1", handle.name
         )
     }
-    assert {k: s for k, (s, _) in inbox.items()} == {
-        "p1": "done",
-        "p2": "rejected",
-        "p3": "done",
-        "p4": "done",
-    }
-    assert "InFailedSQLTransaction" in inbox["p2"][1]
+    # p2 failed on every attempt: dead-lettered with the reason, nothing recorded.
+    assert {k: s for k, (s, _) in inbox.items()} == {"p1": "done", "p3": "done", "p4": "done"}
+    [dead] = await outbox(pg, topic + ".dlq")
+    assert dead["headers"]["x-reason"] == "failed"
+    assert "InFailedSQLTransaction" in dead["headers"]["x-detail"]
     assert worker.stats.by_outcome["applied"] == 3
     await pg.execute(f"DROP TABLE {table}")

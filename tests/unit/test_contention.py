@@ -50,5 +50,5 @@ async def test_other_transient_errors_still_count() -> None:
     failures: list[BaseException] = [TransientError("timeout") for _ in range(5)]
     async with TestApp(_app(failures)) as t:
         sent = await t.send("pay", {"id": "p1"})
-    assert sent.outcome is Outcome.REJECTED
+    assert sent.outcome is Outcome.FAILED
     assert sent.reason.startswith("attempts_exhausted (2)")

@@ -158,11 +158,19 @@ async def test_transient_failures_are_retried_without_waiting_until_attempts_run
     app, runs = shop(max_attempts=3, retry_backoff_ms=100)
     async with TestApp(app) as t:
         r = await t.send("orders", Order(order_id="o1", quantity=0))
-        assert r.outcome is Outcome.REJECTED
+        assert r.outcome is Outcome.FAILED
         assert r.reason.startswith("attempts_exhausted (3): TransientError")
         assert r.handler_calls == 3 and runs == ["o1"] * 3
         assert r.retry_delays_s == [0.1, 0.2]
         assert t.published("reserved") == []
+        [dead] = t.dead_letters("orders")
+        assert dead.header_str("x-reason") == "failed"
+        # Not a definite outcome: nothing recorded, so the key is not burned and a copy
+        # (a replay of the dead letter) runs the handler again.
+        assert await t.inbox("orders", "o1") is None
+        again = await t.send("orders", Order(order_id="o1", quantity=0))
+        assert (again.outcome, again.handler_calls) == (Outcome.FAILED, 3)
+        assert runs == ["o1"] * 6
 
 
 async def test_a_message_that_never_settles_is_reported() -> None:

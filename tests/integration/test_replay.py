@@ -1,0 +1,109 @@
+"""`consumer replay`: dead letters that failed transiently apply once their dependency is back.
+
+A message whose transient failures outlast ``max_attempts`` is dead-lettered as ``failed`` and
+nothing is recorded (consumer/runtime/invoke.py). Replaying it must apply it exactly once,
+replaying again must send nothing new, and definite outcomes (``rejected``) stay where they are.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from typer.testing import CliRunner
+
+from consumer import App, Context, Reject
+from consumer.cli import cli
+from consumer.replay import replay
+from schemas.payments import PaymentRequested
+from tests.conftest import app_settings, eventually, read_topic, running
+from tests.integration.dedup_support import cleanup
+
+pytestmark = pytest.mark.integration
+
+
+async def test_failed_dead_letters_replay_once(settings, topics, producer, pg, unique):
+    topic = await topics("replay", partitions=2)
+    dlq = topic + ".dlq"
+    table = f"replay_{unique}"
+    await pg.execute(f"CREATE TABLE {table} (k text)")
+    app = App(
+        f"g-{unique}",
+        settings=app_settings(settings, max_attempts=2, retry_backoff_ms=10),
+    )
+    dependency = {"up": False}
+    runs: list[str] = []
+
+    # Keyed by the idempotency-key header: the dead letter replaces that header, so the
+    # replay must restore it or the copies would be invalid (missing_key).
+    @app.handler(topic, schema=PaymentRequested)
+    async def settle(p: PaymentRequested, ctx: Context) -> str:
+        runs.append(ctx.idempotency_key)
+        if p.cents < 0:
+            raise Reject("negative amount")
+        if not dependency["up"]:
+            raise ConnectionError("ledger service unreachable")
+        await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", ctx.idempotency_key)
+        return "settled"
+
+    def m(cents: int) -> bytes:
+        return msgpack.packb({"payment_id": "p", "account": "a", "cents": cents})
+
+    for key, cents, part in [("k1", 1, 0), ("k2", 2, 1), ("k3", -1, 0), ("k1", 1, 1)]:
+        await producer.send_and_wait(
+            topic, m(cents), partition=part, headers=[("idempotency-key", key.encode())]
+        )
+
+    async with running(app) as worker:
+        # k1 twice (two partitions: two dead letters), k2 failed; k3 rejected (definite).
+        letters = await read_topic(settings, dlq, expect=4)
+        reasons = sorted(dict(r.headers)["x-reason"].decode() for r in letters)
+        assert reasons == ["failed", "failed", "failed", "rejected"]
+        assert await pg.fetchval(f"SELECT count(*) FROM {table}") == 0
+        assert (
+            await pg.fetchval(
+                "SELECT count(*) FROM dedup.inbox WHERE namespace = $1 AND key IN ('k1', 'k2')",
+                settle.name,
+            )
+            == 0
+        )  # the failures burned no key
+
+        dependency["up"] = True
+        dry = await replay(app, app.settings, dlq, dry_run=True)
+        assert (dict(dry.replayed), dict(dry.skipped)) == ({"failed": 3}, {"rejected": 1})
+        first = await replay(app, app.settings, dlq)
+        assert (first.read, dict(first.replayed), dict(first.skipped)) == (
+            4,
+            {"failed": 3},
+            {"rejected": 1},
+        )  # the dry run moved no position
+
+        async def settled() -> bool:
+            return worker.stats.by_outcome["applied"] + worker.stats.by_outcome["duplicate"] >= 3
+
+        await eventually(settled)
+        again = await replay(app, app.settings, dlq)
+        assert (again.read, sum(again.replayed.values())) == (0, 0)
+
+    rows = await pg.fetch(f"SELECT k FROM {table} ORDER BY k")
+    assert [r["k"] for r in rows] == ["k1", "k2"]  # k1's two dead letters: applied once
+    assert worker.stats.by_outcome["applied"] == 2
+    assert worker.stats.by_outcome["duplicate"] == 1
+    assert runs.count("k3") == 1  # the rejection was not replayed
+    replayed = [
+        dict(r.headers)
+        for r in await read_topic(settings, topic)
+        if r.headers and "x-replayed-from" in dict(r.headers)
+    ]
+    assert len(replayed) == 3
+    for headers in replayed:
+        assert headers["idempotency-key"] in (b"k1", b"k2")
+        assert not {"x-reason", "x-detail", "x-source"} & headers.keys()
+    await pg.execute(f"DROP TABLE {table}")
+    await cleanup(pg, unique, settings.redis_url)
+
+
+def test_replay_refuses_a_topic_the_app_does_not_consume(monkeypatch):
+    monkeypatch.setenv("CONSUMER_RELAY_ENABLED", "false")
+    out = CliRunner().invoke(cli, ["replay", "handlers.app:app", "elsewhere.dlq"])
+    assert out.exit_code == 2, out.output
+    assert "not the dead-letter topic" in out.output
