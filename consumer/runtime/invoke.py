@@ -123,8 +123,10 @@ def _classify(exc: Exception, handler: Handler[Any, Any], attempt: int, settings
         return Run("rejected", reason=f"error: {described}")
     max_attempts = handler.max_attempts or settings.max_attempts
     if attempt >= max_attempts:
-        # Not a definite outcome: a dead letter, and nothing recorded (the key stays free).
-        return Run("failed", reason=f"attempts_exhausted ({attempt}): {described}")
+        # Not a definite outcome: a dead letter, and nothing recorded (the key stays free),
+        # unless the settings ask for DESIGN.md's original rule (recorded as rejected).
+        reason = f"attempts_exhausted ({attempt}): {described}"
+        return Run(settings.exhausted_outcome, reason=reason)
     delay = exc.delay_s if isinstance(exc, Retry) else backoff_s(settings, attempt)
     return Run("stop", reason=described, delay_s=delay)
 

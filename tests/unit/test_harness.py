@@ -173,6 +173,21 @@ async def test_transient_failures_are_retried_without_waiting_until_attempts_run
         assert runs == ["o1"] * 6
 
 
+async def test_exhausted_outcome_rejected_records_the_exhaustion() -> None:
+    app, runs = shop(max_attempts=2, retry_backoff_ms=0, exhausted_outcome="rejected")
+    async with TestApp(app) as t:
+        r = await t.send("orders", Order(order_id="o1", quantity=0))
+        assert r.outcome is Outcome.REJECTED
+        assert r.reason.startswith("attempts_exhausted (2): TransientError")
+        [dead] = t.dead_letters("orders")
+        assert dead.header_str("x-reason") == "rejected"
+        record = await t.inbox("orders", "o1")
+        assert record is not None and record.status == "rejected"
+        again = await t.send("orders", Order(order_id="o1", quantity=0))
+        assert (again.outcome, again.handler_calls) == (Outcome.DUPLICATE, 0)
+        assert runs == ["o1"] * 2
+
+
 async def test_a_message_that_never_settles_is_reported() -> None:
     app, _ = shop(max_attempts=50)
     async with TestApp(app, max_rounds=4) as t:
