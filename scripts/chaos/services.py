@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,8 +79,10 @@ class Instance:
     @contextlib.contextmanager
     def lock(self, wait_s: float) -> Iterator[None]:
         """Hold this instance for one campaign: a second campaign on it waits, then fails."""
-        path = ROOT / ".services" / f"{self.name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Keyed by the ports and machine-wide, not per checkout: a campaign started from
+        # another clone (CI next to a work tree) on the same ports would otherwise start its
+        # services in the instant ours are down between runs and make ours fail to start.
+        path = Path(tempfile.gettempdir()) / f"dedup-consumer-chaos-{self.port_base}.lock"
         with path.open("w") as fh:
             deadline = time.monotonic() + wait_s
             while True:
