@@ -65,7 +65,10 @@ class Context:
     ) -> None:
         """Publish ``payload`` to ``topic`` through the outbox (committed with this message)."""
         from consumer.codec import encode
+        from consumer.storable import valid_topic
 
+        if not valid_topic(topic):
+            raise ValueError(f"not a valid Kafka topic name: {topic!r}")
         if content_type not in (CONTENT_MSGPACK, CONTENT_JSON):
             raise ValueError(f"content_type must be {CONTENT_MSGPACK!r} or {CONTENT_JSON!r}")
         raw_key = key.encode() if isinstance(key, str) else key

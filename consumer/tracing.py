@@ -84,7 +84,9 @@ def passthrough(msg: Message) -> list[tuple[str, str]]:
     out = []
     for name in TRACE_HEADERS:
         value = msg.header_str(name)
-        if value:
+        # W3C trace headers are printable ASCII. Anything else (a NUL, say) is dropped: it is
+        # the producer's, and copied into outbox rows it would fail the batch's insert.
+        if value and value.isascii() and value.isprintable() and len(value) <= 8192:
             out.append((name, value))
     return out
 

@@ -46,40 +46,48 @@ class _Watched:
     the error), or the handler used anything else of the connection (not followed here).
     """
 
-    __slots__ = ("_conn", "clean")
+    __slots__ = ("_conn", "clean", "first_error")
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
         self.clean = True
+        # The first statement error since the savepoint: what a later "current transaction
+        # is aborted" (25P02) really means, for classifying the message's failure.
+        self.first_error: BaseException | None = None
+
+    def _failed(self, exc: BaseException) -> None:
+        self.clean = False
+        if self.first_error is None:
+            self.first_error = exc
 
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
         try:
             result: str = await self._conn.execute(query, *args, **kwargs)
             return result
-        except BaseException:
-            self.clean = False
+        except BaseException as exc:
+            self._failed(exc)
             raise
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
         try:
             rows: list[Any] = await self._conn.fetch(query, *args, **kwargs)
             return rows
-        except BaseException:
-            self.clean = False
+        except BaseException as exc:
+            self._failed(exc)
             raise
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return await self._conn.fetchrow(query, *args, **kwargs)
-        except BaseException:
-            self.clean = False
+        except BaseException as exc:
+            self._failed(exc)
             raise
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return await self._conn.fetchval(query, *args, **kwargs)
-        except BaseException:
-            self.clean = False
+        except BaseException as exc:
+            self._failed(exc)
             raise
 
     def __getattr__(self, name: str) -> Any:
@@ -122,7 +130,7 @@ class PgTx:
 
     async def savepoint(self) -> None:
         if isinstance(self.db, _Watched):
-            self.db.clean = True
+            self.db.clean, self.db.first_error = True, None
         if self._release_pending:
             # The previous message's release travels with this savepoint: one round trip
             # instead of two per message (simple-query protocol, two statements).

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from consumer import codec, tracing
+from consumer import codec, storable, tracing
 from consumer.constants import (
     CONFLICT_SUFFIX,
     CONTENT_MSGPACK,
@@ -46,12 +46,12 @@ def _original_headers(msg: Message) -> list[tuple[str, str]]:
     # the dead letter could then never be written.
     out = []
     for name, raw in msg.headers:
-        name = name.replace("\x00", "\\x00")
+        name = storable.safe_text(name)
         try:
             text = raw.decode()
         except UnicodeDecodeError:
             text = "\x00"
-        out.append((name, text) if "\x00" not in text else (f"{name}.hex", raw.hex()))
+        out.append((name, text) if storable.text_ok(text) else (f"{name}.hex", raw.hex()))
     return out
 
 
@@ -70,10 +70,12 @@ def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> 
     trace = tracing.outgoing(msg)  # written inside the handling span: that span's context
     derived = _DERIVED | {name.lower() for name, _ in trace}
     for index, item in enumerate(items):
-        if any("\x00" in n or "\x00" in v for n, v in item.headers):
+        if not all(storable.text_ok(n) and storable.text_ok(v) for n, v in item.headers):
             # Raised while the handler's savepoint is open, so it is the handler's error (a
             # bounded retry, then a dead letter) and not a batch that can never commit.
-            raise ValueError(f"a header of the message to {item.topic!r} contains NUL")
+            raise ValueError(
+                f"a header of the message to {item.topic!r} contains NUL or a lone surrogate"
+            )
         ik = f"{namespace}:{key}:{index}"
         headers = [
             *[(n, v) for n, v in item.headers if n.lower() not in derived],
@@ -131,7 +133,7 @@ def dead_letter(
         *[(n, v) for n, v in _original_headers(msg) if n.lower() not in replaced],
         *(trace or ()),
         (HEADER_REASON, reason),
-        (HEADER_DETAIL, detail[:1000].replace("\x00", "\\x00")),
+        (HEADER_DETAIL, storable.safe_text(detail[:1000])),
         (HEADER_NAMESPACE, namespace),
         (HEADER_KEY, key),
         (HEADER_SOURCE, msg.source),

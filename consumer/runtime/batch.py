@@ -21,11 +21,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from consumer import faults
+from consumer import faults, storable
 from consumer.app import App
 from consumer.constants import HEADER_REPLY_TO
 from consumer.db.tx import BatchTx
@@ -38,7 +38,8 @@ from consumer.handler import Handler
 from consumer.message import Message
 from consumer.outbox import envelopes
 from consumer.outbox.store import OutboxRow
-from consumer.runtime.invoke import run_handler
+from consumer.runtime import poison
+from consumer.runtime.invoke import backoff_s, run_handler
 from consumer.runtime.outcomes import BatchCounts, BatchResult, Handled, Outcome
 from consumer.settings import Settings
 
@@ -89,6 +90,13 @@ class BatchProcessor:
         self.redis = Accelerator(leases, settings, token)
         self.inflight: dict[Ident, asyncio.Future[None]] = {}
         self.attempts: dict[tuple[str, int, int], int] = {}
+        self.unstorable: dict[tuple[str, int, int], int] = {}  # whole-batch refusals, alone
+
+    def forget(self, topic: str, partition: int) -> None:
+        """Drop the attempt counts of a partition this worker no longer owns."""
+        for counts in (self.attempts, self.unstorable):
+            for pos in [p for p in counts if p[0] == topic and p[1] == partition]:
+                del counts[pos]
 
     @property
     def leases(self) -> LeaseStore:
@@ -133,8 +141,24 @@ class BatchProcessor:
                 busy.add(ident)
             else:
                 mine[ident] = self.inflight[ident] = asyncio.get_running_loop().create_future()
+
+        def alone(it: _Item) -> Awaitable[BatchResult]:
+            one = {it.ident.ident: it} if it.ident else {}
+            return self._process([it], one, {i for i in busy if i in one})
+
+        first = items[0].msg
         try:
-            result = await self._process(items, leaders, busy)
+            if (first.topic, first.partition, first.offset) in self.unstorable:
+                # Its last batch was refused on this record's value: it goes alone first.
+                result = await poison.isolate(items, alone, self._give_up)
+            else:
+                result = await self._process(items, leaders, busy)
+                if result.poisoned:  # refused on a record's value: find it (runtime/poison.py)
+                    result = await (
+                        self._give_up(items[0], result)
+                        if len(items) == 1
+                        else poison.isolate(items, alone, self._give_up)
+                    )
         finally:
             for ident, fut in mine.items():
                 fut.set_result(None)
@@ -178,6 +202,7 @@ class BatchProcessor:
                 retry_offset=items[0].msg.offset,
                 retry_delay_s=self.settings.retry_backoff_ms / 1000,
                 error=f"{type(exc).__name__}: {exc}",
+                poisoned=poison.data_error(exc),
             )
             done_markers = []
         finally:
@@ -191,6 +216,26 @@ class BatchProcessor:
             result.counts.lease_contended = len(held)
             result.counts.lease_renewed = renewed.lease_renewed
         return result
+
+    async def _give_up(self, it: _Item, failed: BatchResult) -> BatchResult:
+        """A record whose batch of one was refused on its data: retried with back-off, then
+        dead-lettered as ``unstorable`` with nothing recorded under its key."""
+        msg = it.msg
+        pos = (msg.topic, msg.partition, msg.offset)
+        n = self.unstorable[pos] = self.unstorable.get(pos, 0) + 1
+        limit = (it.handler.max_attempts if it.handler else None) or self.settings.max_attempts
+        if n < limit:
+            failed.retry_delay_s = backoff_s(self.settings, n)
+            return failed
+        try:
+            done = await poison.dead_letter_alone(
+                self._begin, self.app.group, msg, it.ident, f"unstorable ({n}): {failed.error}"
+            )
+        except Exception as exc:  # tried again at the next redelivery
+            log.warning("dead-lettering %s failed (%s: %s)", msg.source, type(exc).__name__, exc)
+            return failed
+        self.unstorable.pop(pos, None)
+        return done
 
     async def _renew(self, idents: list[Ident], counts: BatchCounts) -> None:
         interval = self.settings.lease_ms / 3000
@@ -379,6 +424,11 @@ class BatchProcessor:
     ) -> None:
         reply_to = msg.header_str(HEADER_REPLY_TO)
         if not reply_to or not k.has_result:
+            return
+        if not storable.valid_topic(reply_to):
+            # The requester's mistake: no reply can go there. Written as a row, it would fail
+            # the batch's outbox insert on every redelivery.
+            log.warning("%s: reply-to %r is not a valid topic; no reply", msg.source, reply_to)
             return
         body = k.result if k.status == "done" else {"rejected": k.reason}
         rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumer import faults, tracing
+from consumer import faults, storable, tracing
 from consumer.context import Context, to_jsonable
 from consumer.db.tx import BatchTx
 from consumer.dedup.identity import Identity
@@ -95,24 +95,40 @@ async def _call(
         # savepoint is released, so it takes the per-message (bounded) path below. Failing
         # later, at the batch's shared statements, would re-run the batch without limit.
         result = to_jsonable(value)
+        if unstorable := storable.problem(result):
+            raise ValueError(f"the result contains {unstorable}, which PostgreSQL refuses")
         result_json = json.dumps(result)
-        if _has_nul(result):
-            raise ValueError("the result contains NUL characters, which PostgreSQL refuses")
         outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
         await tx.release_savepoint()
     except Reject as exc:
         await tx.rollback_savepoint()
-        return Run("rejected", reason=_safe_text(exc.reason))
+        return Run("rejected", reason=storable.safe_text(exc.reason))
     except asyncio.CancelledError:
-        raise
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # the worker is being stopped: not the message's failure
+        # The handler raised CancelledError itself: its error, not a reason to stop the worker.
+        await tx.rollback_savepoint()
+        error = RuntimeError("the handler raised CancelledError")
+        return _classify(error, handler, attempt, settings)
     except Exception as exc:
         await tx.rollback_savepoint()
-        return _classify(exc, handler, attempt, settings)
+        return _classify(_cause(exc, tx), handler, attempt, settings)
     return Run("done", result=result, outgoing=outgoing, result_json=result_json)
 
 
+def _cause(exc: Exception, tx: BatchTx) -> Exception:
+    """The error to classify: for "current transaction is aborted" (25P02, a later statement
+    or the savepoint's RELEASE after the handler swallowed an error), the swallowed error.
+    A deadlock caught and ignored is still a deadlock: transient, never a burned key."""
+    if getattr(exc, "sqlstate", None) != "25P02":
+        return exc
+    first = getattr(tx.db, "first_error", None)
+    return first if isinstance(first, Exception) else exc
+
+
 def _classify(exc: Exception, handler: Handler[Any, Any], attempt: int, settings: Settings) -> Run:
-    described = _safe_text(f"{type(exc).__name__}: {exc}")
+    described = storable.safe_text(f"{type(exc).__name__}: {exc}")
     if getattr(exc, "sqlstate", None) in _CONTENTION_SQLSTATES:
         return Run("stop", reason=described, delay_s=backoff_s(settings, attempt), counted=False)
     retriable = is_retriable(exc, handler.retry_on)
@@ -129,18 +145,3 @@ def _classify(exc: Exception, handler: Handler[Any, Any], attempt: int, settings
         return Run(settings.exhausted_outcome, reason=reason)
     delay = exc.delay_s if isinstance(exc, Retry) else backoff_s(settings, attempt)
     return Run("stop", reason=described, delay_s=delay)
-
-
-def _safe_text(text: str) -> str:
-    # PostgreSQL text and jsonb cannot hold NUL; a reason is for people, so show it escaped.
-    return text.replace("\x00", "\\x00")
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False

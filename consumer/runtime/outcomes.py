@@ -60,9 +60,23 @@ class BatchResult:
     retry_offset: int | None = None
     retry_delay_s: float = 0.0
     error: str = ""
+    # The batch failed as a whole on a value one of its records carried (SQLSTATE class 22,
+    # a client-side encoding error): the processor isolates the records (runtime/batch.py).
+    poisoned: bool = False
     redis_degraded: bool = False
     counts: BatchCounts = field(default_factory=BatchCounts)
     duration_s: float = 0.0
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for h in self.handled if h.outcome is outcome)
+
+    def merge(self, later: BatchResult) -> None:
+        """Append a later batch of the same partition (records processed one at a time)."""
+        self.handled += later.handled
+        self.next_offset = later.next_offset if later.next_offset is not None else self.next_offset
+        self.retry_offset, self.retry_delay_s = later.retry_offset, later.retry_delay_s
+        self.error, self.poisoned = later.error, later.poisoned
+        self.redis_degraded = later.redis_degraded
+        for name in ("lease_acquired", "lease_contended", "lease_renewed", "fast_path", "pg_path"):
+            setattr(self.counts, name, getattr(self.counts, name) + getattr(later.counts, name))
+        self.counts.handler_s += later.counts.handler_s

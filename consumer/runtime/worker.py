@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -52,7 +53,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             revoked = list(revoked)
             metrics.record_revoked(revoked)
             for tp in revoked:
-                self.worker.retry_tasks.pop(tp, None)
+                handle = self.worker.retry_tasks.pop(tp, None)
+                if handle is not None:  # a stale timer must not resume it if it comes back
+                    handle.cancel()
+                if self.worker.processor is not None:
+                    self.worker.processor.forget(tp.topic, tp.partition)
                 self.worker.stats.lag.pop(f"{tp.topic}/{tp.partition}", None)  # not ours now
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
@@ -87,7 +92,7 @@ class Worker:
         if not tps or self.consumer is None:
             return
         text, args = offsets.stored(self.app.group, [(tp.topic, tp.partition) for tp in tps])
-        for attempt in range(1, 1000):
+        for attempt in itertools.count(1):  # without them no record may be processed
             try:
                 rows = await self.pool.fetch(text, *args)
                 break

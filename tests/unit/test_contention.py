@@ -6,6 +6,8 @@ dead-lettered as ``attempts_exhausted`` because two batches touched the same row
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from pydantic import BaseModel
 
@@ -52,3 +54,15 @@ async def test_other_transient_errors_still_count() -> None:
         sent = await t.send("pay", {"id": "p1"})
     assert sent.outcome is Outcome.FAILED
     assert sent.reason.startswith("attempts_exhausted (2)")
+
+
+async def test_a_handler_raising_cancelled_error_itself_fails_only_its_message() -> None:
+    # Not a stop request (the task is not being cancelled): the message's error, retried and
+    # dead-lettered like any unknown exception, and the runtime keeps going.
+    failures: list[BaseException] = [asyncio.CancelledError() for _ in range(2)]
+    async with TestApp(_app(failures)) as t:
+        sent = await t.send("pay", {"id": "p1"})
+        after = await t.send("pay", {"id": "p2"})
+    assert sent.outcome is Outcome.FAILED
+    assert "the handler raised CancelledError" in sent.reason
+    assert after.outcome is Outcome.APPLIED

@@ -1,4 +1,4 @@
-"""Review: the 'failed' outcome (transient failures past max_attempts) leaves the key free.
+"""The 'failed' outcome (transient failures past max_attempts) leaves the key free.
 
 Covers the edges of that path not covered elsewhere: copies of the key in the same batch
 (same payload, a reply request, a different payload) share the dead letter; nothing is left

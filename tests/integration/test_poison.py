@@ -1,0 +1,206 @@
+"""Messages whose batch could never commit, which would stall a partition forever.
+
+Each test drives BatchProcessor directly on PostgreSQL (no Kafka: the records are built here)
+and re-delivers from the retry position, as the worker would, a bounded number of times. A
+message must reach an outcome within max_attempts; a batch that failed as a whole on every
+redelivery would stall its partition forever (consumer/storable.py, runtime/poison.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import msgpack
+import pytest
+
+from consumer import App, Context
+from consumer.db.pool import create_pool
+from consumer.dedup.leases import NoLeases
+from consumer.message import Message
+from consumer.runtime.batch import BatchProcessor, pg_transaction
+from consumer.runtime.outcomes import BatchResult, Outcome
+from tests.conftest import app_settings
+from tests.integration.dedup_support import Pay, cleanup, inbox, outbox, stored_offset
+
+pytestmark = pytest.mark.integration
+
+MAX_ATTEMPTS = 3
+
+
+@pytest.fixture
+async def env(settings, pg, unique) -> AsyncIterator[dict[str, Any]]:
+    s = app_settings(
+        settings,
+        relay_enabled=False,
+        retry_backoff_ms=1,
+        retry_backoff_max_ms=2,
+        max_attempts=MAX_ATTEMPTS,
+    )
+    pool = await create_pool(settings.postgres_dsn, max_size=2)
+    try:
+        yield {"settings": s, "group": f"g-{unique}", "topic": f"poison-{unique}", "pool": pool}
+    finally:
+        await pool.close()
+        await cleanup(pg, unique)
+
+
+def _processor(app: App, env: dict[str, Any]) -> BatchProcessor:
+    return BatchProcessor(
+        app, env["settings"], NoLeases(), "tok", lambda: pg_transaction(env["pool"])
+    )
+
+
+def _msg(topic: str, offset: int, payload: dict[str, Any], **headers: bytes) -> Message:
+    return Message(topic, 0, offset, None, msgpack.packb(payload), tuple(headers.items()))
+
+
+async def _drive(processor: BatchProcessor, msgs: list[Message]) -> list[BatchResult]:
+    """Redeliver from the retry position, as the worker does, at most a bounded number of times."""
+    results = []
+    pending = msgs
+    for _ in range(MAX_ATTEMPTS + 3):
+        result = await processor.process(pending)
+        results.append(result)
+        if result.retry_offset is None:
+            break
+        pending = [m for m in msgs if m.offset >= result.retry_offset]
+    return results
+
+
+async def _assert_progress(pg: asyncpg.Connection, env: dict[str, Any], results, last: int):
+    errors = [r.error for r in results if r.retry_offset is not None]
+    assert await stored_offset(pg, env["group"], env["topic"], 0) == last + 1, errors[-1:]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+async def test_non_finite_float_in_result_does_not_stall_the_partition(env, pg, value):
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def handle(p: Pay, ctx: Context) -> Any:
+        return {"rate": value} if p.id == "bad" else {"ok": 1}
+
+    topic = env["topic"]
+    msgs = [_msg(topic, 0, {"id": "bad"}), _msg(topic, 1, {"id": "good"})]
+    results = await _drive(_processor(app, env), msgs)
+    await _assert_progress(pg, env, results, 1)
+
+
+async def test_reply_to_header_with_nul_does_not_stall_the_partition(env, pg):
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def handle(p: Pay, ctx: Context) -> Any:
+        return {"ok": 1}
+
+    topic = env["topic"]
+    msgs = [
+        _msg(topic, 0, {"id": "r"}, **{"reply-to": b"replies\x00x"}),
+        _msg(topic, 1, {"id": "good"}),
+    ]
+    results = await _drive(_processor(app, env), msgs)
+    await _assert_progress(pg, env, results, 1)
+
+
+async def test_traceparent_with_nul_and_a_publish_does_not_stall_the_partition(env, pg):
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def handle(p: Pay, ctx: Context) -> Any:
+        ctx.publish(env["topic"] + ".out", {"id": p.id})
+        return {"ok": 1}
+
+    topic = env["topic"]
+    msgs = [
+        _msg(topic, 0, {"id": "t"}, traceparent=b"00-\x00-01"),
+        _msg(topic, 1, {"id": "good"}),
+    ]
+    results = await _drive(_processor(app, env), msgs)
+    await _assert_progress(pg, env, results, 1)
+    handled = [h.outcome for r in results for h in r.handled]
+    assert Outcome.APPLIED in handled
+
+
+@pytest.mark.parametrize("how", ["result", "reject"])
+async def test_lone_surrogate_in_a_hash_excluded_field_does_not_stall_the_partition(env, pg, how):
+    # identify() refuses lone surrogates only in hashed fields; an excluded field passes and a
+    # handler that echoes it (result, or a Reject reason) writes text PostgreSQL refuses.
+    from consumer import Reject
+
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id, hash_exclude={"sent_at"})
+    async def handle(p: Pay, ctx: Context) -> Any:
+        if how == "reject":
+            raise Reject(f"bad sent_at {p.sent_at}")
+        return {"echo": p.sent_at}
+
+    topic = env["topic"]
+    bad = Message(
+        topic,
+        0,
+        0,
+        None,
+        b'{"id": "s", "sent_at": "\\ud800"}',
+        (("content-type", b"application/json"),),
+    )
+    msgs = [bad, _msg(topic, 1, {"id": "good"})]
+    results = await _drive(_processor(app, env), msgs)
+    await _assert_progress(pg, env, results, 1)
+
+
+async def test_a_value_refused_at_a_shared_statement_is_isolated_and_dead_lettered(env, pg):
+    """Behind the per-message checks: PostgreSQL refuses, for a data reason (SQLSTATE 22023
+    raised by a trigger here), a row the whole batch inserts together. The records before the
+    culprit commit, the culprit is dead-lettered as unstorable with nothing recorded, and the
+    records after it apply: the partition does not stall."""
+    topic = env["topic"]
+    refused = f"refused-{env['group']}"
+    fn = f"refuse_{env['group'].replace('-', '_')}"
+    await pg.execute(
+        f"CREATE FUNCTION dedup.{fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"RAISE EXCEPTION 'value refused' USING ERRCODE = '22023'; END $$"
+    )
+    await pg.execute(
+        f"CREATE TRIGGER {fn} BEFORE INSERT ON dedup.outbox FOR EACH ROW "
+        f"WHEN (NEW.topic = '{refused}') EXECUTE FUNCTION dedup.{fn}()"
+    )
+    try:
+        app = App(env["group"], settings=env["settings"])
+        runs: list[str] = []
+
+        @app.handler(topic, schema=Pay, key=lambda p: p.id)
+        async def handle(p: Pay, ctx: Context) -> Any:
+            runs.append(p.id)
+            ctx.publish(refused if p.id == "bad" else topic + ".out", {"id": p.id})
+            return {"ok": p.id}
+
+        msgs = [_msg(topic, i, {"id": pid}) for i, pid in enumerate(["a", "b", "bad", "c"])]
+        results = await _drive(_processor(app, env), msgs)
+    finally:
+        await pg.execute(f"DROP TRIGGER {fn} ON dedup.outbox")
+        await pg.execute(f"DROP FUNCTION dedup.{fn}()")
+
+    await _assert_progress(pg, env, results, 3)
+    outcomes = {h.message.offset: h.outcome for r in results for h in r.handled}
+    assert outcomes == {
+        0: Outcome.APPLIED,
+        1: Outcome.APPLIED,
+        2: Outcome.FAILED,
+        3: Outcome.APPLIED,
+    }
+    [bad] = [h for r in results for h in r.handled if h.outcome is Outcome.FAILED]
+    assert bad.reason.startswith(f"unstorable ({MAX_ATTEMPTS}): ")
+    assert "value refused" in bad.reason
+    # a, b, c: in the first batch, then alone; bad: in the batch, then alone until given up.
+    assert [runs.count(k) for k in ("a", "b", "c")] == [2, 2, 2]
+    assert runs.count("bad") == MAX_ATTEMPTS + 1
+    records = await inbox(pg, f"{env['group']}.handle")
+    assert {k: r["status"] for k, r in records.items()} == {"a": "done", "b": "done", "c": "done"}
+    [dead] = await outbox(pg, topic + ".dlq")
+    assert (dead["headers"]["x-reason"], dead["headers"]["x-idempotency-key"]) == (
+        "unstorable",
+        "bad",
+    )
