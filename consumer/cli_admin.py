@@ -245,43 +245,59 @@ def replay(
     ),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="replay at most N"),
     dry_run: bool = typer.Option(False, "--dry-run", help="count, send nothing, keep position"),
+    force: bool = typer.Option(
+        False, "--force", help="also replay dead letters older than 90% of the dedup window"
+    ),
 ) -> None:
     """Send dead letters back to their topic (default: those that `failed` transiently).
 
-    Safe to repeat: every copy is deduplicated like any message. Each reason set keeps its own
-    read position, so a second run replays only dead letters that arrived since.
+    Safe to repeat within the dedup window: every copy is deduplicated like any message. Each
+    reason set keeps its own read position, so a second run replays only newer dead letters.
     """
+    from aiokafka.errors import KafkaError
     from rich.progress import Progress
 
     from consumer.cli import fail, load
+    from consumer.replay import TopicMissing
     from consumer.replay import replay as run_replay
 
     app = load(app_spec)
-    if dlq_topic.removesuffix(DLQ_SUFFIX) not in app.topics:
+    if not dlq_topic.endswith(DLQ_SUFFIX) or dlq_topic.removesuffix(DLQ_SUFFIX) not in app.topics:
         fail(f"{dlq_topic!r} is not the dead-letter topic of one of {app.topics}", RET_CONFIG)
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(f"reading {dlq_topic}", total=None)
-        summary = asyncio.run(
-            run_replay(
-                app,
-                app.settings,
-                dlq_topic,
-                reason,
-                limit=limit,
-                dry_run=dry_run,
-                progress=lambda read, total: bar.update(task, completed=read, total=total),
+    try:
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"reading {dlq_topic}", total=None)
+            summary = asyncio.run(
+                run_replay(
+                    app,
+                    app.settings,
+                    dlq_topic,
+                    reason,
+                    limit=limit,
+                    dry_run=dry_run,
+                    force=force,
+                    progress=lambda read, total: bar.update(task, completed=read, total=total),
+                )
             )
-        )
+    except TopicMissing as exc:
+        fail(str(exc), RET_NOT_FOUND)
+    except (KafkaError, OSError) as exc:
+        fail(f"cannot reach Kafka: {type(exc).__name__}: {exc}", RET_CONNECT)
     verb = "would replay" if dry_run else "replayed"
     table = Table(title=f"{dlq_topic}: {summary.read} dead letters read ({summary.group})")
-    for column in ("x-reason", verb, "skipped"):
+    for column in ("x-reason", verb, "expired (not replayed)", "other reason (skipped)"):
         table.add_column(column, justify="left" if column == "x-reason" else "right")
-    for r in sorted(set(summary.replayed) | set(summary.skipped)):
-        table.add_row(r, str(summary.replayed[r]), str(summary.skipped[r]))
+    for r in sorted(set(summary.replayed) | set(summary.skipped) | set(summary.expired)):
+        table.add_row(r, str(summary.replayed[r]), str(summary.expired[r]), str(summary.skipped[r]))
     console = _console()
     console.print(table)
     for topic, n in sorted(summary.targets.items()):
         console.print(f"{verb} {n} to {topic}")
+    if summary.expired:
+        console.print(
+            "expired: older than 90% of CONSUMER_DEDUP_WINDOW_S, their keys' records may be "
+            "gone (a key applied meanwhile would apply again); --force replays them anyway"
+        )
 
 
 def register(cli: typer.Typer) -> None:

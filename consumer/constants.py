@@ -22,6 +22,7 @@ HEADER_HASH = "x-payload-hash"
 HEADER_STORED_HASH = "x-stored-hash"
 HEADER_SOURCE = "x-source"
 HEADER_OUTCOME = "x-outcome"
+HEADER_REPLAYED_FROM = "x-replayed-from"  # consumer/replay.py: the dead letter a copy came from
 TRACEPARENT = "traceparent"
 
 CONTENT_MSGPACK = "application/msgpack"

@@ -1,21 +1,26 @@
 """Re-drive dead letters: ``consumer replay MODULE:APP TOPIC.dlq``.
 
 A message dead-lettered as ``failed`` (transient failures past ``max_attempts``) left nothing
-in the inbox, so sending it again applies it once the dependency is back. Replaying is safe by
-construction: every copy goes through the same deduplication, so a dead letter replayed twice,
-or one whose key was applied meanwhile by another copy, is answered as a duplicate.
+in the inbox, so sending it again applies it once the dependency is back. Replaying is safe
+because every copy goes through the same deduplication: a dead letter replayed twice, or one
+whose key was applied meanwhile by another copy, is answered as a duplicate. That holds only
+while the key's inbox record exists, so dead letters older than 90 % of the dedup window are
+skipped (``expired``) unless forced: replayed after the record's deletion, a key applied by a
+later copy would apply again.
 
-The original bytes, record key and headers are sent back to the topic and partition named in
-``x-source``; the headers the dead-letter envelope added are removed, the idempotency-key
-header the envelope replaced is restored from ``x-idempotency-key`` for handlers keyed by it,
-and ``x-replayed-from`` names the dead letter. The read position is committed under the group
-``<app group>.replay.<reasons>`` after the copies are acknowledged, so a second run replays
-only newer dead letters (a crash in between replays some again, which is harmless).
+Each dead letter goes back to ``<topic>`` (the dead-letter topic's name without ``.dlq``), on
+the partition named in ``x-source`` when that partition still exists, with its bytes, record
+key and headers; the headers the dead-letter envelope added are removed, the idempotency-key
+header it replaced is restored from ``x-idempotency-key`` for handlers keyed by it, and
+``x-replayed-from`` names the dead letter. The read position is committed under the group
+``<app group>.replay.<reasons>`` once every copy is acknowledged, so a second run replays only
+newer dead letters (a crash in between replays some again, which deduplication absorbs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -26,21 +31,23 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from consumer.app import App
 from consumer.constants import (
     DLQ_SUFFIX,
-    HEADER_DETAIL,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_KEY,
-    HEADER_NAMESPACE,
     HEADER_REASON,
+    HEADER_REPLAYED_FROM,
     HEADER_SOURCE,
 )
+from consumer.errors import ConfigError
+from consumer.outbox.envelopes import DEAD_LETTER_HEADERS
 from consumer.settings import Settings
 
-HEADER_REPLAYED_FROM = "x-replayed-from"
-# Added by consumer/outbox/envelopes.dead_letter; never part of the original message.
-_ENVELOPE = frozenset(
-    {HEADER_REASON, HEADER_DETAIL, HEADER_NAMESPACE, HEADER_KEY, HEADER_SOURCE}
-    | {HEADER_REPLAYED_FROM}
-)
+_DROPPED = DEAD_LETTER_HEADERS | {HEADER_REPLAYED_FROM, HEADER_IDEMPOTENCY_KEY}
+# A dead letter older than this share of the dedup window is skipped unless forced.
+WINDOW_SHARE = 0.9
+
+
+class TopicMissing(ConfigError):
+    """The dead-letter topic, or the topic it would be replayed to, does not exist."""
 
 
 @dataclass
@@ -49,7 +56,8 @@ class ReplaySummary:
 
     read: int = 0
     replayed: Counter[str] = field(default_factory=Counter)  # by reason
-    skipped: Counter[str] = field(default_factory=Counter)  # by reason
+    skipped: Counter[str] = field(default_factory=Counter)  # other reasons, by reason
+    expired: Counter[str] = field(default_factory=Counter)  # older than the window, by reason
     targets: Counter[str] = field(default_factory=Counter)  # by topic
     group: str = ""
 
@@ -62,12 +70,12 @@ def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value is not None else ""
 
 
-def _target(dlq_topic: str, source: str) -> tuple[str, int | None]:
-    """(topic, partition) of the original record, from ``x-source: topic/partition/offset``."""
+def source_partition(target: str, source: str) -> int | None:
+    """The partition in ``x-source: topic/partition/offset``, if it names ``target``."""
     parts = source.rsplit("/", 2)
-    if len(parts) == 3 and parts[1].isdigit():
-        return parts[0], int(parts[1])
-    return dlq_topic.removesuffix(DLQ_SUFFIX), None
+    if len(parts) == 3 and parts[0] == target and parts[1].isdigit():
+        return int(parts[1])
+    return None
 
 
 def original_headers(
@@ -75,11 +83,7 @@ def original_headers(
 ) -> list[tuple[str, bytes]]:
     """The headers to send again: the envelope's removed, the replaced key header restored."""
     by_name = {name.lower(): value for name, value in headers}
-    out = [
-        (name, value)
-        for name, value in headers
-        if name.lower() not in _ENVELOPE and name.lower() != HEADER_IDEMPOTENCY_KEY
-    ]
+    out = [(name, value) for name, value in headers if name.lower() not in _DROPPED]
     handler = app.handler_for(topic)
     key = by_name.get(HEADER_KEY)
     if (
@@ -101,11 +105,14 @@ async def replay(
     *,
     limit: int | None = None,
     dry_run: bool = False,
+    force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReplaySummary:
     """Replay the dead letters of ``dlq_topic`` with one of ``reasons`` that arrived since the
     last run; stop at the end offsets seen at the start (or after ``limit`` replays)."""
+    target = dlq_topic.removesuffix(DLQ_SUFFIX)
     summary = ReplaySummary(group=replay_group(app, reasons))
+    oldest_ms = (time.time() - settings.dedup_window_s * WINDOW_SHARE) * 1000
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=summary.group,
@@ -115,29 +122,45 @@ async def replay(
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all"
     )
-    await consumer.start()
     try:
+        await consumer.start()
         await producer.start()
-        parts = consumer.partitions_for_topic(dlq_topic) or await _partitions(producer, dlq_topic)
-        tps = [TopicPartition(dlq_topic, p) for p in sorted(parts)]
+        # From the cluster's metadata: asking the producer for a missing topic could create
+        # it on a broker that auto-creates topics.
+        existing = await consumer.topics()
+        for name in (dlq_topic, target):
+            if name not in existing:
+                raise TopicMissing(f"topic {name!r} does not exist")
+        dlq_parts = await producer.partitions_for(dlq_topic)  # exists: nothing is created
+        tps = [TopicPartition(dlq_topic, p) for p in sorted(dlq_parts)]
+        target_parts = set(await producer.partitions_for(target))
         consumer.assign(tps)
         end = await consumer.end_offsets(tps)
         total = sum([end[tp] - await consumer.position(tp) for tp in tps])
         pending: list[Any] = []
         done: dict[TopicPartition, int] = {}
-        while any([await consumer.position(tp) < end[tp] for tp in tps]):
-            if limit is not None and sum(summary.replayed.values()) >= limit:
-                break
+
+        def full() -> bool:
+            return limit is not None and sum(summary.replayed.values()) >= limit
+
+        while not full() and any([await consumer.position(tp) < end[tp] for tp in tps]):
             batch = await consumer.getmany(*tps, timeout_ms=1000, max_records=500)
             for tp, records in batch.items():
                 for rec in records:
-                    if rec.offset >= end[tp]:
-                        break
-                    if limit is not None and sum(summary.replayed.values()) >= limit:
+                    if rec.offset >= end[tp] or full():
                         break
                     summary.read += 1
                     done[tp] = rec.offset + 1
-                    pending += await _one(app, producer, dlq_topic, rec, reasons, summary, dry_run)
+                    reason = _text(dict(rec.headers or ()).get(HEADER_REASON))
+                    if reason not in reasons:
+                        summary.skipped[reason or "(none)"] += 1
+                    elif rec.timestamp < oldest_ms and not force:
+                        summary.expired[reason] += 1
+                    else:
+                        summary.replayed[reason] += 1
+                        summary.targets[target] += 1
+                        if not dry_run:
+                            pending.append(await _send(app, producer, target, target_parts, rec))
             if progress is not None:
                 progress(summary.read, total)
         for fut in pending:
@@ -147,43 +170,23 @@ async def replay(
     finally:
         with contextlib.suppress(Exception):
             await producer.stop()
-        await consumer.stop()
+        with contextlib.suppress(Exception):
+            await consumer.stop()
     return summary
 
 
-async def _partitions(producer: AIOKafkaProducer, topic: str) -> set[int]:
-    parts = await producer.partitions_for(topic)
-    return set(parts)
-
-
-async def _one(
-    app: App,
-    producer: AIOKafkaProducer,
-    dlq_topic: str,
-    rec: Any,
-    reasons: Collection[str],
-    summary: ReplaySummary,
-    dry_run: bool,
-) -> list[Any]:
+async def _send(
+    app: App, producer: AIOKafkaProducer, target: str, target_parts: set[int], rec: Any
+) -> Any:
     headers = list(rec.headers or ())
-    by_name = {name.lower(): value for name, value in headers}
-    reason = _text(by_name.get(HEADER_REASON))
-    if reason not in reasons:
-        summary.skipped[reason or "(none)"] += 1
-        return []
-    topic, partition = _target(dlq_topic, _text(by_name.get(HEADER_SOURCE)))
-    if partition is not None and partition not in (await producer.partitions_for(topic)):
-        partition = None  # the topic shrank or was recreated: let the key decide
-    summary.replayed[reason] += 1
-    summary.targets[topic] += 1
-    if dry_run:
-        return []
-    position = f"{dlq_topic}/{rec.partition}/{rec.offset}"
-    fut = await producer.send(
-        topic,
+    partition = source_partition(target, _text(dict(headers).get(HEADER_SOURCE)))
+    if partition not in target_parts:
+        partition = None  # the topic shrank or was recreated: the record key decides
+    position = f"{rec.topic}/{rec.partition}/{rec.offset}"
+    return await producer.send(
+        target,
         rec.value,
         key=rec.key,
         partition=partition,
-        headers=original_headers(app, topic, headers, position),
+        headers=original_headers(app, target, headers, position),
     )
-    return [fut]

@@ -57,7 +57,10 @@ class _Watched:
 
     def _failed(self, exc: BaseException) -> None:
         self.clean = False
-        if self.first_error is None:
+        # Only an error from the server aborts the transaction, and only the server's carry a
+        # severity: asyncpg refusing an argument client-side (a DataError with SQLSTATE 22000
+        # and nothing else) sends nothing and leaves the savepoint as it was.
+        if self.first_error is None and getattr(exc, "severity", None):
             self.first_error = exc
 
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:

@@ -113,6 +113,12 @@ def reply(
     return OutboxRow(reply_to, key.encode(), codec.encode(body), headers, ik)
 
 
+# The headers dead_letter() adds; consumer/replay.py removes them to send the original again.
+DEAD_LETTER_HEADERS = frozenset(
+    {HEADER_REASON, HEADER_DETAIL, HEADER_NAMESPACE, HEADER_KEY, HEADER_SOURCE}
+)
+
+
 def dead_letter(
     msg: Message,
     reason: str,

@@ -91,12 +91,14 @@ class BatchProcessor:
         self.inflight: dict[Ident, asyncio.Future[None]] = {}
         self.attempts: dict[tuple[str, int, int], int] = {}
         self.unstorable: dict[tuple[str, int, int], int] = {}  # whole-batch refusals, alone
+        self.refused_in_a_row: dict[tuple[str, int], int] = {}  # unstorable dead letters
 
     def forget(self, topic: str, partition: int) -> None:
         """Drop the attempt counts of a partition this worker no longer owns."""
         for counts in (self.attempts, self.unstorable):
             for pos in [p for p in counts if p[0] == topic and p[1] == partition]:
                 del counts[pos]
+        self.refused_in_a_row.pop((topic, partition), None)
 
     @property
     def leases(self) -> LeaseStore:
@@ -164,6 +166,10 @@ class BatchProcessor:
                 fut.set_result(None)
                 del self.inflight[ident]
         result.duration_s = time.monotonic() - started
+        for h_ in result.handled:
+            self.unstorable.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
+        if any(h_.outcome is not Outcome.FAILED for h_ in result.handled):
+            self.refused_in_a_row.pop((first.topic, first.partition), None)
         return result
 
     async def _process(
@@ -227,6 +233,20 @@ class BatchProcessor:
         if n < limit:
             failed.retry_delay_s = backoff_s(self.settings, n)
             return failed
+        tp = (msg.topic, msg.partition)
+        if self.refused_in_a_row.get(tp, 0) >= poison.MAX_IN_A_ROW:
+            # Several records in a row refused alone: more likely the database (a migration
+            # gone wrong) than the data. Stalling is the safe failure; an operator decides.
+            log.error(
+                "%s refused alone %d times, after %d records in a row were dead-lettered as "
+                "unstorable: not dead-lettering more; the partition waits (%s)",
+                msg.source,
+                n,
+                poison.MAX_IN_A_ROW,
+                failed.error,
+            )
+            failed.retry_delay_s = backoff_s(self.settings, n)
+            return failed
         try:
             done = await poison.dead_letter_alone(
                 self._begin, self.app.group, msg, it.ident, f"unstorable ({n}): {failed.error}"
@@ -235,6 +255,7 @@ class BatchProcessor:
             log.warning("dead-lettering %s failed (%s: %s)", msg.source, type(exc).__name__, exc)
             return failed
         self.unstorable.pop(pos, None)
+        self.refused_in_a_row[tp] = self.refused_in_a_row.get(tp, 0) + 1
         return done
 
     async def _renew(self, idents: list[Ident], counts: BatchCounts) -> None:

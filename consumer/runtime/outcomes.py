@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -77,6 +77,7 @@ class BatchResult:
         self.retry_offset, self.retry_delay_s = later.retry_offset, later.retry_delay_s
         self.error, self.poisoned = later.error, later.poisoned
         self.redis_degraded = later.redis_degraded
-        for name in ("lease_acquired", "lease_contended", "lease_renewed", "fast_path", "pg_path"):
-            setattr(self.counts, name, getattr(self.counts, name) + getattr(later.counts, name))
-        self.counts.handler_s += later.counts.handler_s
+        for f in fields(BatchCounts):
+            setattr(
+                self.counts, f.name, getattr(self.counts, f.name) + getattr(later.counts, f.name)
+            )

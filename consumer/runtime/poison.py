@@ -9,7 +9,9 @@ re-run one at a time: those before the culprit commit, and the culprit, failing 
 ``max_attempts`` times, is dead-lettered as ``unstorable`` with nothing recorded under its key.
 
 Other whole-batch failures (PostgreSQL down, a missing table, a revoked grant) say nothing
-about a record; they are retried without limit and dead-letter nothing.
+about a record; they are retried without limit and dead-letter nothing. So is a data error
+that hits record after record: after ``MAX_IN_A_ROW`` unstorable dead letters in a row on a
+partition, the next culprit is not dead-lettered and the partition waits for an operator.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
+
+import asyncpg
 
 from consumer.db.tx import BatchTx
 from consumer.dedup.identity import Identity
@@ -29,14 +33,19 @@ log = logging.getLogger("consumer.batch")
 
 T = TypeVar("T")
 
+# Dead-lettered as unstorable one after another on one partition, with nothing applied in
+# between: beyond this, the cause is taken to be the database, and the partition waits.
+MAX_IN_A_ROW = 3
+
 
 def data_error(exc: BaseException) -> bool:
     """True if ``exc`` refuses a value (not a connection, a permission, a missing table)."""
+    # asyncpg's client-side DataError (a value its codec cannot encode) is the only
+    # InterfaceError that is also a ValueError; asyncpg.DataError is the server's class 22.
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        return True
     sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str):
-        return sqlstate.startswith("22")
-    # asyncpg's client-side DataError (a value its codec cannot encode) is a ValueError.
-    return isinstance(exc, ValueError | TypeError | UnicodeError)
+    return isinstance(sqlstate, str) and sqlstate.startswith("22")
 
 
 async def isolate(

@@ -7,13 +7,18 @@ replaying again must send nothing new, and definite outcomes (``rejected``) stay
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import msgpack
 import pytest
+from aiokafka import AIOKafkaConsumer
 from typer.testing import CliRunner
 
+import consumer.replay
 from consumer import App, Context, Reject
 from consumer.cli import cli
-from consumer.replay import replay
+from consumer.replay import TopicMissing, replay
 from schemas.payments import PaymentRequested
 from tests.conftest import app_settings, eventually, read_topic, running
 from tests.integration.dedup_support import cleanup
@@ -102,8 +107,65 @@ async def test_failed_dead_letters_replay_once(settings, topics, producer, pg, u
     await cleanup(pg, unique, settings.redis_url)
 
 
-def test_replay_refuses_a_topic_the_app_does_not_consume(monkeypatch):
-    monkeypatch.setenv("CONSUMER_RELAY_ENABLED", "false")
-    out = CliRunner().invoke(cli, ["replay", "handlers.app:app", "elsewhere.dlq"])
+@pytest.mark.parametrize("topic", ["elsewhere.dlq", "payments.requested"])
+def test_replay_refuses_a_topic_that_is_not_one_of_the_apps_dead_letter_topics(monkeypatch, topic):
+    # The app's own input topic too: replaying it would re-send every record there carrying
+    # x-reason: failed.
+    async def must_not_run(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("replay started")
+
+    monkeypatch.setattr(consumer.replay, "replay", must_not_run)
+    out = CliRunner().invoke(cli, ["replay", "handlers.app:app", topic])
     assert out.exit_code == 2, out.output
     assert "not the dead-letter topic" in out.output
+
+
+async def test_a_missing_topic_is_reported_not_created(settings, unique):
+    app = App(f"g-{unique}", settings=app_settings(settings))
+    topic = f"never-{unique}"
+
+    @app.handler(topic, schema=PaymentRequested)
+    async def settle(p: PaymentRequested, ctx: Context) -> None:
+        return None
+
+    with pytest.raises(TopicMissing, match=f"{topic}.dlq"):
+        await replay(app, app.settings, topic + ".dlq")
+    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await probe.start()
+    try:
+        assert topic + ".dlq" not in await probe.topics()
+    finally:
+        await probe.stop()
+
+
+async def test_dead_letters_older_than_the_dedup_window_are_not_replayed(
+    settings, topics, producer
+):
+    """Past the window the key's record may be gone, so a key applied meanwhile by a later
+    copy would apply again: such dead letters are counted as expired unless forced."""
+    window_s = 3600
+    topic = await topics("replay-window", partitions=1)
+    app = App(f"g-{topic}", settings=app_settings(settings, dedup_window_s=window_s))
+
+    @app.handler(topic, schema=PaymentRequested)
+    async def settle(p: PaymentRequested, ctx: Context) -> None:
+        return None
+
+    def letter(age_s: float, offset: int) -> dict[str, Any]:
+        return {
+            "value": msgpack.packb({"payment_id": "p", "account": "a", "cents": 1}),
+            "partition": 0,
+            "timestamp_ms": int((time.time() - age_s) * 1000),
+            "headers": [
+                ("x-reason", b"failed"),
+                ("x-idempotency-key", f"k{offset}".encode()),
+                ("x-source", f"{topic}/0/{offset}".encode()),
+            ],
+        }
+
+    await producer.send_and_wait(topic + ".dlq", **letter(2 * window_s, 0))
+    await producer.send_and_wait(topic + ".dlq", **letter(60, 1))
+    dry = await replay(app, app.settings, topic + ".dlq", dry_run=True)
+    assert (dry.read, dict(dry.replayed), dict(dry.expired)) == (2, {"failed": 1}, {"failed": 1})
+    forced = await replay(app, app.settings, topic + ".dlq", dry_run=True, force=True)
+    assert dict(forced.replayed) == {"failed": 2}
