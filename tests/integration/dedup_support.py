@@ -1,4 +1,5 @@
-"""Helpers shared by the outcome and fault tests: produce, observe outcomes, read the stores.
+"""Helpers shared by the outcome and fault tests: produce, observe outcomes, read the stores,
+and drive a BatchProcessor directly on PostgreSQL (no Kafka) as the worker would.
 
 Everything here reads the real stores (PostgreSQL rows, Redis keys) so a test asserts what
 was committed, not what the runtime says it did.
@@ -6,8 +7,10 @@ was committed, not what the runtime says it did.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -15,11 +18,15 @@ import msgpack
 from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel
 
+from consumer import App, Settings
 from consumer.constants import done_key, lease_key
-from consumer.dedup.leases import RedisLeases
-from consumer.runtime.outcomes import Handled, Outcome
+from consumer.db.pool import create_pool
+from consumer.dedup.leases import LeaseStore, NoLeases, RedisLeases
+from consumer.message import Message
+from consumer.runtime.batch import BatchProcessor, pg_transaction
+from consumer.runtime.outcomes import BatchResult, Handled, Outcome
 from consumer.runtime.worker import Worker
-from tests.conftest import eventually
+from tests.conftest import app_settings, eventually
 
 
 class Pay(BaseModel):
@@ -181,3 +188,87 @@ def redis_keys(namespace: str, keys: list[str], epoch: str) -> list[str]:
     """The lease and done-marker keys of ``keys``: deleted by name, since SCAN over the shared
     Redis (hundreds of thousands of keys) takes seconds."""
     return [name for k in keys for name in (lease_key(namespace, k), done_key(namespace, k, epoch))]
+
+
+@contextlib.asynccontextmanager
+async def direct_env(
+    settings: Settings,
+    pg: asyncpg.Connection,
+    unique: str,
+    prefix: str,
+    *,
+    pool_size: int = 2,
+    app_name: str = "",
+    clean_redis: bool = False,
+    **setting_overrides: Any,
+) -> AsyncIterator[dict[str, Any]]:
+    """What a test driving BatchProcessor directly needs: ``settings`` (no relay, tiny retry
+    backoffs, then ``setting_overrides``), ``group``, ``topic`` (``<prefix>-<unique>``), an
+    asyncpg ``pool`` and its ``app_name``. The test's rows are deleted on exit, and its Redis
+    keys too with ``clean_redis`` (a SCAN of the shared Redis: only for tests that use it).
+
+    ``app_name`` sets the pool's application_name, which singles out this test's sessions in
+    pg_stat_activity on the shared server.
+    """
+    s = app_settings(
+        settings,
+        relay_enabled=False,
+        retry_backoff_ms=1,
+        retry_backoff_max_ms=2,
+        **setting_overrides,
+    )
+    dsn = settings.postgres_dsn
+    if app_name:
+        dsn += f"{'&' if '?' in dsn else '?'}application_name={app_name}"
+    pool = await create_pool(dsn, max_size=pool_size)
+    try:
+        yield {
+            "settings": s,
+            "group": f"g-{unique}",
+            "topic": f"{prefix}-{unique}",
+            "pool": pool,
+            "app_name": app_name,
+        }
+    finally:
+        await pool.close()
+        await cleanup(pg, unique, settings.redis_url if clean_redis else "")
+
+
+def record(
+    topic: str,
+    offset: int,
+    payload: dict[str, Any],
+    *,
+    partition: int = 0,
+    headers: dict[str, bytes] | None = None,
+) -> Message:
+    """A consumed record as the worker would hand it over: msgpack value, no Kafka key."""
+    hdrs = tuple((headers or {}).items())
+    return Message(topic, partition, offset, None, msgpack.packb(payload), hdrs)
+
+
+def direct_processor(
+    app: App, env: dict[str, Any], leases: LeaseStore | None = None, token: str = "tok"
+) -> BatchProcessor:
+    """A BatchProcessor on ``env``'s pool; without Redis (``NoLeases``) unless ``leases``."""
+    return BatchProcessor(
+        app,
+        env["settings"],
+        NoLeases() if leases is None else leases,
+        token,
+        lambda: pg_transaction(env["pool"]),
+    )
+
+
+async def drive(processor: BatchProcessor, msgs: list[Message], rounds: int) -> list[BatchResult]:
+    """Process ``msgs`` and redeliver from the retry position, as the worker does, at most
+    ``rounds`` times in all; the result of every round, in order."""
+    results = []
+    pending = msgs
+    for _ in range(rounds):
+        result = await processor.process(pending)
+        results.append(result)
+        if result.retry_offset is None:
+            break
+        pending = [m for m in msgs if m.offset >= result.retry_offset]
+    return results

@@ -13,22 +13,20 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgpack
 import pytest
 
 from consumer import App, Context
-from consumer.db.pool import create_pool
-from consumer.dedup.leases import NoLeases, RedisLeases
-from consumer.message import Message
-from consumer.runtime.batch import BatchProcessor, pg_transaction
+from consumer.dedup.leases import RedisLeases
 from consumer.runtime.outcomes import Outcome
-from tests.conftest import app_settings, eventually
+from tests.conftest import eventually
 from tests.integration.dedup_support import (
     Pay,
-    cleanup,
     db_epoch,
+    direct_env,
+    direct_processor,
     inbox,
     outbox,
+    record,
     redis_keys,
     stored_offset,
 )
@@ -40,33 +38,18 @@ FAILED, APPLIED, DUPLICATE = Outcome.FAILED, Outcome.APPLIED, Outcome.DUPLICATE
 
 @pytest.fixture
 async def env(settings, pg, unique) -> AsyncIterator[dict[str, Any]]:
-    s = app_settings(
+    async with direct_env(
         settings,
-        relay_enabled=False,
-        retry_backoff_ms=1,
-        retry_backoff_max_ms=2,
+        pg,
+        unique,
+        "failed",
+        pool_size=4,
+        app_name=f"failed-{unique}",
+        clean_redis=True,
         max_attempts=1,
         lease_wait_ms=0,
-    )
-    # The application name singles out this test's sessions on the shared server.
-    app_name = f"review-{unique}"
-    sep = "&" if "?" in settings.postgres_dsn else "?"
-    pool = await create_pool(f"{settings.postgres_dsn}{sep}application_name={app_name}", max_size=4)
-    try:
-        yield {
-            "settings": s,
-            "group": f"g-{unique}",
-            "topic": f"failed-{unique}",
-            "pool": pool,
-            "app_name": app_name,
-        }
-    finally:
-        await pool.close()
-        await cleanup(pg, unique, settings.redis_url)
-
-
-def _msg(topic: str, partition: int, offset: int, payload: dict[str, Any], **h: bytes) -> Message:
-    return Message(topic, partition, offset, None, msgpack.packb(payload), tuple(h.items()))
+    ) as e:
+        yield e
 
 
 async def test_failed_copies_in_one_batch_share_the_dead_letter_and_leave_nothing(
@@ -86,17 +69,15 @@ async def test_failed_copies_in_one_batch_share_the_dead_letter_and_leave_nothin
         return {"ok": p.cents}
 
     leases = RedisLeases(settings.redis_url, epoch=await db_epoch(pg))
-    processor = BatchProcessor(
-        app, env["settings"], leases, "tok-a", lambda: pg_transaction(env["pool"])
-    )
+    processor = direct_processor(app, env, leases, "tok-a")
     topic, ns = env["topic"], f"{env['group']}.handle"
     replies = f"replies-{env['group']}"
     try:
         batch = [
-            _msg(topic, 0, 0, {"id": "k", "cents": 1}),
-            _msg(topic, 0, 1, {"id": "k", "cents": 1}, **{"reply-to": replies.encode()}),
-            _msg(topic, 0, 2, {"id": "k", "cents": 2}),  # another payload, same key
-            _msg(topic, 0, 3, {"id": "other", "cents": 1}),
+            record(topic, 0, {"id": "k", "cents": 1}),
+            record(topic, 1, {"id": "k", "cents": 1}, headers={"reply-to": replies.encode()}),
+            record(topic, 2, {"id": "k", "cents": 2}),  # another payload, same key
+            record(topic, 3, {"id": "other", "cents": 1}),
         ]
         r1 = await processor.process(batch)
         assert r1.retry_offset is None
@@ -115,8 +96,8 @@ async def test_failed_copies_in_one_batch_share_the_dead_letter_and_leave_nothin
         healthy = True
         r2 = await processor.process(
             [
-                _msg(topic, 0, 4, {"id": "k", "cents": 2}),
-                _msg(topic, 0, 5, {"id": "k", "cents": 2}, **{"reply-to": replies.encode()}),
+                record(topic, 4, {"id": "k", "cents": 2}),
+                record(topic, 5, {"id": "k", "cents": 2}, headers={"reply-to": replies.encode()}),
             ]
         )
         assert [h.outcome for h in r2.handled] == [APPLIED, DUPLICATE]
@@ -144,16 +125,11 @@ async def test_claimer_blocked_on_a_failed_runs_claim_runs_the_handler(env, pg):
             raise TimeoutError("upstream down")
         return "applied by B"
 
-    def worker(token: str) -> BatchProcessor:
-        return BatchProcessor(
-            app, env["settings"], NoLeases(), token, lambda: pg_transaction(env["pool"])
-        )
-
-    a, b = worker("tok-a"), worker("tok-b")
+    a, b = direct_processor(app, env, token="tok-a"), direct_processor(app, env, token="tok-b")
     topic, ns = env["topic"], f"{env['group']}.handle"
-    ta = asyncio.create_task(a.process([_msg(topic, 0, 0, {"id": "k"})]))
+    ta = asyncio.create_task(a.process([record(topic, 0, {"id": "k"})]))
     await asyncio.wait_for(started.wait(), 10)
-    tb = asyncio.create_task(b.process([_msg(topic, 1, 0, {"id": "k"})]))
+    tb = asyncio.create_task(b.process([record(topic, 0, {"id": "k"}, partition=1)]))
 
     async def b_blocked() -> bool:
         n = await pg.fetchval(

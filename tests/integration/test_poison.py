@@ -12,17 +12,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import msgpack
 import pytest
 
 from consumer import App, Context
-from consumer.db.pool import create_pool
-from consumer.dedup.leases import NoLeases
 from consumer.message import Message
-from consumer.runtime.batch import BatchProcessor, pg_transaction
+from consumer.runtime.batch import BatchProcessor
 from consumer.runtime.outcomes import BatchResult, Outcome
-from tests.conftest import app_settings
-from tests.integration.dedup_support import Pay, cleanup, inbox, outbox, stored_offset
+from tests.integration.dedup_support import (
+    Pay,
+    direct_env,
+    direct_processor,
+    drive,
+    inbox,
+    outbox,
+    record,
+    stored_offset,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,42 +36,13 @@ MAX_ATTEMPTS = 3
 
 @pytest.fixture
 async def env(settings, pg, unique) -> AsyncIterator[dict[str, Any]]:
-    s = app_settings(
-        settings,
-        relay_enabled=False,
-        retry_backoff_ms=1,
-        retry_backoff_max_ms=2,
-        max_attempts=MAX_ATTEMPTS,
-    )
-    pool = await create_pool(settings.postgres_dsn, max_size=2)
-    try:
-        yield {"settings": s, "group": f"g-{unique}", "topic": f"poison-{unique}", "pool": pool}
-    finally:
-        await pool.close()
-        await cleanup(pg, unique)
-
-
-def _processor(app: App, env: dict[str, Any]) -> BatchProcessor:
-    return BatchProcessor(
-        app, env["settings"], NoLeases(), "tok", lambda: pg_transaction(env["pool"])
-    )
-
-
-def _msg(topic: str, offset: int, payload: dict[str, Any], **headers: bytes) -> Message:
-    return Message(topic, 0, offset, None, msgpack.packb(payload), tuple(headers.items()))
+    async with direct_env(settings, pg, unique, "poison", max_attempts=MAX_ATTEMPTS) as e:
+        yield e
 
 
 async def _drive(processor: BatchProcessor, msgs: list[Message]) -> list[BatchResult]:
-    """Redeliver from the retry position, as the worker does, at most a bounded number of times."""
-    results = []
-    pending = msgs
-    for _ in range(MAX_ATTEMPTS + 3):
-        result = await processor.process(pending)
-        results.append(result)
-        if result.retry_offset is None:
-            break
-        pending = [m for m in msgs if m.offset >= result.retry_offset]
-    return results
+    """Redeliver from the retry position, as the worker does, a bounded number of times."""
+    return await drive(processor, msgs, MAX_ATTEMPTS + 3)
 
 
 async def _assert_progress(pg: asyncpg.Connection, env: dict[str, Any], results, last: int):
@@ -83,41 +59,28 @@ async def test_non_finite_float_in_result_does_not_stall_the_partition(env, pg, 
         return {"rate": value} if p.id == "bad" else {"ok": 1}
 
     topic = env["topic"]
-    msgs = [_msg(topic, 0, {"id": "bad"}), _msg(topic, 1, {"id": "good"})]
-    results = await _drive(_processor(app, env), msgs)
+    msgs = [record(topic, 0, {"id": "bad"}), record(topic, 1, {"id": "good"})]
+    results = await _drive(direct_processor(app, env), msgs)
     await _assert_progress(pg, env, results, 1)
 
 
-async def test_reply_to_header_with_nul_does_not_stall_the_partition(env, pg):
+@pytest.mark.parametrize(
+    ("headers", "publish"),
+    [({"reply-to": b"replies\x00x"}, False), ({"traceparent": b"00-\x00-01"}, True)],
+    ids=["reply_to", "traceparent_and_a_publish"],
+)
+async def test_header_with_nul_does_not_stall_the_partition(env, pg, headers, publish):
     app = App(env["group"], settings=env["settings"])
 
     @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
     async def handle(p: Pay, ctx: Context) -> Any:
+        if publish:
+            ctx.publish(env["topic"] + ".out", {"id": p.id})
         return {"ok": 1}
 
     topic = env["topic"]
-    msgs = [
-        _msg(topic, 0, {"id": "r"}, **{"reply-to": b"replies\x00x"}),
-        _msg(topic, 1, {"id": "good"}),
-    ]
-    results = await _drive(_processor(app, env), msgs)
-    await _assert_progress(pg, env, results, 1)
-
-
-async def test_traceparent_with_nul_and_a_publish_does_not_stall_the_partition(env, pg):
-    app = App(env["group"], settings=env["settings"])
-
-    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
-    async def handle(p: Pay, ctx: Context) -> Any:
-        ctx.publish(env["topic"] + ".out", {"id": p.id})
-        return {"ok": 1}
-
-    topic = env["topic"]
-    msgs = [
-        _msg(topic, 0, {"id": "t"}, traceparent=b"00-\x00-01"),
-        _msg(topic, 1, {"id": "good"}),
-    ]
-    results = await _drive(_processor(app, env), msgs)
+    msgs = [record(topic, 0, {"id": "h"}, headers=headers), record(topic, 1, {"id": "good"})]
+    results = await _drive(direct_processor(app, env), msgs)
     await _assert_progress(pg, env, results, 1)
     handled = [h.outcome for r in results for h in r.handled]
     assert Outcome.APPLIED in handled
@@ -146,8 +109,8 @@ async def test_lone_surrogate_in_a_hash_excluded_field_does_not_stall_the_partit
         b'{"id": "s", "sent_at": "\\ud800"}',
         (("content-type", b"application/json"),),
     )
-    msgs = [bad, _msg(topic, 1, {"id": "good"})]
-    results = await _drive(_processor(app, env), msgs)
+    msgs = [bad, record(topic, 1, {"id": "good"})]
+    results = await _drive(direct_processor(app, env), msgs)
     await _assert_progress(pg, env, results, 1)
 
 
@@ -177,8 +140,8 @@ async def test_a_value_refused_at_a_shared_statement_is_isolated_and_dead_letter
             ctx.publish(refused if p.id == "bad" else topic + ".out", {"id": p.id})
             return {"ok": p.id}
 
-        msgs = [_msg(topic, i, {"id": pid}) for i, pid in enumerate(["a", "b", "bad", "c"])]
-        results = await _drive(_processor(app, env), msgs)
+        msgs = [record(topic, i, {"id": pid}) for i, pid in enumerate(["a", "b", "bad", "c"])]
+        results = await _drive(direct_processor(app, env), msgs)
     finally:
         await pg.execute(f"DROP TRIGGER {fn} ON dedup.outbox")
         await pg.execute(f"DROP FUNCTION dedup.{fn}()")

@@ -14,17 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import msgpack
 import pytest
 
 from consumer import App, Context
-from consumer.db.pool import create_pool
-from consumer.dedup.leases import NoLeases
-from consumer.message import Message
-from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.outcomes import Outcome
-from tests.conftest import app_settings
-from tests.integration.dedup_support import Pay, cleanup, inbox
+from tests.integration.dedup_support import Pay, direct_env, direct_processor, drive, inbox, record
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +27,8 @@ DEADLOCK = "DO $$ BEGIN RAISE EXCEPTION 'simulated' USING ERRCODE = '40P01'; END
 
 @pytest.fixture
 async def env(settings, pg, unique) -> AsyncIterator[dict[str, Any]]:
-    s = app_settings(
-        settings, relay_enabled=False, retry_backoff_ms=1, retry_backoff_max_ms=2, max_attempts=3
-    )
-    pool = await create_pool(settings.postgres_dsn, max_size=2)
-    try:
-        yield {"settings": s, "group": f"g-{unique}", "topic": f"swal-{unique}", "pool": pool}
-    finally:
-        await pool.close()
-        await cleanup(pg, unique)
+    async with direct_env(settings, pg, unique, "swal", max_attempts=3) as e:
+        yield e
 
 
 @pytest.mark.parametrize("then", ["return", "next_statement"])
@@ -61,16 +48,39 @@ async def test_swallowed_deadlock_does_not_burn_the_key(env, pg, then):
                 await ctx.db.execute("SELECT 1")
         return {"ok": 1}
 
-    processor = BatchProcessor(
-        app, env["settings"], NoLeases(), "tok", lambda: pg_transaction(env["pool"])
-    )
-    msg = Message(env["topic"], 0, 0, None, msgpack.packb({"id": "k"}))
-    outcomes = []
-    for _ in range(5):
-        result = await processor.process([msg])
-        outcomes += [h.outcome for h in result.handled]
-        if result.retry_offset is None:
-            break
+    results = await drive(direct_processor(app, env), [record(env["topic"], 0, {"id": "k"})], 5)
+    outcomes = [h.outcome for r in results for h in r.handled]
     row = (await inbox(pg, f"{env['group']}.handle")).get("k")
     assert outcomes == [Outcome.APPLIED], (outcomes, row and row["reason"])
     assert row is not None and row["status"] == "done"
+
+
+async def test_client_side_error_before_a_swallowed_deadlock_does_not_burn_the_key(env, pg):
+    """The deadlock, not an earlier client-side error, is what aborted the savepoint.
+
+    asyncpg refuses an argument it cannot encode (DataError) before anything reaches
+    PostgreSQL, so the transaction is still fine; a deadlock swallowed after it does abort it.
+    The RELEASE's 25P02 must be classified by the deadlock (transient, retried) and not by the
+    client-side error (unknown, so ``on_error="reject"`` would burn the key).
+    """
+    app = App(env["group"], settings=env["settings"])
+    calls: list[int] = []
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id, on_error="reject")
+    async def handle(p: Pay, ctx: Context) -> Any:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
+            try:  # refused by the driver before sending: the transaction is still fine
+                await ctx.db.execute("SELECT $1::int", "not a number")
+            except asyncpg.DataError:  # raised by asyncpg itself, SQLSTATE 22000
+                pass
+            try:
+                await ctx.db.execute(DEADLOCK)
+            except asyncpg.DeadlockDetectedError:
+                pass
+        return {"ok": 1}
+
+    results = await drive(direct_processor(app, env), [record(env["topic"], 0, {"id": "k"})], 5)
+    outcomes = [h.outcome for r in results for h in r.handled]
+    row = (await inbox(pg, f"{env['group']}.handle")).get("k")
+    assert outcomes == [Outcome.APPLIED], (outcomes, row and row["reason"])
