@@ -8,6 +8,7 @@ redelivery would stall its partition forever (consumer/storable.py, runtime/pois
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 
 from consumer import App, Context
 from consumer.message import Message
+from consumer.runtime import poison
 from consumer.runtime.batch import BatchProcessor
 from consumer.runtime.outcomes import BatchResult, Outcome
 from tests.integration.dedup_support import (
@@ -114,6 +116,25 @@ async def test_lone_surrogate_in_a_hash_excluded_field_does_not_stall_the_partit
     await _assert_progress(pg, env, results, 1)
 
 
+@contextlib.asynccontextmanager
+async def refusing(pg: asyncpg.Connection, topic: str, tag: str) -> AsyncIterator[None]:
+    """PostgreSQL refuses outbox rows to ``topic`` for a data reason (SQLSTATE 22023)."""
+    fn = f"refuse_{tag.replace('-', '_')}"
+    await pg.execute(
+        f"CREATE FUNCTION dedup.{fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"RAISE EXCEPTION 'value refused' USING ERRCODE = '22023'; END $$"
+    )
+    await pg.execute(
+        f"CREATE TRIGGER {fn} BEFORE INSERT ON dedup.outbox FOR EACH ROW "
+        f"WHEN (NEW.topic = '{topic}') EXECUTE FUNCTION dedup.{fn}()"
+    )
+    try:
+        yield
+    finally:
+        await pg.execute(f"DROP TRIGGER {fn} ON dedup.outbox")
+        await pg.execute(f"DROP FUNCTION dedup.{fn}()")
+
+
 async def test_a_value_refused_at_a_shared_statement_is_isolated_and_dead_lettered(env, pg):
     """Behind the per-message checks: PostgreSQL refuses, for a data reason (SQLSTATE 22023
     raised by a trigger here), a row the whole batch inserts together. The records before the
@@ -121,16 +142,7 @@ async def test_a_value_refused_at_a_shared_statement_is_isolated_and_dead_letter
     records after it apply: the partition does not stall."""
     topic = env["topic"]
     refused = f"refused-{env['group']}"
-    fn = f"refuse_{env['group'].replace('-', '_')}"
-    await pg.execute(
-        f"CREATE FUNCTION dedup.{fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-        f"RAISE EXCEPTION 'value refused' USING ERRCODE = '22023'; END $$"
-    )
-    await pg.execute(
-        f"CREATE TRIGGER {fn} BEFORE INSERT ON dedup.outbox FOR EACH ROW "
-        f"WHEN (NEW.topic = '{refused}') EXECUTE FUNCTION dedup.{fn}()"
-    )
-    try:
+    async with refusing(pg, refused, env["group"]):
         app = App(env["group"], settings=env["settings"])
         runs: list[str] = []
 
@@ -142,9 +154,6 @@ async def test_a_value_refused_at_a_shared_statement_is_isolated_and_dead_letter
 
         msgs = [record(topic, i, {"id": pid}) for i, pid in enumerate(["a", "b", "bad", "c"])]
         results = await _drive(direct_processor(app, env), msgs)
-    finally:
-        await pg.execute(f"DROP TRIGGER {fn} ON dedup.outbox")
-        await pg.execute(f"DROP FUNCTION dedup.{fn}()")
 
     await _assert_progress(pg, env, results, 3)
     outcomes = {h.message.offset: h.outcome for r in results for h in r.handled}
@@ -167,3 +176,29 @@ async def test_a_value_refused_at_a_shared_statement_is_isolated_and_dead_letter
         "unstorable",
         "bad",
     )
+
+
+async def test_records_refused_one_after_another_stall_instead_of_draining(env, pg):
+    """When every record is refused (a database problem more likely than bad data), only
+    MAX_IN_A_ROW are dead-lettered; then the partition waits instead of draining into the
+    dead-letter topic."""
+    topic = env["topic"]
+    refused = f"refused-{env['group']}"
+    async with refusing(pg, refused, env["group"]):
+        app = App(env["group"], settings=env["settings"])
+
+        @app.handler(topic, schema=Pay, key=lambda p: p.id)
+        async def handle(p: Pay, ctx: Context) -> Any:
+            ctx.publish(refused, {"id": p.id})
+            return None
+
+        msgs = [record(topic, i, {"id": f"k{i}"}) for i in range(poison.MAX_IN_A_ROW + 2)]
+        rounds = (poison.MAX_IN_A_ROW + 2) * MAX_ATTEMPTS + 2
+        results = await drive(direct_processor(app, env), msgs, rounds)
+
+    assert len(results) == rounds  # still retrying at the end: stalled, not finished
+    assert results[-1].retry_offset == poison.MAX_IN_A_ROW
+    assert await stored_offset(pg, env["group"], topic, 0) == poison.MAX_IN_A_ROW
+    dead = await outbox(pg, topic + ".dlq")
+    assert [d["headers"]["x-reason"] for d in dead] == ["unstorable"] * poison.MAX_IN_A_ROW
+    assert await inbox(pg, f"{env['group']}.handle") == {}
