@@ -66,9 +66,9 @@ async def _redis_state(settings: Settings, namespace: str, key: str, epoch: str)
     """What the accelerator says about a key; Redis being down is reported, not fatal."""
     if settings.redis_mode == "off":
         return {"redis": "off (CONSUMER_REDIS_MODE=off)"}
-    import redis.asyncio as aioredis
+    from consumer.dedup.cluster import redis_client
 
-    client = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
+    client = redis_client(settings.redis_url, settings.redis_cluster)
     try:
         done = await client.get(done_key(namespace, key, epoch))
         lease = await client.get(lease_key(namespace, key))
@@ -154,9 +154,9 @@ async def _evict(settings: Settings, namespace: str, key: str, epoch: str) -> in
     # After the database: a worker reading the record before the DELETE may still write a
     # done marker, which this removes. Redis is only the accelerator, so it goes second.
     if settings.redis_mode != "off":
-        import redis.asyncio as aioredis
+        from consumer.dedup.cluster import redis_client
 
-        client = aioredis.from_url(settings.redis_url, socket_timeout=2.0)
+        client = redis_client(settings.redis_url, settings.redis_cluster)
         try:
             await client.delete(done_key(namespace, key, epoch), lease_key(namespace, key))
         finally:

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     metrics_dir: str = ""
     tenant_header: str = "tenant"
     redis_mode: Literal["on", "off"] = "on"
+    # CONSUMER_REDIS_URL names one node of a Redis Cluster; calls are split per namespace
+    # (one hash slot each), see consumer/dedup/cluster.py.
+    redis_cluster: bool = False
     faults: str = ""  # test-only: see consumer/faults.py
     # TEST-ONLY deliberately broken build, so the chaos checker (scripts/chaos) can show it
     # bites: "done_before_commit" writes the Redis done markers before the database commit,

@@ -3,6 +3,7 @@
 #
 #   scripts/services.sh up | down | status | env | clean
 #   scripts/services.sh restart-redis | kill-kafka | start-kafka | restart-pg-immediate
+#   scripts/services.sh redis-cluster-up | redis-cluster-down   (3 nodes, for cluster tests)
 #
 # Everything (data, logs, pid files, the Kafka jars) lives under .services/ (git-ignored).
 # Only processes recorded in our own pid files are ever signalled.
@@ -272,6 +273,62 @@ redis_launch() {
 redis_wait() { wait_ready redis "$REDIS_PID" redis-server "$REDIS_LOG" redis_ready; }
 redis_stop() { stop_pid redis "$REDIS_PID" redis-server; }
 
+# ---------------------------------------------------------------- redis cluster (optional)
+# Three master nodes on REDIS_CLUSTER_PORT..+2, no replicas, no persistence: for the tests of
+# CONSUMER_REDIS_CLUSTER. Started only by `redis-cluster-up`, stopped by it and by `down`.
+
+REDIS_CLUSTER_PORT="${REDIS_CLUSTER_PORT:-16380}"
+REDIS_CLUSTER_DIR="$SERVICES_DIR/redis-cluster"
+
+cluster_ports() { echo "$REDIS_CLUSTER_PORT" $((REDIS_CLUSTER_PORT + 1)) $((REDIS_CLUSTER_PORT + 2)); }
+cluster_ok() {
+    redis-cli -h 127.0.0.1 -p "$REDIS_CLUSTER_PORT" cluster info 2>/dev/null | grep -q 'cluster_state:ok'
+}
+
+cmd_redis_cluster_up() {
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        apt_install redis-server
+    fi
+    local t0 port fresh=0 deadline
+    t0=$(now_us)
+    for port in $(cluster_ports); do
+        local dir="$REDIS_CLUSTER_DIR/$port"
+        if pid_alive "$dir/node.pid" redis-server; then continue; fi
+        refuse_foreign_port "redis cluster node" "$port"
+        rm -rf "$dir" && mkdir -p "$dir"
+        spawn "$dir/node.pid" "$dir/node.log" redis-server --port "$port" --bind 127.0.0.1 \
+            --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
+            --save '' --appendonly no --daemonize no --dir "$dir" --logfile ''
+        fresh=1
+    done
+    for port in $(cluster_ports); do
+        wait_ready "redis cluster node $port" "$REDIS_CLUSTER_DIR/$port/node.pid" redis-server \
+            "$REDIS_CLUSTER_DIR/$port/node.log" \
+            bash -c "[[ \$(redis-cli -h 127.0.0.1 -p $port ping 2>/dev/null) == PONG ]]"
+    done
+    if ((fresh)) || ! cluster_ok; then
+        local nodes=()
+        for port in $(cluster_ports); do nodes+=("127.0.0.1:$port"); done
+        redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >&2 ||
+            die "redis cluster: create failed"
+    fi
+    deadline=$((SECONDS + START_TIMEOUT))
+    until cluster_ok; do
+        ((SECONDS < deadline)) || die "redis cluster: not ok after ${START_TIMEOUT}s"
+        sleep 0.2
+    done
+    log "redis cluster: ok on 127.0.0.1:$(cluster_ports | tr ' ' ',') after $(elapsed_since "$t0")s"
+    echo "redis://127.0.0.1:$REDIS_CLUSTER_PORT/0"
+}
+
+cmd_redis_cluster_down() {
+    local port
+    for port in $(cluster_ports); do
+        [[ -d $REDIS_CLUSTER_DIR/$port ]] || continue
+        stop_pid "redis cluster node $port" "$REDIS_CLUSTER_DIR/$port/node.pid" redis-server
+    done
+}
+
 # ---------------------------------------------------------------- postgres
 # PostgreSQL refuses to run as root, so it runs as the `postgres` system user (or a
 # `consumerpg` user created here), owning .services/pg.
@@ -484,6 +541,7 @@ cmd_down() {
         kill -TERM "$(read_pid "$KAFKA_PID")" 2>/dev/null || true
     fi
     redis_stop
+    cmd_redis_cluster_down
     pg_stop
     kafka_stop
     local port
@@ -553,6 +611,8 @@ main() {
     clean) cmd_clean ;;
     env) write_env && cat "$ENV_FILE" ;;
     restart-redis) cmd_restart_redis ;;
+    redis-cluster-up) cmd_redis_cluster_up ;;
+    redis-cluster-down) cmd_redis_cluster_down ;;
     kill-kafka) cmd_kill_kafka ;;
     start-kafka) cmd_start_kafka ;;
     restart-pg-immediate) cmd_restart_pg_immediate ;;

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
 
@@ -131,9 +131,11 @@ def _parse(flat: Sequence[bytes | str]) -> list[LeaseResult]:
 class RedisLeases:
     """LeaseStore on a real Redis. Every call is a single round trip."""
 
-    def __init__(self, url: str, *, epoch: str = "", socket_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, epoch: str = "", socket_timeout_s: float = 2.0, client: Any = None
+    ) -> None:
         self.epoch = epoch
-        self.redis = aioredis.Redis.from_url(
+        self.redis = client or aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
         )
         self._acquire = self.redis.register_script(_ACQUIRE_LUA)

@@ -24,7 +24,8 @@ from aiokafka.errors import KafkaError
 from consumer import faults, logs, metrics
 from consumer.app import App
 from consumer.db.pool import create_pool
-from consumer.dedup.leases import LeaseStore, NoLeases, RedisLeases
+from consumer.dedup.cluster import lease_store
+from consumer.dedup.leases import LeaseStore, NoLeases
 from consumer.message import Message
 from consumer.runtime import offsets
 from consumer.runtime.batch import BatchProcessor, pg_transaction
@@ -116,7 +117,7 @@ class Worker:
         if self.settings.redis_mode == "off":
             return NoLeases()
         epoch = await self.pool.fetchval("SELECT value FROM dedup.meta WHERE name = 'epoch'")
-        return RedisLeases(self.settings.redis_url, epoch=str(epoch or ""))
+        return lease_store(self.settings.redis_url, self.settings.redis_cluster, str(epoch or ""))
 
     async def run(self) -> None:
         s = self.settings
