@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumer.errors import ConfigError
 
+# Durations PostgreSQL intervals and timestamps can still hold when subtracted from now().
+_TEN_YEARS_S = 10 * 365 * 24 * 3600
+
 
 class Settings(BaseSettings):
     """Everything a worker needs to know about its environment. Units are in the names."""
@@ -28,7 +31,7 @@ class Settings(BaseSettings):
     # it bounds how long a key waits after its holder dies before committing.
     lease_ms: int = Field(default=10_000, ge=100)
     lease_wait_ms: int = Field(default=5_000, ge=0)
-    dedup_window_s: int = Field(default=7 * 24 * 3600, ge=60)
+    dedup_window_s: int = Field(default=7 * 24 * 3600, ge=60, le=_TEN_YEARS_S)
     done_cache_s: int = Field(default=24 * 3600, ge=1)
     handler_timeout_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
@@ -50,7 +53,7 @@ class Settings(BaseSettings):
     # Longest wait for the broker's ack (and for a topic's metadata) while a relay tick holds
     # its transaction open; unacked rows stay pending and are sent again.
     relay_publish_timeout_ms: int = Field(default=30_000, ge=100)
-    outbox_retention_s: int = Field(default=24 * 3600, ge=0)
+    outbox_retention_s: int = Field(default=24 * 3600, ge=0, le=_TEN_YEARS_S)
     cleanup_interval_s: float = Field(default=60.0, gt=0)
     cleanup_batch: int = Field(default=1_000, ge=1)
     hash_keys_in_logs: bool = False

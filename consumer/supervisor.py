@@ -176,7 +176,10 @@ class Supervisor:
                 self._start(slot)
 
     def _drain(self) -> int:
-        running = [s for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        # Every worker not yet reaped, including one that already exited: the stop signal may
+        # reach the workers before this loop (Ctrl-C and systemd signal the whole group), and
+        # a worker that failed its drain then must still count as failed.
+        running = [s for s in self.slots if s.proc is not None]
         reason = (
             signal.Signals(self.stop_signal).name
             if self.stop_signal is not None

@@ -127,7 +127,8 @@ def dead_letter(
     key: str = "",
     trace: Trace | None = None,
 ) -> OutboxRow:
-    """The original bytes, untouched, with the reason in headers.
+    """The original bytes, untouched, with the reason in headers (a tombstone, which has no
+    value, becomes an empty value: the outbox stores bytes).
 
     ``trace``: the span of the handler call that rejected it replaces the original trace
     headers, so the dead letter sits in the trace where it failed.

@@ -183,8 +183,7 @@ class Relay:
                 with contextlib.suppress(Exception):
                     await listener.close()
             if producer is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), s.relay_publish_timeout_ms / 1000)
+                await self._stop_producer(producer, stopping=stop.is_set())
             if self._own_pool:
                 await self.pool.close()
             log.info(
@@ -194,6 +193,19 @@ class Relay:
                 self.out_of_order,
                 self.errors,
             )
+
+    async def _stop_producer(self, producer: Any, *, stopping: bool) -> None:
+        """Flush and close. When the relay is asked to stop, within a second: rows not acked
+        yet are sent again by the next relay with the same keys, and an idempotent producer
+        whose broker never acks would otherwise hold the worker's exit past its grace period
+        (aiokafka retries such batches without expiring them)."""
+        grace = 1.0 if stopping else self.settings.relay_publish_timeout_ms / 1000
+        try:
+            await asyncio.wait_for(producer.stop(), grace)
+        except Exception as exc:
+            log.warning("relay: producer did not stop cleanly (%s); closing it", type(exc).__name__)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.client.close(), 1.0)
 
     async def start_producer(self) -> AIOKafkaProducer:
         """A started idempotent producer (``acks=all``) configured from the settings."""
@@ -265,8 +277,9 @@ class Relay:
         sent = await self._send(producer, [r for r in rows if r["topic"] not in missing])
         if sent:
             timeout_s = self.settings.relay_publish_timeout_ms / 1000
-            # aiokafka fails an unacked future after request_timeout_ms; the margin only
-            # guards against a future that never resolves.
+            # This wait is the bound: with enable_idempotence aiokafka retries a batch without
+            # expiring it, so an unacked future may never resolve (the row is simply sent again
+            # by a later tick, with the same key).
             await asyncio.wait([f for _, f in sent], timeout=timeout_s + 5.0)
         return self._collect(sent)
 
@@ -404,11 +417,24 @@ class Relay:
         now = time.monotonic()
         if now >= self._next_backlog:
             self._next_backlog = now + self.backlog_interval_s
-            await self.refresh_backlog()
+            try:
+                await self.refresh_backlog()
+            except Exception as exc:  # figures only: never a reason to stop publishing
+                log.warning("relay: backlog figures: %s: %s", type(exc).__name__, exc)
         if now >= self._next_cleanup:
-            async with self.pool.acquire() as conn:
-                purged = await retention.purge(conn, self.settings)
-            # An unfinished pass continues on the next loop instead of after the interval.
-            self._next_cleanup = now + (self.settings.cleanup_interval_s if purged.finished else 0)
+            # Until it succeeds, the next pass waits the interval too: retention is upkeep, and
+            # a pass that fails every time (a permission, an overflow) must never stop the
+            # publishing that follows it in the loop.
+            self._next_cleanup = now + self.settings.cleanup_interval_s
+            try:
+                async with self.pool.acquire() as conn:
+                    purged = await retention.purge(conn, self.settings)
+            except Exception as exc:
+                self.errors += 1
+                self.last_error = f"retention: {type(exc).__name__}: {exc}"
+                log.warning("relay: %s; publishing goes on", self.last_error)
+                return
+            if not purged.finished:  # an unfinished pass continues on the next loop
+                self._next_cleanup = now
             if purged.outbox or purged.inbox:
                 log.info("retention: deleted %d outbox, %d inbox rows", purged.outbox, purged.inbox)
