@@ -255,6 +255,11 @@ class Relay:
         # the relay that held them before. Under REPEATABLE READ the snapshot would date from
         # before the lock and could re-publish rows that relay had just marked.
         async with self.pool.acquire() as conn, conn.transaction(isolation="read_committed"):
+            # The transaction stays idle while the broker acks (up to the publish timeout, and
+            # 10 s more for a topic just created): on a worker's pool, whose idle timeout is
+            # sized for handlers, the session would be killed first and every row re-sent.
+            idle_ms = self.settings.relay_publish_timeout_ms + 20_000
+            await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
             text, args = store.claim_shards(_LOCK_BASE, start, self.shards_per_tick, blocked)
             shards = [r[0] for r in await conn.fetch(text, *args)]
             if not shards:

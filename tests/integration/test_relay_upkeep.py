@@ -133,3 +133,42 @@ async def test_a_worker_stops_its_relay_within_the_short_wait_it_promises(
                 await task
     # Generous against the 2 s the code intends, far below the 15 s it actually waits.
     assert took < 8.0, f"worker took {took:.1f}s to stop (relay wait meant to be 2 s)"
+
+
+class _SlowAck(_Unacked):
+    """A broker that acks every send after ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def send(self, topic: str, **_: Any) -> asyncio.Future[Any]:
+        self.sent += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(self.delay_s, fut.set_result, None)
+        return fut
+
+    async def stop(self) -> None:
+        return None
+
+
+async def test_slow_acks_on_a_worker_pool_do_not_kill_the_relay_transaction(
+    db: Settings,  # noqa: F811
+    topics: Any,
+) -> None:
+    """On a worker's pool the sessions end after idling in a transaction for the handler
+    timeout plus the lease (1 s here); a relay waiting longer for the broker's ack must still
+    mark its rows, or it would send them again on every tick while the broker is slow."""
+    from consumer.db.pool import create_pool
+
+    topic = await topics("r3slow", partitions=1)
+    worker_pool = await create_pool(db.postgres_dsn, max_size=2, idle_in_tx_ms=1_000)
+    try:
+        await insert(worker_pool, [row(topic, "k", {"n": 1}, "r3-slow-1")])
+        relay = Relay(app_settings(db, relay_publish_timeout_ms=5_000), pool=worker_pool)
+        fake = _SlowAck(delay_s=2.0)
+        assert await relay.tick(fake) == 1  # acked after 2 s, marked in the same session
+        assert await pending(worker_pool) == 0
+        assert fake.sent == 1
+    finally:
+        await worker_pool.close()
