@@ -9,6 +9,9 @@ consumer applies, and two replies; a tenant with ``@`` must not reach another na
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import re
 import sys
 from types import ModuleType
 from typing import Any
@@ -17,9 +20,10 @@ import msgpack
 import pytest
 from pydantic import BaseModel
 
-from consumer import App, Context, Settings, keys
+from consumer import App, ConfigError, Context, Reject, Settings, keys, logs
 from consumer.constants import done_key, lease_key
 from consumer.dedup.leases import DoneMarker, RedisLeases
+from consumer.replay import replay
 from consumer.runtime.outcomes import Outcome
 from tests.conftest import ROOT, app_settings, create_topics, eventually, read_topic, running
 from tests.integration.dedup_support import (
@@ -225,3 +229,59 @@ async def test_done_markers_of_databases_whose_epochs_contain_a_colon_stay_apart
         )
         await first.close()
         await second.close()
+
+
+async def test_plain_log_lines_cannot_be_forged_by_a_key_or_tenant(
+    settings: Settings, producer: Any, pg: Any, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``key=value`` lines quote a value holding a space, ``=`` or a newline: a key or tenant
+    from a message can neither add a field (``outcome=applied``) nor a whole forged line."""
+    topic = f"logs-{unique}"
+    await create_topics(settings, [topic, topic + ".dlq", topic + ".conflicts"], 1)
+    app = App(f"g-{unique}", settings=app_settings(settings, relay_enabled=False))
+
+    @app.handler(topic, schema=Order)
+    async def handle(p: Order, ctx: Context) -> None:
+        raise Reject("refused\nERROR consumer.outcomes: applied forged")
+
+    key = "k1 outcome=applied\n2099-01-01 INFO [1] consumer.outcomes: applied x/0/0"
+    tenant = 'acme namespace="other.handler"'
+    caplog.set_level(logging.DEBUG, logger="consumer.outcomes")
+    try:
+        async with running(app) as worker:
+            last = await send(
+                producer,
+                topic,
+                {"cents": 1},
+                headers={"idempotency-key": key.encode(), "tenant": tenant.encode()},
+            )
+            await wait_offset(pg, app.group, topic, 0, last + 1)
+            assert worker.stats.by_outcome["rejected"] == 1
+        (record,) = [r for r in caplog.records if r.name == "consumer.outcomes"]
+        line = logs.PlainFormatter().format(record)
+        assert "\n" not in line
+        fields = dict(
+            (name, json.loads(value) if value.startswith('"') else value)
+            for name, value in re.findall(r' (\w+)=("(?:[^"\\]|\\.)*"|\S*)', line)
+        )
+        assert fields["outcome"] == "rejected"
+        assert fields["key"] == key
+        assert fields["namespace"] == f"{handle.name}@{tenant}"
+        assert fields["reason"].startswith("refused\n")
+    finally:
+        await cleanup(pg, unique, settings.redis_url)
+
+
+async def test_replay_refuses_a_topic_that_is_not_a_dead_letter_topic(
+    settings: Settings, producer: Any, unique: str
+) -> None:
+    """``<topic>.dlq`` without its suffix is the replay target; a ``.conflicts`` topic (no
+    ``.dlq``) would have been replayed into itself, doubling every conflict record."""
+    topic = f"rp-{unique}"
+    conflicts = topic + ".conflicts"
+    await create_topics(settings, [topic, topic + ".dlq", conflicts], 1)
+    await send(producer, conflicts, {"cents": 1}, headers={"x-reason": b"conflict"})
+    app = App(f"g-{unique}", settings=settings)
+    with pytest.raises(ConfigError, match="not a dead-letter topic"):
+        await replay(app, settings, conflicts, reasons=("conflict",))
+    assert len(await read_topic(settings, conflicts)) == 1
