@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from consumer import codec
+from consumer import codec, keys
 from consumer.constants import HEADER_CONTENT_TYPE, MAX_KEY_BYTES
 from consumer.dedup.hashing import payload_hash
 from consumer.errors import BadKey, DecodeError, MissingKey, SchemaError
@@ -35,11 +35,13 @@ def namespace_of(handler: Handler[Any, Any], msg: Message, tenant_header: str) -
     tenant = msg.header(tenant_header) if tenant_header else None
     if tenant:
         name = _check_key(tenant, "tenant header")
-        # The namespace sits inside a Redis hash tag, ``lease:{ns}:key``: a brace in it would
-        # let (tenant "a}:b", key "c") and (tenant "a", key "b}:c") share one Redis key.
-        if "{" in name or "}" in name:
-            raise BadKey("tenant header contains '{' or '}'")
-        return f"{handler.name}@{name}"
+        # The namespace is ``name@tenant`` and sits inside a Redis hash tag, ``lease:{ns}:key``:
+        # an '@' would let a tenant share another namespace's key space, a brace would let
+        # (tenant "a}:b", key "c") and (tenant "a", key "b}:c") share one Redis key.
+        bad = sorted(keys.TENANT_FORBIDDEN.intersection(name))
+        if bad:
+            raise BadKey(f"tenant header contains {' '.join(repr(c) for c in bad)}")
+        return keys.namespace(handler.name, name)
     return handler.name
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel
 
-from consumer import codec
+from consumer import codec, keys
 from consumer.app import App
 from consumer.constants import CONFLICT_SUFFIX, CONTENT_MSGPACK, DLQ_SUFFIX, HEADER_CONTENT_TYPE
 from consumer.dedup.inbox import InboxRecord
@@ -358,8 +358,7 @@ class TestApp:
             raise HarnessError(f"no handler for topic {topic!r}")
         await self.start()
         assert self._backend is not None
-        namespace = f"{handler.name}@{tenant}" if tenant else handler.name
-        return await self._backend.record(namespace, key)
+        return await self._backend.record(keys.namespace(handler.name, tenant), key)
 
     @property
     def db(self) -> asyncpg.Connection:
