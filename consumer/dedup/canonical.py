@@ -18,7 +18,9 @@ alike only when the handler receives equal values:
 * enums by their value; UUIDs, dates, durations and pydantic's other types by their JSON form;
 * a model's fields by name, the model's extra fields (``extra="allow"``) included; fields whose
   value equals their default are left out, so adding a field with a default to a schema keeps
-  the hash of every payload that does not use it. A ``Literal`` field is always spelled out:
+  the hash of every payload that does not use it, and so are fields the payload did not set
+  (their value comes from the schema: ``default_factory=uuid4`` must not make every copy
+  another payload). A ``Literal`` field is always spelled out:
   it is how discriminated unions tell their members apart. Computed fields are derived from
   the others and are not part of the form.
 """
@@ -83,8 +85,13 @@ def encode_model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
 
 def _model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
     parts: list[tuple[str, str]] = []
+    fields_set = model.model_fields_set
     for name, info in type(model).model_fields.items():
         if name in exclude:
+            continue
+        if name not in fields_set and not _is_literal(info):
+            # Its value came from the schema (a default, a factory: uuid4, now), not from
+            # the payload: a random default must not make every copy a conflict.
             continue
         value = _encode(getattr(model, name))
         default = _default_of(model, info)
