@@ -11,7 +11,8 @@
     │   └── BadKey                     over-long, non-UTF-8 or NUL-bearing key (reason "bad_key")
     ├── TransientError                 indefinite (retriable = True): nothing is recorded
     │   ├── StoreUnavailable           PostgreSQL or Redis unreachable, commit outcome unknown
-    │   └── LeaseBusy                  another worker holds the key's lease past the wait bound
+    │   ├── LeaseBusy                  another worker holds the key's lease past the wait bound
+    │   └── TransactionEnded           a handler ended the batch transaction behind ctx.db
     └── HandlerSignal                  control flow raised by handlers
         ├── Reject(reason)             definite failure: recorded, dead-lettered, same answer again
         └── Retry(delay_s)             indefinite: roll back, retry after delay_s (bounded)
@@ -78,6 +79,11 @@ class StoreUnavailable(TransientError):
 
 class LeaseBusy(TransientError):
     """Another worker holds the lease for a key longer than this worker is willing to wait."""
+
+
+class TransactionEnded(TransientError):
+    """The batch transaction ended while a handler ran (a COMMIT or ROLLBACK sent past
+    ``ctx.db``'s guard, on the raw connection): the batch fails as a whole and is retried."""
 
 
 class HandlerSignal(ConsumerError):
