@@ -9,6 +9,7 @@ effect rows (a table without a unique constraint) and inbox rows.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -147,6 +148,7 @@ async def test_records_lost_by_a_restored_dump_are_applied_once_with_redis_kept(
             conn = await asyncpg.connect(dsn)
             try:
                 assert await effect_counts(conn) == {"k1": 1, "k2": 1}
+                print("OFFSETS", await conn.fetch("SELECT * FROM dedup.offsets"))
                 assert await db_epoch(conn) == epoch  # the restore kept the epoch
             finally:
                 await conn.close()
@@ -166,8 +168,11 @@ async def test_records_lost_by_a_restored_dump_are_applied_once_with_redis_kept(
             finally:
                 await conn.close()
         finally:
-            await redis.redis.delete(*redis_keys(f"{group}.settle", ["k1", "k2", "k3", "k4"], epoch))
+            await redis.redis.delete(
+                *redis_keys(f"{group}.settle", ["k1", "k2", "k3", "k4"], epoch)
+            )
             await redis.close()
+    print("OUTCOMES", spy.outcomes())
     assert spy.at(0, 4) == [Outcome.DUPLICATE]
     assert counts == {"k1": 1, "k2": 1, "k3": 1, "k4": 1}
     assert inbox == {"k1": "done", "k2": "done", "k3": "done", "k4": "done"}
@@ -246,14 +251,15 @@ async def test_evict_during_a_postgres_answered_duplicate_leaves_no_marker_that_
     assert [h.outcome for h in again.handled] == [Outcome.APPLIED]
     assert env["calls"] == [key, key]
     assert await pg.fetchval("SELECT count(*) FROM store_effects WHERE k = $1", key) == 2
-    assert await pg.fetchval(
-        "SELECT status FROM dedup.inbox WHERE namespace = $1 AND key = $2", ns, key
-    ) == "done"
+    assert (
+        await pg.fetchval(
+            "SELECT status FROM dedup.inbox WHERE namespace = $1 AND key = $2", ns, key
+        )
+        == "done"
+    )
 
 
-async def test_a_marker_restored_from_a_redis_snapshot_after_evict_does_not_answer(
-    evict_env, pg
-):
+async def test_a_marker_restored_from_a_redis_snapshot_after_evict_does_not_answer(evict_env, pg):
     """Redis restored from a snapshot taken before an ``evict`` brings the key's done marker
     back (emulated key by key with DUMP/RESTORE, the RDB encoding): the inbox has no record,
     so the next copy runs the handler."""
@@ -301,9 +307,7 @@ async def test_a_worker_keeps_its_start_epoch_and_still_applies_what_the_inbox_l
             # The database loses the record (as a restore would) and gets a new epoch, as
             # docs/operations.md says to do after a restore; the worker is not restarted.
             await pg.execute("DELETE FROM dedup.inbox WHERE namespace = $1", ns)
-            await pg.execute(
-                "UPDATE dedup.meta SET value = $1 WHERE name = 'epoch'", f"e{unique}"
-            )
+            await pg.execute("UPDATE dedup.meta SET value = $1 WHERE name = 'epoch'", f"e{unique}")
             assert worker.processor is not None
             assert getattr(worker.processor.leases, "epoch", None) == old  # read at start
             b = await send(producer, topic, {"id": key})
@@ -319,3 +323,69 @@ async def test_a_worker_keeps_its_start_epoch_and_still_applies_what_the_inbox_l
         await cleanup(pg, unique)
     assert spy.at(0, b) == [Outcome.APPLIED]
     assert calls == [key, key]
+
+
+async def test_a_stored_position_behind_kafkas_commit_skips_nothing(
+    settings, topics, producer, pg, unique, monkeypatch
+):
+    """PostgreSQL's stored position is behind Kafka's committed offset (the database restored
+    or failed over, Kafka kept its commits). A fetch from the committed position can return
+    before the worker's seek to the stored one; processing those records would move the
+    stored position past the records in between, lost without a trace. Redis is off: this is
+    about positions alone. The seek is made to wait for that fetch, so the race is forced."""
+    from aiokafka import AIOKafkaConsumer
+
+    from consumer.runtime.worker import Worker
+
+    await pg.execute(EFFECTS)
+    topic = await topics("behind", partitions=1)
+    group = f"g-{unique}"
+    calls: list[str] = []
+    s = app_settings(settings, relay_enabled=False, redis_mode="off")
+    app = effects_app(group, s, topic, calls)
+    ns = f"{group}.settle"
+    keys = [f"a{i}-{unique}" for i in range(5)]
+    try:
+        async with running(app):
+            for k in keys[:4]:
+                await send(producer, topic, {"id": k})
+            await wait_offset(pg, group, topic, 0, 4)
+        # The database loses the last two records; Kafka's committed offset stays at 4.
+        await pg.execute(
+            "DELETE FROM dedup.inbox WHERE namespace = $1 AND key = ANY($2)", ns, keys[2:4]
+        )
+        await pg.execute("DELETE FROM store_effects WHERE k = ANY($1)", keys[2:4])
+        await pg.execute("UPDATE dedup.offsets SET next_offset = 2 WHERE group_id = $1", group)
+        await send(producer, topic, {"id": keys[4]})
+
+        fetched = asyncio.Event()
+        original = AIOKafkaConsumer.getmany
+
+        async def getmany(self: Any, *tps: Any, **kw: Any) -> Any:
+            out = await original(self, *tps, **kw)
+            if out:
+                fetched.set()
+            return out
+
+        class SeekAfterFetch(Worker):
+            async def seek_to_stored(self, tps: list[Any]) -> None:
+                await asyncio.wait_for(fetched.wait(), 30)  # the fetch came back first
+                await super().seek_to_stored(tps)
+
+        monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)
+        worker = SeekAfterFetch(app, s)
+        task = asyncio.create_task(worker.run())
+        try:
+            await wait_offset(pg, group, topic, 0, 5)
+        finally:
+            worker.stop.set()
+            await asyncio.wait_for(task, 60)
+        counts = dict(
+            await pg.fetch(
+                "SELECT k, count(*) FROM store_effects WHERE k = ANY($1) GROUP BY k", keys
+            )
+        )
+    finally:
+        await pg.execute("DELETE FROM store_effects WHERE k = ANY($1)", keys)
+        await cleanup(pg, unique)
+    assert counts == dict.fromkeys(keys, 1)
