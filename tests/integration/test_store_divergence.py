@@ -148,7 +148,6 @@ async def test_records_lost_by_a_restored_dump_are_applied_once_with_redis_kept(
             conn = await asyncpg.connect(dsn)
             try:
                 assert await effect_counts(conn) == {"k1": 1, "k2": 1}
-                print("OFFSETS", await conn.fetch("SELECT * FROM dedup.offsets"))
                 assert await db_epoch(conn) == epoch  # the restore kept the epoch
             finally:
                 await conn.close()
@@ -172,7 +171,6 @@ async def test_records_lost_by_a_restored_dump_are_applied_once_with_redis_kept(
                 *redis_keys(f"{group}.settle", ["k1", "k2", "k3", "k4"], epoch)
             )
             await redis.close()
-    print("OUTCOMES", spy.outcomes())
     assert spy.at(0, 4) == [Outcome.DUPLICATE]
     assert counts == {"k1": 1, "k2": 1, "k3": 1, "k4": 1}
     assert inbox == {"k1": "done", "k2": "done", "k3": "done", "k4": "done"}
