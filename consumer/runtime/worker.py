@@ -204,6 +204,12 @@ class Worker:
             return
         async with self.lock:
             assigned = self.consumer.assignment()
+            for tp in fetched:
+                if tp in assigned and self.seeked.get(tp, 0) > seeks:
+                    # Seeked while this fetch was out: its records may predate the seek, or
+                    # follow it and have moved the position on. Back to the stored position
+                    # (nothing of this partition was processed since): fetched again.
+                    self.consumer.seek(tp, self.floor[tp])
             work = {
                 tp: live
                 for tp, recs in fetched.items()

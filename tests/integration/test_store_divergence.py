@@ -27,7 +27,7 @@ from consumer.db.migrate import migrate_dsn
 from consumer.dedup.leases import RedisLeases
 from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.outcomes import Outcome
-from tests.conftest import APP_MIGRATIONS, app_settings, running
+from tests.conftest import APP_MIGRATIONS, app_settings, eventually, running
 from tests.integration.dedup_support import (
     Pay,
     Spy,
@@ -387,3 +387,154 @@ async def test_a_stored_position_behind_kafkas_commit_skips_nothing(
         await pg.execute("DELETE FROM store_effects WHERE k = ANY($1)", keys)
         await cleanup(pg, unique)
     assert counts == dict.fromkeys(keys, 1)
+
+
+STANDBY_PORT = int(os.environ.get("PG_STANDBY_PORT", "0") or 0)
+
+
+def _as_pg(*argv: str) -> list[str]:
+    """Run a PostgreSQL server tool as the cluster's OS user (services.sh: root runs as it)."""
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else list(argv)
+
+
+@contextlib.contextmanager
+def lagging_standby(settings: Settings, port: int) -> Any:
+    """A streaming standby of the test server on ``port`` (pg_basebackup -R). Yields a
+    ``cut_and_promote()`` that stops it, lets it restart without its primary (so it misses
+    whatever the primary commits meanwhile: call it, then commit) and returns a ``promote()``
+    that makes it a primary on its own timeline. Stopped and deleted on exit."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="standby-"))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+    host_port = settings.postgres_dsn.split("@")[-1].split("/")[0]
+    host, _, primary_port = host_port.rpartition(":")
+    ctl = str(PG_BIN / "pg_ctl")
+    opts = f"-p {port} -c unix_socket_directories={sock} -c listen_addresses=127.0.0.1"
+
+    def run(*argv: str) -> None:
+        done = subprocess.run(_as_pg(*argv), capture_output=True, text=True, timeout=120, cwd="/")
+        assert done.returncode == 0, f"{argv[0]}: {done.stdout} {done.stderr}"
+
+    run(
+        str(PG_BIN / "pg_basebackup"),
+        "-h",
+        host,
+        "-p",
+        primary_port,
+        "-U",
+        "postgres",
+        "-D",
+        str(data),
+        "-R",
+        "-X",
+        "stream",
+        "-c",
+        "fast",
+    )
+    run(ctl, "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start")
+
+    def cut() -> Any:
+        run(ctl, "-D", str(data), "-m", "fast", "-w", "stop")
+        auto = data / "postgresql.auto.conf"
+        auto.write_text(
+            "".join(x for x in auto.read_text().splitlines(True) if "primary_conninfo" not in x)
+        )
+        run(ctl, "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start")
+
+        def promote() -> None:
+            run(ctl, "-D", str(data), "-w", "promote")
+
+        return promote
+
+    try:
+        yield cut
+    finally:
+        subprocess.run(
+            _as_pg(ctl, "-D", str(data), "-m", "immediate", "-w", "stop"),
+            capture_output=True,
+            cwd="/",
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not STANDBY_PORT, reason="PG_STANDBY_PORT (a free port for a standby) not set")
+async def test_failover_to_a_lagging_standby_applies_the_lost_tail_once_with_redis_kept(
+    settings, topics, producer, unique
+):
+    """A streaming standby stops receiving (an asynchronous replica that lags), the primary
+    applies k3 and k4 (their markers in Redis), then the standby is promoted and the workers
+    move to it: k3 and k4, missing there, are re-read from Kafka and applied once."""
+    topic = await topics("failover", partitions=1)
+    name = f"failover_{unique}"
+    async with own_database(settings, name) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(EFFECTS)
+        finally:
+            await conn.close()
+        group = f"g-{unique}"
+        calls: list[str] = []
+        ns = f"{group}.settle"
+        epoch = await _epoch_of(dsn)
+
+        async def run_on(target: str, keys: list[str], next_offset: int) -> Spy:
+            app = effects_app(
+                group,
+                app_settings(settings, postgres_dsn=target, relay_enabled=False),
+                topic,
+                calls,
+            )
+            check = await asyncpg.connect(target)
+            try:
+                async with running(app) as worker:
+                    spy = Spy(worker)
+                    for k in keys:
+                        await send(producer, topic, {"id": k})
+                    await wait_offset(check, group, topic, 0, next_offset)
+                return spy
+            finally:
+                await check.close()
+
+        redis = RedisLeases(settings.redis_url)
+        try:
+            with lagging_standby(settings, STANDBY_PORT) as cut:
+                await run_on(dsn, ["k1", "k2"], 2)
+                standby = f"postgresql://postgres@127.0.0.1:{STANDBY_PORT}/{name}"
+                primary = await asyncpg.connect(dsn)
+                try:  # the standby has everything up to here, then loses its primary
+                    lsn = await primary.fetchval("SELECT pg_current_wal_lsn()::text")
+                finally:
+                    await primary.close()
+                replica = await asyncpg.connect(standby)
+                try:
+
+                    async def caught_up() -> bool:
+                        return bool(
+                            await replica.fetchval(
+                                "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", lsn
+                            )
+                        )
+
+                    await eventually(caught_up)
+                finally:
+                    await replica.close()
+                promote = cut()
+                await run_on(dsn, ["k3", "k4"], 4)  # committed on the primary only
+                promote()
+                spy = await run_on(standby, ["k1"], 5)
+                conn = await asyncpg.connect(standby)
+                try:
+                    counts = await effect_counts(conn)
+                finally:
+                    await conn.close()
+        finally:
+            await redis.redis.delete(*redis_keys(ns, ["k1", "k2", "k3", "k4"], epoch))
+            await redis.close()
+    assert spy.at(0, 4) == [Outcome.DUPLICATE]
+    assert counts == {"k1": 1, "k2": 1, "k3": 1, "k4": 1}
