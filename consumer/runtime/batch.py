@@ -30,7 +30,7 @@ from consumer.app import App
 from consumer.constants import HEADER_REPLY_TO
 from consumer.db.tx import BatchTx
 from consumer.dedup.accelerator import Accelerator
-from consumer.dedup.hashing import HASH_VERSION, marker_digest, parse_marker_digest
+from consumer.dedup.hashing import HASH_VERSION, marker_digest
 from consumer.dedup.identity import Identity, identify
 from consumer.dedup.inbox import Claim, Completion
 from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
@@ -304,34 +304,27 @@ class BatchProcessor:
             for it in items[: len(items) - len(live)]:
                 result.handled.append(Handled(it.msg, Outcome.SKIPPED))
 
-            known: dict[Ident, _Known] = {}
-            for ident, s in states.items():
-                if s.state == "done":
-                    digest, version = parse_marker_digest(s.hash)
-                    known[ident] = _Known(s.status, digest, version=version)
             leaders = {it.ident.ident: it for it in reversed(live) if it.ident}
-            to_claim = [
-                Claim(i[0], i[1], it.ident.hash, it.msg.topic, it.msg.partition, it.msg.offset)
-                for i, it in leaders.items()
-                if it.ident and i not in known and i not in busy
-            ]
-            claimed = await tx.claim(to_claim)
-            result.counts.fast_path = sum(1 for i in leaders if i in known)
-            result.counts.pg_path = len(leaders) - result.counts.fast_path
-            lookup = [c_ident for c in to_claim if (c_ident := (c.namespace, c.key)) not in claimed]
-            lookup += [i for i in leaders if i in busy and i not in known]
-            # The stored result is needed when ANY copy in the batch asks for a reply, not
-            # only the first one (tests/integration/test_reply_copies.py).
-            asking = {
-                it.ident.ident
-                for it in live
-                if it.ident and it.msg.header(HEADER_REPLY_TO) is not None
+            # A done marker says a key is decided; only the inbox may decide it. The marker
+            # spares the claim; the record is read in the lookup the batch makes anyway.
+            hinted = {i: s for i, s in states.items() if s.state == "done" and i in leaders}
+            claimed, known = await self._claim_and_read(
+                tx,
+                [it for i, it in leaders.items() if i not in hinted and i not in busy],
+                [i for i in leaders if i in busy],
+                hinted,
+                leaders,
+            )
+            # Markers the inbox confirmed need no re-warm (they keep their own TTL).
+            confirmed = {
+                i
+                for i, s in hinted.items()
+                if i in known
+                and (known[i].status, marker_digest(known[i].hash, known[i].version))
+                == (s.status, s.hash)
             }
-            lookup += [i for i in leaders if i in known and i in asking]
-            for ident, rec in (await tx.records(lookup)).items():
-                known[ident] = _Known(
-                    rec.status, rec.hash, rec.result, rec.reason, True, rec.hash_version
-                )
+            result.counts.fast_path = len(confirmed)
+            result.counts.pg_path = len(leaders) - result.counts.fast_path
 
             completions: list[Completion] = []
             rows: list[OutboxRow] = []
@@ -411,9 +404,12 @@ class BatchProcessor:
                     result.handled.append(
                         Handled(msg, Outcome.DUPLICATE, *ident, h, k.status, k.result)
                     )
-                    if ident not in processed and k.has_result:
-                        marker = marker_digest(k.hash, k.version)
-                        done_markers.append(DoneMarker(ident[0], ident[1], k.status, marker))
+                    if ident not in processed and ident not in confirmed and k.has_result:
+                        done_markers.append(
+                            DoneMarker(
+                                ident[0], ident[1], k.status, marker_digest(k.hash, k.version)
+                            )
+                        )
                 elif k is not None:
                     rows.append(envelopes.conflict(msg, ident[0], ident[1], h, k.hash))
                     result.handled.append(
@@ -450,6 +446,46 @@ class BatchProcessor:
         for h_ in result.handled:
             self.attempts.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
         return result
+
+    async def _claim_and_read(
+        self,
+        tx: BatchTx,
+        new: list[_Item],
+        busy: list[Ident],
+        hinted: dict[Ident, LeaseResult],
+        leaders: dict[Ident, _Item],
+    ) -> tuple[set[Ident], dict[Ident, _Known]]:
+        """Claim ``new`` keys, then read in one statement the records of everything else:
+        claims that met a record, keys leased elsewhere (``busy``) and keys a Redis done
+        marker calls decided (``hinted``). A marker whose key the inbox lacks (PostgreSQL
+        restored or failed over, the key evicted, Redis restored from a snapshot) decides
+        nothing: its key is claimed and run like a new one. Returns (claimed, known)."""
+
+        def claim_of(it: _Item) -> Claim:
+            assert it.ident is not None
+            ns, key = it.ident.ident
+            return Claim(ns, key, it.ident.hash, it.msg.topic, it.msg.partition, it.msg.offset)
+
+        to_claim = [claim_of(it) for it in new]
+        claimed = await tx.claim(to_claim)
+        lookup = [i for c in to_claim if (i := (c.namespace, c.key)) not in claimed]
+        found = await tx.records([*lookup, *busy, *hinted])
+        stale = [i for i in hinted if i not in found]
+        if stale:
+            log.warning(
+                "%d Redis done marker(s) without an inbox record (database restored or failed "
+                "over, key evicted, Redis restored?); claiming them as new: %s",
+                len(stale),
+                ", ".join(f"{ns}/{k}" for ns, k in stale[:5]),
+            )
+            again = await tx.claim([claim_of(leaders[i]) for i in stale])
+            claimed |= again
+            found.update(await tx.records([i for i in stale if i not in again]))
+        known = {
+            i: _Known(rec.status, rec.hash, rec.result, rec.reason, True, rec.hash_version)
+            for i, rec in found.items()
+        }
+        return claimed, known
 
     def _reply(
         self,

@@ -34,7 +34,8 @@ class Handled:
 class BatchCounts:
     """Figures of one batch for the metrics (consumer/metrics.py); they decide nothing.
 
-    ``fast_path``: keys answered by a Redis done marker; ``pg_path``: keys sent to the inbox.
+    ``fast_path``: keys whose Redis done marker the inbox confirmed (no claim); ``pg_path``:
+    keys sent to the inbox.
     ``handler_s``: (handler name, seconds) of every handler call, including failed ones.
     """
 

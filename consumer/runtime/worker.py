@@ -82,6 +82,12 @@ class Worker:
         self.retry_tasks: dict[TopicPartition, asyncio.TimerHandle] = {}
         # Stored position of each partition at assignment; records below it are stale.
         self.floor: dict[TopicPartition, int] = {}
+        # Seeks to the stored positions, counted: records a fetch returned before a seek of
+        # their partition came from Kafka's committed position, which may be AHEAD of the
+        # stored one (the database restored, failed over): processed, they would move the
+        # stored position past records never handled. They are dropped and fetched again.
+        self.seeks = 0
+        self.seeked: dict[TopicPartition, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.pool: Any = None
         self.processor: BatchProcessor | None = None
@@ -106,11 +112,15 @@ class Worker:
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
         positions = {(r[0], r[1]): r[2] for r in rows}
         self.floor = {}
+        self.seeks += 1
         for tp in tps:
             pos = positions.get((tp.topic, tp.partition))
             if pos is not None:
                 self.consumer.seek(tp, pos)
                 self.floor[tp] = pos
+                # Only a partition actually moved: one without a stored position keeps the
+                # position its fetch already advanced, so its records must not be dropped.
+                self.seeked[tp] = self.seeks
         self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in tps)
 
     async def _leases(self) -> LeaseStore:
@@ -187,6 +197,7 @@ class Worker:
         # partition's buffer first, so a single-batch fetch would leave the other partitions'
         # transactions idle while this one waits on PostgreSQL round trips.
         size = self.settings.batch_max_records
+        seeks = self.seeks
         fetched = await self.consumer.getmany(
             timeout_ms=self.settings.fetch_timeout_ms,
             max_records=size * max(1, len(self.consumer.assignment())),
@@ -195,10 +206,17 @@ class Worker:
             return
         async with self.lock:
             assigned = self.consumer.assignment()
+            for tp in fetched:
+                if tp in assigned and self.seeked.get(tp, 0) > seeks:
+                    # Seeked while this fetch was out: its records may predate the seek, or
+                    # follow it and have moved the position on. Back to the stored position
+                    # (nothing of this partition was processed since): fetched again.
+                    self.consumer.seek(tp, self.floor[tp])
             work = {
                 tp: live
                 for tp, recs in fetched.items()
                 if tp in assigned
+                and self.seeked.get(tp, 0) <= seeks
                 and (live := [r for r in recs if r.offset >= self.floor.get(tp, 0)])
             }
             per_tp = await asyncio.gather(*(self._partition(recs) for recs in work.values()))
