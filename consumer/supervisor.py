@@ -6,8 +6,8 @@ only and never talks to Kafka, Redis or PostgreSQL:
 
 * a worker that dies is restarted after a back-off that doubles with each quick failure
   (reset once a worker has lived ``stable_s``), and the log says why: exit code or signal;
-* a worker that exits with RET_CONFIG or RET_IMPORT is not restarted (a restart cannot fix
-  it): the others are drained and the supervisor exits with that code;
+* a worker that exits with RET_CONFIG, RET_IMPORT or RET_MIGRATION is not restarted (a
+  restart cannot fix it): the others are drained and the supervisor exits with that code;
 * SIGTERM or SIGINT is forwarded to every worker as SIGTERM; each stops fetching, finishes
   the batch in flight, commits, releases its leases and leaves the group. Workers still
   running after ``shutdown_grace_s`` are SIGKILLed, which is safe (a batch that did not
@@ -36,6 +36,7 @@ from consumer.exitcodes import (
     RET_CONFIG,
     RET_IMPORT,
     RET_KILLED,
+    RET_MIGRATION,
     RET_OK,
     RET_WORKER_FAILED,
 )
@@ -44,7 +45,7 @@ from consumer.settings import Settings, load_settings
 log = logging.getLogger("consumer.supervisor")
 
 # A worker that exits with one of these would fail the same way again.
-FATAL_CODES = frozenset({RET_CONFIG, RET_IMPORT})
+FATAL_CODES = frozenset({RET_CONFIG, RET_IMPORT, RET_MIGRATION})
 # Exits that are a worker obeying a stop request, not a failure.
 _STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
 

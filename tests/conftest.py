@@ -25,7 +25,7 @@ from consumer.db.migrate import migrate_dsn
 from consumer.runtime.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_MIGRATIONS = [ROOT / "handlers" / "migrations"]
+APP_MIGRATIONS = {"payments": ROOT / "handlers" / "migrations"}  # as handlers/app.py
 
 
 def _load_dotenv() -> None:

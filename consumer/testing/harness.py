@@ -132,7 +132,7 @@ class TestApp:
             if self._db is None:
                 self._backend = MemoryStore()
             else:
-                folders = list(self.app.migrations) if self._migrate else None
+                folders = dict(self.app.migrations) if self._migrate else None
                 pg = await PostgresBackend.open(self._db, folders)
                 self._backend, self._conn = pg, pg.conn
             self._processor = self._new_processor()
