@@ -64,7 +64,9 @@ def load(app_spec: str) -> App:
     """Import the app and validate its settings, failing with one line and a named code."""
     try:
         app = load_app(app_spec)
-        app.settings  # noqa: B018  (reads and validates CONSUMER_* now, not in a worker)
+        # Reads and validates CONSUMER_* now, not in a worker; settings given to App() in
+        # code are held to the same rule: no connection setting may be missing.
+        app.settings.require_connections()
     except AppImportError as exc:
         fail(str(exc), RET_IMPORT)
     except ConfigError as exc:
@@ -191,6 +193,9 @@ def run_worker(
     except MigrationMismatch as exc:  # one line: a traceback would not help fixing it
         log.error("worker %d refused to start: %s", worker_id, exc)
         return RET_MIGRATION
+    except ConfigError as exc:
+        log.error("worker %d refused to start: %s", worker_id, exc)
+        return RET_CONFIG
     except Exception:
         log.exception("worker %d failed", worker_id)
         return RET_ERROR

@@ -131,7 +131,7 @@ class Worker:
             )
 
     async def run(self) -> None:
-        s = self.settings
+        s = self.settings.require_connections()  # "" would let a client pick its own default
         faults.configure(s.faults)
         # A batch transaction is idle between statements only while a handler awaits
         # something outside the database, which its timeout bounds.

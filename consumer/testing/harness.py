@@ -36,7 +36,7 @@ from consumer.errors import TransientError
 from consumer.message import Message
 from consumer.runtime.batch import BatchProcessor
 from consumer.runtime.outcomes import BatchResult, Handled
-from consumer.settings import Settings
+from consumer.settings import Settings, load_settings
 from consumer.testing.database import Backend, Failures, HandlerDb, PostgresBackend
 from consumer.testing.kafka import MemoryKafka
 from consumer.testing.result import HarnessError, SendResult
@@ -104,7 +104,10 @@ class TestApp:
         self.app = app
         # The harness never waits for a lease held elsewhere: such a lease belongs to a
         # crashed worker, and "waiting" for it is modelled as letting it expire.
-        self.settings = (settings or app.settings).model_copy(update={"lease_wait_ms": 0})
+        # Nothing here connects (a database, if any, is the ``db`` argument), so connection
+        # settings are not required; unknown CONSUMER_* variables are still refused.
+        base = settings or app.given_settings or load_settings(require_connections=False)
+        self.settings = base.model_copy(update={"lease_wait_ms": 0})
         self.kafka = MemoryKafka()
         self.leases = MemoryLeases()
         self.group = f"{app.group}.testapp-{uuid.uuid4().hex[:8]}"

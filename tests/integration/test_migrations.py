@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-from consumer import App, ConfigError, MigrationMismatch, Settings, exitcodes
+from consumer import App, ConfigError, MigrationMismatch, exitcodes
 from consumer.cli import main, run_worker
 from consumer.db import migrate
 
@@ -25,27 +23,6 @@ pytestmark = pytest.mark.integration
 FRAMEWORK = Path(migrate.__file__).resolve().parent.parent / "migrations"
 # The framework's files as commit f68ba1f shipped them (later ones are added by others).
 F68BA1F_FRAMEWORK_FILES = ("0001_init.sql", "0002_meta.sql")
-
-
-async def _admin(settings: Settings, sql: str) -> None:
-    conn = await asyncpg.connect(settings.postgres_dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def fresh_dsn(settings: Settings, unique: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """An empty database of this test; CONSUMER_POSTGRES_DSN points at it."""
-    name = f"mig_{unique}"
-    asyncio.run(_admin(settings, f'CREATE DATABASE "{name}"'))
-    dsn = urlunsplit(urlsplit(settings.postgres_dsn)._replace(path=f"/{name}"))
-    monkeypatch.setenv("CONSUMER_POSTGRES_DSN", dsn)
-    try:
-        yield dsn
-    finally:
-        asyncio.run(_admin(settings, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
