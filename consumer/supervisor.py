@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from consumer import metrics
+from consumer.errors import ConfigError
 from consumer.exitcodes import (
     NAMES,
     RET_CONFIG,
@@ -260,6 +261,9 @@ def supervise(
             endpoint = metrics.serve_workers(s.metrics_port, s.metrics_dir)
         except OSError as exc:
             log.error("CONSUMER_METRICS_PORT=%d: cannot serve metrics: %s", s.metrics_port, exc)
+            return RET_CONFIG
+        except ConfigError as exc:
+            log.error("cannot serve metrics: %s", exc)
             return RET_CONFIG
         log.info("metrics for all workers on port %d, path /metrics", endpoint.port)
     sup = Supervisor(
