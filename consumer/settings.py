@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         if unknown:
             raise ConfigError("; ".join(unknown))
         return data
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update`` applied; a key that is not a field is refused (pydantic
+        would add it silently, and the setting meant would keep its old value)."""
+        unknown = sorted(set(update or ()) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigError(f"not a setting: {', '.join(unknown)}")
+        return super().model_copy(update=update, deep=deep)
 
     def missing_connections(self) -> list[str]:
         """The connection variables this configuration needs and does not have."""

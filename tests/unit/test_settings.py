@@ -183,3 +183,12 @@ def test_settings_are_frozen(connections):
     s = load_settings()
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError
         s.lease_ms = 1  # type: ignore[misc]
+
+
+def test_a_copy_with_a_misspelt_field_is_refused(connections):
+    # pydantic's model_copy adds unknown keys silently: every test's app_settings(...) and the
+    # worker's own copies go through it.
+    s = load_settings()
+    assert s.model_copy(update={"lease_ms": 500}).lease_ms == 500
+    with pytest.raises(ConfigError, match="lease_mss"):
+        s.model_copy(update={"lease_mss": 500})
