@@ -4,6 +4,7 @@
 
     ConsumerError                      root of everything this package raises
     ├── ConfigError                    bad settings or handler options (at start, never mid-run)
+    │   └── MigrationMismatch          an applied migration's file changed or is gone
     ├── InvalidMessage                 definite: the message never reached the handler
     │   ├── DecodeError                undecodable bytes (reason "undecodable")
     │   ├── SchemaError                payload fails validation (reason "invalid_schema")
@@ -37,6 +38,11 @@ class ConsumerError(Exception):
 
 class ConfigError(ConsumerError):
     """Settings or handler options are wrong; raised at start-up, saying how to fix them."""
+
+
+class MigrationMismatch(ConfigError):
+    """An applied migration's file was edited or deleted: the folder no longer describes the
+    database. ``migrate`` and workers refuse to start (exit code RET_MIGRATION)."""
 
 
 class InvalidMessage(ConsumerError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -27,6 +28,8 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from consumer.errors import ConfigError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -231,19 +234,33 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+# The files prometheus_client's multiprocess mode writes: <type>_<pid>.db.
+_METRIC_FILE = re.compile(r"^(counter|histogram|summary|gauge_[a-z]+)_\d+\.db$")
+
+
 def prepare_multiprocess(path: str = "") -> tuple[str, bool]:
     """Set up multiprocess mode for this process and its children; returns (dir, temporary).
 
     Must run before any child imports prometheus_client. An existing directory is emptied of
-    metric files: values left by another run would otherwise be added to this one's.
+    metric files: values left by another run would otherwise be added to this one's. Only
+    prometheus_client's own file names are removed; any other ``*.db`` there (a user's
+    SQLite file in a directory named by ``CONSUMER_METRICS_DIR``) is left alone and refused
+    with ConfigError, since the collector would try to read it as metrics.
     """
     temporary = not path
     if temporary:
         path = tempfile.mkdtemp(prefix="consumer-metrics-")
     else:
         os.makedirs(path, exist_ok=True)
-        for old in glob.glob(os.path.join(path, "*.db")):
-            os.remove(old)
+        names = [os.path.basename(p) for p in glob.glob(os.path.join(path, "*.db"))]
+        foreign = sorted(n for n in names if not _METRIC_FILE.match(n))
+        if foreign:
+            raise ConfigError(
+                f"CONSUMER_METRICS_DIR={path} holds files that are not metrics "
+                f"({', '.join(foreign[:3])}); give the metrics a directory of their own"
+            )
+        for name in names:
+            os.remove(os.path.join(path, name))
     os.environ[MULTIPROC_ENV] = path
     return path, temporary
 
@@ -302,7 +319,7 @@ def serve_workers(port: int, path: str = "") -> Server:
 
     Call before starting any worker (they inherit ``PROMETHEUS_MULTIPROC_DIR``). ``path``:
     the directory to share (``CONSUMER_METRICS_DIR``), else a temporary one. Raises OSError
-    when the port cannot be bound.
+    when the port cannot be bound, ConfigError when the directory holds foreign files.
     """
     path, temporary = prepare_multiprocess(path)
     try:

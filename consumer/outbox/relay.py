@@ -146,7 +146,7 @@ class Relay:
         if self._own_pool:
             # Its own process (``consumer relay``): fault points apply here as in a worker.
             faults.configure(s.faults)
-            self.pool = await create_pool(s.postgres_dsn, max_size=3)
+            self.pool = await create_pool(s.require_connections().postgres_dsn, max_size=3)
         producer: AIOKafkaProducer | None = None
         listener: Any = None
         failures = 0

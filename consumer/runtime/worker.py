@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 
 from consumer import faults, logs, metrics
 from consumer.app import App
+from consumer.db import migrate
 from consumer.db.pool import create_pool
 from consumer.dedup.cluster import lease_store
 from consumer.dedup.leases import LeaseStore, NoLeases
@@ -129,8 +130,18 @@ class Worker:
         epoch = await self.pool.fetchval("SELECT value FROM dedup.meta WHERE name = 'epoch'")
         return lease_store(self.settings.redis_url, self.settings.redis_cluster, str(epoch or ""))
 
+    async def _check_migrations(self) -> None:
+        # An applied file edited since means the schema is not what the code expects:
+        # refuse to start (MigrationMismatch) rather than process records against it.
+        async with self.pool.acquire() as conn:
+            pending = await migrate.verify(conn, self.app.migrations)
+        if pending:
+            log.warning(
+                "migrations not applied yet: %s; run `consumer migrate`", ", ".join(pending)
+            )
+
     async def run(self) -> None:
-        s = self.settings
+        s = self.settings.require_connections()  # "" would let a client pick its own default
         faults.configure(s.faults)
         # A batch transaction is idle between statements only while a handler awaits
         # something outside the database, which its timeout bounds: the longest of them
@@ -138,6 +149,11 @@ class Worker:
         longest_s = max([h.timeout_s or s.handler_timeout_s for h in self.app.handlers] or [0.0])
         idle_ms = int(max(longest_s, s.handler_timeout_s) * 1000) + s.lease_ms
         self.pool = await create_pool(s.postgres_dsn, max_size=s.pg_pool_max, idle_in_tx_ms=idle_ms)
+        try:
+            await self._check_migrations()
+        except BaseException:
+            await self.pool.close()
+            raise
         leases = await self._leases()
         self.processor = BatchProcessor(
             self.app, s, leases, self.token, lambda: pg_transaction(self.pool)
