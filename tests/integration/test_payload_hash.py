@@ -337,3 +337,34 @@ async def test_union_members_with_the_same_values_are_told_apart(env, producer):
         await wait_offset(env["pg"], env["group"], env["topic"], 0, o2 + 1)
     assert answers(spy, [o1, o2]) == [[APPLIED], [CONFLICT]]
     assert await effects(env) == [("p1", "card")]
+
+
+async def test_a_copy_version_1_cannot_hash_is_a_conflict_of_a_version_1_record(
+    settings, pg, unique
+):
+    # Version 1 raised decimal.Overflow on Decimal("1E+1000000") (so it never recorded such a
+    # payload); version 2 hashes it. Compared with a version-1 record of the same key, the
+    # version-1 digest raised inside the batch transaction: the partition retried forever.
+    async with direct_env(settings, pg, unique, "hash-v1x") as env:
+        app = App(env["group"], settings=env["settings"])
+        calls: list[str] = []
+
+        @app.handler(env["topic"], schema=Charge, key=lambda p: p.id)
+        async def handle(p: Charge, ctx: Context) -> None:
+            calls.append(p.id)
+
+        ns = f"{env['group']}.handle"
+        old = payload_hash(Charge.model_validate({"id": "x", "card": "4", "amount": 5}), version=1)
+        await pg.execute(
+            """INSERT INTO dedup.inbox (namespace, key, payload_hash, hash_alg, status, result,
+                   topic, partition, "offset", completed_at)
+               VALUES ($1, 'x', $2, 'blake2b-128', 'done', '"old"', $3, 0, 0, now())""",
+            ns,
+            old,
+            env["topic"],
+        )
+        msgs = [record(env["topic"], 0, {"id": "x", "card": "4", "amount": "1e1000000"})]
+        results = await drive(direct_processor(app, env), msgs, rounds=2)
+        assert [r.retry_offset for r in results] == [None]
+        assert [h.outcome for h in results[0].handled] == [CONFLICT]
+        assert calls == []
