@@ -7,6 +7,7 @@ namespace land in the same Redis Cluster slot.
 
 from __future__ import annotations
 
+from consumer.keys import MAX_KEY_BYTES as MAX_KEY_BYTES  # derived keys are held to it too
 from consumer.keys import escape
 
 LEASE_PREFIX = "lease"
@@ -33,7 +34,6 @@ CONTENT_JSON = "application/json"
 DLQ_SUFFIX = ".dlq"
 CONFLICT_SUFFIX = ".conflicts"
 
-MAX_KEY_BYTES = 256
 HASH_ALG = "blake2b-128"
 OUTBOX_SHARDS = 64
 NOTIFY_CHANNEL = "dedup_outbox"
