@@ -22,6 +22,8 @@ HEADER_HASH = "x-payload-hash"
 HEADER_STORED_HASH = "x-stored-hash"
 HEADER_SOURCE = "x-source"
 HEADER_OUTCOME = "x-outcome"
+# consumer/outbox/envelopes.py: a dead letter's original headers, exactly (replay restores them)
+HEADER_ORIGINAL_HEADERS = "x-original-headers"
 HEADER_REPLAYED_FROM = "x-replayed-from"  # consumer/replay.py: the dead letter a copy came from
 TRACEPARENT = "traceparent"
 

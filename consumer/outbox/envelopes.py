@@ -8,8 +8,11 @@ framework applies it once. Rows caused by a handler call carry the trace context
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Any
+
+import msgpack
 
 from consumer import codec, storable, tracing
 from consumer.constants import (
@@ -22,6 +25,7 @@ from consumer.constants import (
     HEADER_IDEMPOTENCY_KEY,
     HEADER_KEY,
     HEADER_NAMESPACE,
+    HEADER_ORIGINAL_HEADERS,
     HEADER_OUTCOME,
     HEADER_REASON,
     HEADER_SOURCE,
@@ -115,8 +119,31 @@ def reply(
 
 # The headers dead_letter() adds; consumer/replay.py removes them to send the original again.
 DEAD_LETTER_HEADERS = frozenset(
-    {HEADER_REASON, HEADER_DETAIL, HEADER_NAMESPACE, HEADER_KEY, HEADER_SOURCE}
+    {
+        HEADER_REASON,
+        HEADER_DETAIL,
+        HEADER_NAMESPACE,
+        HEADER_KEY,
+        HEADER_SOURCE,
+        HEADER_ORIGINAL_HEADERS,
+    }
 )
+
+
+def pack_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    """Record headers, names and bytes exactly, as text a header (and jsonb) can hold."""
+    # surrogateescape: a name decoded with it (bytes that were not UTF-8) gets its bytes back.
+    pairs = [(n.encode("utf-8", "surrogateescape"), bytes(v)) for n, v in headers]
+    return base64.b64encode(msgpack.packb(pairs, use_bin_type=True)).decode("ascii")
+
+
+def unpack_headers(text: str) -> list[tuple[str, bytes]]:
+    """The headers :func:`pack_headers` packed; raises ValueError if ``text`` is not such."""
+    try:
+        pairs = msgpack.unpackb(base64.b64decode(text, validate=True), raw=True)
+        return [(n.decode("utf-8", "surrogateescape"), bytes(v)) for n, v in pairs]
+    except Exception as exc:
+        raise ValueError(f"not packed headers: {type(exc).__name__}: {exc}") from None
 
 
 def dead_letter(
@@ -132,6 +159,11 @@ def dead_letter(
 
     ``trace``: the span of the handler call that rejected it replaces the original trace
     headers, so the dead letter sits in the trace where it failed.
+
+    The visible headers are the original ones as text, minus those the envelope sets (its
+    own ``idempotency-key``, so a dead letter is deduplicated downstream too); the original
+    headers, exactly (names, bytes, order, the replaced key header), are in
+    ``x-original-headers``, which ``consumer replay`` restores.
     """
     replaced = {HEADER_IDEMPOTENCY_KEY}
     if trace is not None:
@@ -145,6 +177,7 @@ def dead_letter(
         (HEADER_KEY, key),
         (HEADER_SOURCE, msg.source),
         (HEADER_IDEMPOTENCY_KEY, f"dlq:{msg.source}"),
+        (HEADER_ORIGINAL_HEADERS, pack_headers(msg.headers)),
     ]
     original_ct = msg.header_str(HEADER_CONTENT_TYPE)
     if original_ct is None:
