@@ -40,6 +40,7 @@ from consumer.constants import (
     HEADER_REASON,
     HEADER_REPLAYED_FROM,
     HEADER_SOURCE,
+    HEADER_TRUNCATED,
 )
 from consumer.errors import ConfigError
 from consumer.outbox.envelopes import DEAD_LETTER_HEADERS, unpack_headers
@@ -166,7 +167,10 @@ async def replay(
                     summary.read += 1
                     done[tp] = rec.offset + 1
                     reason = _text(dict(rec.headers or ()).get(HEADER_REASON))
-                    if reason not in reasons:
+                    if HEADER_TRUNCATED in dict(rec.headers or ()):
+                        # Sent without its value (outbox/relay.py): nothing to replay.
+                        summary.skipped["truncated"] += 1
+                    elif reason not in reasons:
                         summary.skipped[reason or "(none)"] += 1
                     elif rec.timestamp < oldest_ms and not force:
                         summary.expired[reason] += 1

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgpack
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from consumer import codec, storable, tracing
 from consumer.constants import (
@@ -30,6 +31,7 @@ from consumer.constants import (
     HEADER_REASON,
     HEADER_SOURCE,
     HEADER_STORED_HASH,
+    HEADER_TRUNCATED,
 )
 from consumer.context import Outgoing
 from consumer.message import Message
@@ -211,3 +213,39 @@ def conflict(
         tuple(headers),
         f"conflict:{msg.source}",
     )
+
+
+def truncated(
+    headers: Sequence[tuple[str, bytes]], value_len: int
+) -> list[tuple[str, bytes]] | None:
+    """The headers of a dead letter or conflict sent without its value, or None if
+    ``headers`` are not such an envelope's.
+
+    A dead letter is a copy of a record that fitted in Kafka, plus the envelope's headers, so
+    it can be larger than the relay producer's request limit; refused for its size, it would
+    stay pending forever and hold back every later dead letter of its key. The relay then
+    sends it empty, with every original header kept as text, the exact copy
+    (``x-original-headers``) dropped, and ``x-truncated`` saying what was left out; the
+    original is still at ``x-source`` while the topic's retention keeps it.
+    """
+    by_name = {n.lower(): v for n, v in headers}
+    ik = by_name.get(HEADER_IDEMPOTENCY_KEY, b"")
+    if HEADER_REASON not in by_name or not ik.startswith((b"dlq:", b"conflict:")):
+        return None
+    note = (
+        f"value ({value_len} bytes) and {HEADER_ORIGINAL_HEADERS} left out: too large for the "
+        f"relay's producer; the original is at {HEADER_SOURCE}"
+    )
+    kept = [(n, v) for n, v in headers if n.lower() != HEADER_ORIGINAL_HEADERS]
+    return [*kept, (HEADER_TRUNCATED, note.encode())]
+
+
+# The relay's producer keeps aiokafka's max_request_size (1 MiB); a row larger than this,
+# with room for the trace headers the relay adds, is refused by the client on every tick.
+MAX_ROW_BYTES = 1024 * 1024 - 512
+
+
+def row_size(row: OutboxRow) -> int:
+    """The size the producer will count for ``row`` (aiokafka's upper bound)."""
+    headers = [(n, v.encode()) for n, v in row.headers]
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(row.key, row.value, headers))

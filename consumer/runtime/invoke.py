@@ -101,6 +101,12 @@ async def _call(
         codec.encode(result)
         result_json = json.dumps(result)
         outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
+        for row in outgoing:  # too large, it would be refused by the relay on every tick
+            if (size := envelopes.row_size(row)) > envelopes.MAX_ROW_BYTES:
+                raise storable.Unstorable(
+                    f"a message published to {row.topic!r} is {size} bytes, more than the "
+                    f"relay can send ({envelopes.MAX_ROW_BYTES})"
+                )
         await tx.release_savepoint()
     except storable.Unstorable as exc:
         # Definite, and not the handler's doing to retry: the same code returns the same

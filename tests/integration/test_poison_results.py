@@ -254,3 +254,24 @@ async def test_a_retry_delay_is_one_the_worker_can_wait(env, pg, delay, expected
         assert d == expected if expected is not None else backoff <= d <= 1.0
     dead = await outbox(pg, env["topic"] + ".dlq")
     assert [d["headers"]["x-reason"] for d in dead] == ["failed"]
+
+
+async def test_a_publish_too_large_for_the_relay_is_the_handlers_failure(env, pg):
+    """Written to the outbox, it was refused by the relay's producer on every tick, forever
+    (and held back every later message of its key). Now checked in the savepoint."""
+    app = App(env["group"], settings=env["settings"])
+    out = env["topic"] + ".out"
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def handle(p: Pay, ctx: Context) -> Any:
+        ctx.publish(out, {"blob": "x" * (1024 * 1024 if p.id == "big" else 10)}, key=p.id)
+        return 1
+
+    topic = env["topic"]
+    msgs = [record(topic, 0, {"id": "big"}), record(topic, 1, {"id": "ok"})]
+    await drive(direct_processor(app, env), msgs, ROUNDS)
+    assert await stored_offset(pg, env["group"], topic, 0) == 2
+    assert [r["headers"]["x-source"] for r in await outbox(pg, out)] == [f"{topic}/0/1"]
+    dead = await outbox(pg, topic + ".dlq")
+    assert [d["headers"]["x-reason"] for d in dead] == ["unstorable"]
+    assert "more than the relay can send" in dead[0]["headers"]["x-detail"]
