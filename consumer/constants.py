@@ -25,7 +25,11 @@ HEADER_HASH = "x-payload-hash"
 HEADER_STORED_HASH = "x-stored-hash"
 HEADER_SOURCE = "x-source"
 HEADER_OUTCOME = "x-outcome"
-HEADER_REPLAYED_FROM = "x-replayed-from"  # consumer/replay.py: the dead letter a copy came from
+# consumer/outbox/envelopes.py: a dead letter's original headers, exactly (replay restores them)
+HEADER_ORIGINAL_HEADERS = "x-original-headers"
+HEADER_REPLAYED_FROM = "x-replayed-from"
+# consumer/outbox/relay.py: a dead letter sent without its value (too large for the producer)
+HEADER_TRUNCATED = "x-truncated"  # consumer/replay.py: the dead letter a copy came from
 TRACEPARENT = "traceparent"
 
 CONTENT_MSGPACK = "application/msgpack"
