@@ -15,6 +15,7 @@ RET_KILLED = 5  # shutdown grace period expired: workers still running were SIGK
 RET_WORKER_FAILED = 6  # a worker failed in a way a restart cannot fix, or failed while draining
 RET_NOT_FOUND = 7  # admin commands: no inbox record for that namespace and key
 RET_ABORTED = 8  # admin commands: the confirmation was declined; nothing was changed
+RET_UNCONFIRMED = 9  # admin commands: no --yes and stdin is not a terminal; nothing was changed
 
 NAMES: dict[int, str] = {
     code: name
