@@ -311,21 +311,25 @@ def replay(
 
 async def _log_range(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
     """(log start, high watermark) of each partition of ``topic``; {} if it does not exist."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
     # read_uncommitted: the high watermark, the end the broker checks a fetch against.
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, isolation_level="read_uncommitted"
     )
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
     try:
+        await producer.start()
+        # Checked first: asking the producer for a missing topic could create it.
         if topic not in await consumer.topics():
             return {}
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        tps = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
         starts = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
         return {tp.partition: (starts[tp], ends[tp]) for tp in tps}
     finally:
+        await producer.stop()
         await consumer.stop()
 
 

@@ -102,6 +102,11 @@ class Worker:
         self.retry_tasks: dict[TopicPartition, asyncio.TimerHandle] = {}
         # Stored position of each partition at assignment; records below it are stale.
         self.floor: dict[TopicPartition, int] = {}
+        # Seeks per partition, and the last position sought: records a getmany() returns
+        # after a seek made while it ran may come from the old position; they are dropped
+        # and the partition is sought again, so they are fetched again from the right one.
+        self.seeks: dict[TopicPartition, int] = {}
+        self.sought: dict[TopicPartition, int] = {}
         # Partitions stopped at a stored position the broker does not have: (position, why).
         self.halted: dict[TopicPartition, tuple[int, str]] = {}
         self.consumer: AIOKafkaConsumer | None = None
@@ -131,7 +136,7 @@ class Worker:
         for tp in tps:
             pos = positions.get((tp.topic, tp.partition))
             if pos is not None:
-                self.consumer.seek(tp, pos)
+                self._seek(tp, pos)
                 self.floor[tp] = pos
             else:
                 self.floor.pop(tp, None)
@@ -141,9 +146,15 @@ class Worker:
             # offset Kafka has committed for the group.
             starts = await self.consumer.beginning_offsets(fresh)
             for tp in fresh:
-                self.consumer.seek(tp, starts[tp])
+                self._seek(tp, starts[tp])
         assigned = self.consumer.assignment()
         self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
+
+    def _seek(self, tp: TopicPartition, pos: int) -> None:
+        assert self.consumer is not None
+        self.consumer.seek(tp, pos)
+        self.seeks[tp] = self.seeks.get(tp, 0) + 1
+        self.sought[tp] = pos
 
     async def halt(self, tp: TopicPartition, pos: int) -> None:
         """Stop ``tp`` at a stored position the broker does not have (never skip to another)."""
@@ -211,7 +222,7 @@ class Worker:
                     )
                     self.unhalt(tp)
                     if tp in self.consumer.assignment():
-                        self.consumer.seek(tp, pos)
+                        self._seek(tp, pos)
                         self.floor[tp] = pos
                         self.consumer.resume(tp)
 
@@ -293,6 +304,7 @@ class Worker:
         # partition's buffer first, so a single-batch fetch would leave the other partitions'
         # transactions idle while this one waits on PostgreSQL round trips.
         size = self.settings.batch_max_records
+        seeks = dict(self.seeks)
         try:
             with undecodable.tolerant():  # unparseable records come out as stand-ins
                 fetched = await self.consumer.getmany(
@@ -315,10 +327,14 @@ class Worker:
             return
         async with self.lock:
             assigned = self.consumer.assignment()
+            for tp in fetched:
+                if tp in assigned and self.seeks.get(tp) != seeks.get(tp):
+                    self.consumer.seek(tp, self.sought[tp])
             work = {
                 tp: live
                 for tp, recs in fetched.items()
                 if tp in assigned
+                and self.seeks.get(tp) == seeks.get(tp)
                 and (live := [r for r in recs if r.offset >= self.floor.get(tp, 0)])
             }
             per_tp = await asyncio.gather(*(self._partition(recs) for recs in work.values()))
