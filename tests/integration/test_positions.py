@@ -113,7 +113,7 @@ async def test_recreated_topic_halts_the_partition_until_positions_are_reset(
         tp0 = TopicPartition(topic, 0)
 
         async def halted() -> bool:
-            return tp0 in worker.halted
+            return tp0 in getattr(worker, "halted", {})  # (no attribute before the fix)
 
         await eventually(halted)
         await wait_offset(pg, group, topic, 1, 2)  # the other partition goes on
@@ -159,7 +159,7 @@ async def test_records_deleted_before_they_were_consumed_halt_the_partition(
     async with running(app) as worker:
 
         async def halted() -> bool:
-            return tp in worker.halted
+            return tp in getattr(worker, "halted", {})
 
         await eventually(halted)
         assert worker.halted[tp] == (2, "before_log_start")
