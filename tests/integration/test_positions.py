@@ -55,9 +55,9 @@ def _halted(topic: str, partition: int, reason: str) -> float | None:
 
 def _reset_cli(group: str, topic: str, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COUNTING_TOPIC": topic, "COUNTING_GROUP": group}
+    command = ["reset-positions", "tests.apps.counting:app", "--topic", topic, *argv]
     return subprocess.run(
-        [sys.executable, "-m", "consumer", "reset-positions", "tests.apps.counting:app"]
-        + ["--topic", topic, *argv],
+        [sys.executable, "-m", "consumer", *command],
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,

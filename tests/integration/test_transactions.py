@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 EFFECTS = "CREATE TABLE IF NOT EXISTS test_tx_effects (k text NOT NULL)"
 
 
-async def _transaction(settings: Any, topic: str, ids: list[str], *, commit: bool, tid: str) -> None:
+async def _transaction(settings: Any, topic: str, ids: list[str], commit: bool, tid: str) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, transactional_id=tid, acks="all"
     )
@@ -53,9 +53,10 @@ async def test_aborted_transactions_are_never_applied(settings, topics, producer
     try:
         # offsets: 0,1 aborted + marker 2; 3,4 committed + marker 5; 6 aborted + marker 7;
         # 8 plain (outside any transaction).
-        await _transaction(settings, topic, [f"ab0-{unique}", f"ab1-{unique}"], commit=False, tid=tid)
-        await _transaction(settings, topic, [f"ok0-{unique}", f"ok1-{unique}"], commit=True, tid=tid)
-        await _transaction(settings, topic, [f"ab2-{unique}"], commit=False, tid=tid)
+        ab, ok = [f"ab{i}-{unique}" for i in range(3)], [f"ok{i}-{unique}" for i in range(2)]
+        await _transaction(settings, topic, ab[:2], False, tid)
+        await _transaction(settings, topic, ok, True, tid)
+        await _transaction(settings, topic, ab[2:], False, tid)
         async with running(app):
             # After the last committed record, the stored position sits on a marker.
             await wait_offset(pg, group, topic, 0, 5)
