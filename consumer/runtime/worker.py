@@ -144,9 +144,16 @@ class Worker:
         if fresh:
             # Never consumed by this group (per the database): from the log start, whatever
             # offset Kafka has committed for the group.
-            starts = await self.consumer.beginning_offsets(fresh)
+            try:
+                starts = await self.consumer.beginning_offsets(fresh)
+            except Exception as exc:
+                # No position is set: the fetcher raises NoOffsetForPartitionError (the
+                # automatic reset is off) and _tick comes back here.
+                log.warning("reading the log start of %d partitions failed: %s", len(fresh), exc)
+                starts = {}
             for tp in fresh:
-                self._seek(tp, starts[tp])
+                if tp in starts:
+                    self._seek(tp, starts[tp])
         assigned = self.consumer.assignment()
         self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
 
