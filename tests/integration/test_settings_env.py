@@ -17,6 +17,11 @@ pytestmark = pytest.mark.integration
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    # As in a fresh `consumer` process: the app reads the environment again (an earlier test
+    # in this process may have loaded handlers.app's settings already).
+    import handlers.app
+
+    handlers.app.app._settings = None
     with pytest.raises(SystemExit) as exc:
         main(list(argv))
     out, err = capsys.readouterr()

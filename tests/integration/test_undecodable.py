@@ -8,6 +8,7 @@ would produce it), between good records, on one partition of three.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgpack
@@ -53,18 +54,27 @@ async def _produce_raw(
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await producer.start()
     try:
-        await producer.partitions_for(topic)
-        leader = producer.client.cluster.leader_for_partition(
-            __import__("aiokafka").TopicPartition(topic, partition)
-        )
         request = ProduceRequest(
             required_acks=-1,
             timeout=10_000,
             topics=[(topic, [(partition, data)])],
             transactional_id=None,
         )
-        response = await producer.client.send(leader, request)
-        errors = [p[1] for _, parts in response.topics for p in parts]
+        tp = __import__("aiokafka").TopicPartition(topic, partition)
+        # What aiokafka's own sender does: a fresh topic's leader may not be elected yet
+        # (NOT_LEADER_OR_FOLLOWER 6, UNKNOWN_TOPIC_OR_PARTITION 3, LEADER_NOT_AVAILABLE 5):
+        # refresh the metadata and send again, a bounded number of times.
+        for _ in range(50):
+            await producer.client.force_metadata_update()
+            leader = producer.client.cluster.leader_for_partition(tp)
+            if leader is None or leader == -1:
+                await asyncio.sleep(0.1)
+                continue
+            response = await producer.client.send(leader, request)
+            errors = [p[1] for _, parts in response.topics for p in parts]
+            if errors not in ([3], [5], [6]):
+                break
+            await asyncio.sleep(0.1)
         assert errors == [0], response
     finally:
         await producer.stop()
