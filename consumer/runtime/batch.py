@@ -27,7 +27,7 @@ from typing import Any
 
 from consumer import faults, storable
 from consumer.app import App
-from consumer.constants import HEADER_REPLY_TO
+from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX, HEADER_REPLY_TO
 from consumer.db.tx import BatchTx
 from consumer.dedup.accelerator import Accelerator
 from consumer.dedup.hashing import HASH_VERSION, marker_digest
@@ -515,6 +515,14 @@ class BatchProcessor:
             # the batch's outbox insert on every redelivery.
             log.warning("%s: reply-to %r is not a valid topic; no reply", msg.source, reply_to)
             return
+        if reply_to in _fed_by_replies(self.app):
+            # A reply there would be consumed by this app as a new message: a requester could
+            # feed the app its own results (a loop through every reply-to it can set) or forge
+            # dead letters that `consumer replay` re-drives.
+            log.warning(
+                "%s: reply-to %r is a topic this app consumes; no reply", msg.source, reply_to
+            )
+            return
         body = k.result if k.status == "done" else {"rejected": k.reason}
         try:
             rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))
@@ -527,6 +535,11 @@ class BatchProcessor:
                 ident,
                 storable.describe(exc),
             )
+
+
+def _fed_by_replies(app: App) -> set[str]:
+    """Topics a reply must never go to: the app's inputs and their dead-letter topics."""
+    return {t + suffix for t in app.topics for suffix in ("", DLQ_SUFFIX, CONFLICT_SUFFIX)}
 
 
 @contextlib.asynccontextmanager
