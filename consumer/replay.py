@@ -137,6 +137,8 @@ async def replay(
         group_id=summary.group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # A dead letter of an aborted transaction (a topic someone else writes) is no record.
+        isolation_level=settings.kafka_isolation_level,
     )
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all"

@@ -34,7 +34,7 @@ from consumer.dedup.hashing import HASH_VERSION, marker_digest
 from consumer.dedup.identity import Identity, identify
 from consumer.dedup.inbox import Claim, Completion
 from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
-from consumer.errors import InvalidMessage, is_retriable
+from consumer.errors import DecodeError, InvalidMessage, is_retriable
 from consumer.handler import Handler
 from consumer.message import Message
 from consumer.outbox import envelopes
@@ -268,6 +268,8 @@ class BatchProcessor:
 
     def _parse(self, msg: Message) -> _Item:
         handler = self.app.handler_for(msg.topic)
+        if msg.undecodable:  # the Kafka client could not parse it: its raw bytes, dead
+            return _Item(msg, handler, error=DecodeError(msg.undecodable))
         if handler is None:
             return _Item(msg, None, error=InvalidMessage(f"no handler for topic {msg.topic}"))
         try:
