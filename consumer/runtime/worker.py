@@ -103,25 +103,31 @@ class Worker:
         for attempt in itertools.count(1):  # without them no record may be processed
             try:
                 rows = await self.pool.fetch(text, *args)
+                positions = {(r[0], r[1]): r[2] for r in rows}
+                # No stored position: nothing of the partition was ever committed here,
+                # whatever Kafka's committed offset says (the database wins). That offset may
+                # come from commits the database lost (restored from a dump taken before the
+                # partition's first batch, failed over to a standby that never got it):
+                # resuming there would skip the lost records without a trace, so such a
+                # partition is read from its log start.
+                if unknown := [tp for tp in tps if (tp.topic, tp.partition) not in positions]:
+                    starts = await self.consumer.beginning_offsets(unknown)
+                    positions.update({(tp.topic, tp.partition): starts[tp] for tp in unknown})
                 break
             except Exception as exc:  # the database may be restarting
                 if self.stop.is_set():
                     # Draining: nothing will be processed, and a record fetched from Kafka's
                     # older committed position is skipped by the batch's stored-offset check.
                     return
-                log.warning("reading stored offsets failed (%s); retry %d", exc, attempt)
+                log.warning("reading stored positions failed (%s); retry %d", exc, attempt)
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
-        positions = {(r[0], r[1]): r[2] for r in rows}
         self.floor = {}
         self.seeks += 1
         for tp in tps:
-            pos = positions.get((tp.topic, tp.partition))
-            if pos is not None:
-                self.consumer.seek(tp, pos)
-                self.floor[tp] = pos
-                # Only a partition actually moved: one without a stored position keeps the
-                # position its fetch already advanced, so its records must not be dropped.
-                self.seeked[tp] = self.seeks
+            pos = positions[(tp.topic, tp.partition)]
+            self.consumer.seek(tp, pos)
+            self.floor[tp] = pos
+            self.seeked[tp] = self.seeks
         self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in tps)
 
     async def _leases(self) -> LeaseStore:
