@@ -89,6 +89,12 @@ REFUSED = [
     "DEALLOCATE ALL",
     "SELECT set_config('search_path', 'pg_catalog', false)",
     "SELECT 1; COMMIT",
+    # A typed literal of a type whose name ends in "e" is not an E'' string: the backslash
+    # does not escape the quote, so the COMMIT after it is a statement of its own.
+    "SELECT name'x\\'; COMMIT; SELECT 1 --'",
+    # Dollar-quoted bodies run set_config/SET just the same.
+    "DO $$ BEGIN PERFORM set_config('search_path', 'pg_catalog', false); END $$",
+    "DO $do$ BEGIN SET statement_timeout = '1ms'; END $do$",
 ]
 
 
