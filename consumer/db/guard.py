@@ -17,6 +17,7 @@ the batch) and ``SET CONSTRAINTS``.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 
@@ -116,7 +117,7 @@ def refusal(query: str) -> str | None:
             return "set_config() changes settings the framework's statements share"
         if first == "DO" and any(
             w in ("SET", "RESET") and prev in _PLPGSQL_STARTS
-            for prev, w in zip(words, words[1:], strict=False)
+            for prev, w in itertools.pairwise(words)
         ):
             return "SET in a DO block changes settings the framework's statements share"
     return None

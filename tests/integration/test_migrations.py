@@ -137,7 +137,7 @@ def test_a_checkout_with_crlf_or_a_bom_is_the_same_migration(capsys, app_dir, fr
     with a UTF-8 BOM by an editor is not an edit: its checksum is of the text, not the bytes,
     or every worker on that checkout would refuse to start."""
     mig = write_app(app_dir, f"eol_{unique}", "g", "m",
-                    {"0001_init.sql": "CREATE TABLE eol (id int);\n-- two\nSELECT 1;\n"})  # fmt: skip
+                    {"0001_init.sql": "CREATE TABLE eol (id int);\n-- 2\nSELECT 1;\n"})  # fmt: skip
     assert cli(capsys, "migrate", f"eol_{unique}:app")[0] == 0
     f = mig / "0001_init.sql"
     f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes().replace(b"\n", b"\r\n"))
