@@ -140,6 +140,14 @@ class _Metrics:
             ["topic", "partition"],
             multiprocess_mode="livemax",
         )
+        self.partition_halted = Gauge(
+            "consumer_partition_halted",
+            "1 while a partition is stopped at a stored position the broker does not have "
+            "(reason=beyond_log_end: topic re-created; before_log_start: records deleted "
+            "unconsumed). See `consumer reset-positions`.",
+            ["topic", "partition", "reason"],
+            multiprocess_mode="livemax",
+        )
         self.rebalances = Counter(
             "consumer_rebalances_total", "Rebalances this worker took part in (revocations)."
         )
@@ -197,6 +205,11 @@ def record_revoked(partitions: Iterable[_Partition]) -> None:
     m.rebalances.inc()
     for tp in partitions:
         m.lag.labels(tp.topic, str(tp.partition)).set(0)
+
+
+def record_halted(topic: str, partition: int, reason: str, halted: bool) -> None:
+    """A partition halted at a position the broker lacks (1), or resumed/given up (0)."""
+    _m().partition_halted.labels(topic, str(partition), reason).set(1 if halted else 0)
 
 
 @dataclass

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     static_membership: bool = False
+    # read_committed: records of aborted (and still open) upstream Kafka transactions are
+    # never handed to a handler. read_uncommitted hands them over: only for topics written
+    # without transactions, where the two are the same.
+    kafka_isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed"
     relay_enabled: bool = True
     relay_batch: int = Field(default=500, ge=1)
     relay_poll_ms: int = Field(default=1_000, ge=10)

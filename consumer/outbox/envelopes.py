@@ -8,8 +8,12 @@ framework applies it once. Rows caused by a handler call carry the trace context
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Any
+
+import msgpack
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from consumer import codec, keys, storable, tracing
 from consumer.constants import (
@@ -22,10 +26,12 @@ from consumer.constants import (
     HEADER_IDEMPOTENCY_KEY,
     HEADER_KEY,
     HEADER_NAMESPACE,
+    HEADER_ORIGINAL_HEADERS,
     HEADER_OUTCOME,
     HEADER_REASON,
     HEADER_SOURCE,
     HEADER_STORED_HASH,
+    HEADER_TRUNCATED,
 )
 from consumer.context import Outgoing
 from consumer.message import Message
@@ -115,8 +121,31 @@ def reply(
 
 # The headers dead_letter() adds; consumer/replay.py removes them to send the original again.
 DEAD_LETTER_HEADERS = frozenset(
-    {HEADER_REASON, HEADER_DETAIL, HEADER_NAMESPACE, HEADER_KEY, HEADER_SOURCE}
+    {
+        HEADER_REASON,
+        HEADER_DETAIL,
+        HEADER_NAMESPACE,
+        HEADER_KEY,
+        HEADER_SOURCE,
+        HEADER_ORIGINAL_HEADERS,
+    }
 )
+
+
+def pack_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    """Record headers, names and bytes exactly, as text a header (and jsonb) can hold."""
+    # surrogateescape: a name decoded with it (bytes that were not UTF-8) gets its bytes back.
+    pairs = [(n.encode("utf-8", "surrogateescape"), bytes(v)) for n, v in headers]
+    return base64.b64encode(msgpack.packb(pairs, use_bin_type=True)).decode("ascii")
+
+
+def unpack_headers(text: str) -> list[tuple[str, bytes]]:
+    """The headers :func:`pack_headers` packed; raises ValueError if ``text`` is not such."""
+    try:
+        pairs = msgpack.unpackb(base64.b64decode(text, validate=True), raw=True)
+        return [(n.decode("utf-8", "surrogateescape"), bytes(v)) for n, v in pairs]
+    except Exception as exc:
+        raise ValueError(f"not packed headers: {type(exc).__name__}: {exc}") from None
 
 
 def dead_letter(
@@ -132,6 +161,11 @@ def dead_letter(
 
     ``trace``: the span of the handler call that rejected it replaces the original trace
     headers, so the dead letter sits in the trace where it failed.
+
+    The visible headers are the original ones as text, minus those the envelope sets (its
+    own ``idempotency-key``, so a dead letter is deduplicated downstream too); the original
+    headers, exactly (names, bytes, order, the replaced key header), are in
+    ``x-original-headers``, which ``consumer replay`` restores.
     """
     replaced = {HEADER_IDEMPOTENCY_KEY}
     if trace is not None:
@@ -145,6 +179,7 @@ def dead_letter(
         (HEADER_KEY, key),
         (HEADER_SOURCE, msg.source),
         (HEADER_IDEMPOTENCY_KEY, f"dlq:{msg.source}"),
+        (HEADER_ORIGINAL_HEADERS, pack_headers(msg.headers)),
     ]
     original_ct = msg.header_str(HEADER_CONTENT_TYPE)
     if original_ct is None:
@@ -178,3 +213,39 @@ def conflict(
         tuple(headers),
         f"conflict:{msg.source}",
     )
+
+
+def truncated(
+    headers: Sequence[tuple[str, bytes]], value_len: int
+) -> list[tuple[str, bytes]] | None:
+    """The headers of a dead letter or conflict sent without its value, or None if
+    ``headers`` are not such an envelope's.
+
+    A dead letter is a copy of a record that fitted in Kafka, plus the envelope's headers, so
+    it can be larger than the relay producer's request limit; refused for its size, it would
+    stay pending forever and hold back every later dead letter of its key. The relay then
+    sends it empty, with every original header kept as text, the exact copy
+    (``x-original-headers``) dropped, and ``x-truncated`` saying what was left out; the
+    original is still at ``x-source`` while the topic's retention keeps it.
+    """
+    by_name = {n.lower(): v for n, v in headers}
+    ik = by_name.get(HEADER_IDEMPOTENCY_KEY, b"")
+    if HEADER_REASON not in by_name or not ik.startswith((b"dlq:", b"conflict:")):
+        return None
+    note = (
+        f"value ({value_len} bytes) and {HEADER_ORIGINAL_HEADERS} left out: too large for the "
+        f"relay's producer; the original is at {HEADER_SOURCE}"
+    )
+    kept = [(n, v) for n, v in headers if n.lower() != HEADER_ORIGINAL_HEADERS]
+    return [*kept, (HEADER_TRUNCATED, note.encode())]
+
+
+# The relay's producer keeps aiokafka's max_request_size (1 MiB); a row larger than this,
+# with room for the trace headers the relay adds, is refused by the client on every tick.
+MAX_ROW_BYTES = 1024 * 1024 - 512
+
+
+def row_size(row: OutboxRow) -> int:
+    """The size the producer will count for ``row`` (aiokafka's upper bound)."""
+    headers = [(n, v.encode()) for n, v in row.headers]
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(row.key, row.value, headers))

@@ -37,9 +37,9 @@ from aiokafka.errors import (
 )
 
 from consumer import faults, metrics, tracing
-from consumer.constants import NOTIFY_CHANNEL, OUTBOX_SHARDS
+from consumer.constants import HEADER_TRUNCATED, NOTIFY_CHANNEL, OUTBOX_SHARDS
 from consumer.db.pool import create_pool
-from consumer.outbox import retention, store
+from consumer.outbox import envelopes, retention, store
 from consumer.outbox.store import Destination
 from consumer.settings import Settings
 
@@ -57,6 +57,7 @@ _REFUSED = (
     CorruptRecordException,
     InvalidTimestampError,
 )
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 class Sender(Protocol):
@@ -135,6 +136,8 @@ class Relay:
         self.last_error = ""
         self.loops = 0  # completed passes of run(); lets a caller see the relay is idle
         self._holds: dict[Destination | str, _Hold] = {}
+        self.truncated = 0  # dead letters sent without their value (too large)
+        self._oversize: set[int] = set()  # ids of such rows not yet acked
         self._next_backlog = 0.0
         self._next_cleanup = 0.0
 
@@ -341,10 +344,20 @@ class Relay:
                 continue  # never send a later row of a key past an earlier refused one
             # A span per row, a child of the handling span named in the row's headers.
             headers, span = tracing.publishing(dest[0], _headers(row["headers"]))
+            value = bytes(row["value"])
+            if row["id"] in self._oversize and (cut := envelopes.truncated(headers, len(value))):
+                headers, value = cut, b""
             try:
-                fut = await producer.send(
-                    dest[0], value=bytes(row["value"]), key=dest[1], headers=headers
-                )
+                try:
+                    fut = await producer.send(dest[0], value=value, key=dest[1], headers=headers)
+                except _TOO_LARGE:
+                    cut = envelopes.truncated(headers, len(value))
+                    if cut is None or not value:
+                        raise
+                    # A dead letter too large to send (see envelopes.truncated): sent empty
+                    # rather than held forever with every later dead letter of its key.
+                    self._truncate(row["id"], len(value))
+                    fut = await producer.send(dest[0], value=b"", key=dest[1], headers=cut)
             except _REFUSED as exc:
                 # Refused by the client for this message alone: hold its key, go on.
                 span.failed(exc)
@@ -367,12 +380,18 @@ class Relay:
             err = fut.exception() if fut.done() and not fut.cancelled() else TimeoutError()
             if err is None:
                 acked.append(row["id"])
+                self._oversize.discard(row["id"])
                 last_acked[dest] = row["id"]
                 self._holds.pop(dest, None)
                 continue
             self.failed += 1
             first_failed.setdefault(dest, row["id"])
-            if isinstance(err, _REFUSED):
+            if isinstance(err, _TOO_LARGE) and envelopes.truncated(_headers(row["headers"]), 0):
+                # Refused by the broker (its limit below the producer's): the next tick, after
+                # the hold, sends the dead letter empty.
+                self._truncate(row["id"], len(bytes(row["value"])))
+                self._hold(dest, _HOLD_KEY_S, f"row {row['id']}: {type(err).__name__}: {err}")
+            elif isinstance(err, _REFUSED):
                 self._hold(dest, _HOLD_KEY_S, f"row {row['id']}: {type(err).__name__}: {err}")
             else:
                 transient = True  # the row stays pending; the next tick sends it again
@@ -386,6 +405,18 @@ class Relay:
         if transient and not acked:
             raise BrokerUnavailable(f"no ack for {len(sent)} row(s): {self.last_error}")
         return acked
+
+    def _truncate(self, row_id: int, size: int) -> None:
+        if row_id not in self._oversize:
+            self._oversize.add(row_id)
+            self.truncated += 1
+            log.error(
+                "relay: dead letter row %d (%d bytes) is too large to publish; sending it "
+                "without its value (header %s)",
+                row_id,
+                size,
+                HEADER_TRUNCATED,
+            )
 
     # ---------------------------------------------------------------- held destinations
 

@@ -34,7 +34,7 @@ from consumer.dedup.hashing import HASH_VERSION, marker_digest
 from consumer.dedup.identity import Identity, identify
 from consumer.dedup.inbox import Claim, Completion
 from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
-from consumer.errors import InvalidMessage, is_retriable
+from consumer.errors import DecodeError, InvalidMessage, is_retriable
 from consumer.handler import Handler
 from consumer.message import Message
 from consumer.outbox import envelopes
@@ -268,6 +268,8 @@ class BatchProcessor:
 
     def _parse(self, msg: Message) -> _Item:
         handler = self.app.handler_for(msg.topic)
+        if msg.undecodable:  # the Kafka client could not parse it: its raw bytes, dead
+            return _Item(msg, handler, error=DecodeError(msg.undecodable))
         if handler is None:
             return _Item(msg, None, error=InvalidMessage(f"no handler for topic {msg.topic}"))
         try:
@@ -330,7 +332,7 @@ class BatchProcessor:
             rows: list[OutboxRow] = []
             next_offset = live[-1].msg.offset + 1 if live else None
             processed: set[Ident] = set()
-            failed: dict[Ident, str] = {}
+            failed: dict[Ident, tuple[str, str]] = {}  # x-reason and detail, by key
             for it in live:
                 msg = it.msg
                 if it.ident is None:
@@ -364,8 +366,9 @@ class BatchProcessor:
                     result.error = "inbox record left pending by a transaction ended behind ctx.db"
                     break
                 if ident in failed:
-                    rows.append(envelopes.dead_letter(msg, "failed", failed[ident], *ident))
-                    result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, failed[ident]))
+                    why, detail = failed[ident]
+                    rows.append(envelopes.dead_letter(msg, why, detail, *ident))
+                    result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, detail))
                 elif k is None and ident in claimed and ident not in processed:
                     assert it.handler is not None
                     pos = (msg.topic, msg.partition, msg.offset)
@@ -393,9 +396,11 @@ class BatchProcessor:
                         # Transient failures past max_attempts: a dead letter, and no record
                         # (the claim is undone below), so a replay runs the handler again.
                         # Copies later in this batch share the dead letter's fate.
-                        failed[ident] = run.reason
+                        failed[ident] = (run.dead_reason, run.reason)
                         rows.append(
-                            envelopes.dead_letter(msg, "failed", run.reason, *ident, run.trace)
+                            envelopes.dead_letter(
+                                msg, run.dead_reason, run.reason, *ident, run.trace
+                            )
                         )
                         result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, run.reason))
                         continue
@@ -500,7 +505,16 @@ class BatchProcessor:
             claimed |= again
             found.update(await tx.records([i for i in stale if i not in again]))
         known = {
-            i: _Known(rec.status, rec.hash, rec.result, rec.reason, True, rec.hash_version)
+            # In the result form, as the first copy's reply was built: every copy's reply is
+            # byte-identical whatever jsonb made of the stored value.
+            i: _Known(
+                rec.status,
+                rec.hash,
+                storable.stored_form(rec.result),
+                rec.reason,
+                True,
+                rec.hash_version,
+            )
             for i, rec in found.items()
         }
         return claimed, known
@@ -522,7 +536,17 @@ class BatchProcessor:
             log.warning("%s: reply-to %r is not a valid topic; no reply", msg.source, reply_to)
             return
         body = k.result if k.status == "done" else {"rejected": k.reason}
-        rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))
+        try:
+            rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))
+        except Exception as exc:
+            # Only a record stored before results were checked (runtime/invoke.py) can get
+            # here. Failing would fail the batch on every redelivery: no reply, and an error.
+            log.error(
+                "%s: the stored result of %s cannot be encoded as a reply (%s); no reply",
+                msg.source,
+                ident,
+                storable.describe(exc),
+            )
 
 
 @contextlib.asynccontextmanager

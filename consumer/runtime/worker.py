@@ -3,6 +3,14 @@
 Owns the fetch loop, Kafka offset commits (after the database commit, for lag tooling), the
 rebalance listener (finish the batch in flight before giving partitions up; seek to the stored
 positions on assignment), per-partition retry back-off, and a clean drain on stop.
+
+Positions come from the database only. A partition without a stored position starts at its
+log start; Kafka's committed offset (kept for lag tooling) is never read, since it can be ahead
+of a database restored from a backup. A stored position the broker no longer has (beyond the
+log end: the topic was deleted and re-created; before the log start: retention deleted
+records never consumed) is never skipped: that partition is halted (paused, one error line,
+``consumer_partition_halted``) until ``consumer reset-positions`` moves it; a halted
+partition's stored position is re-read every ``HALT_RECHECK_S`` seconds.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumer import faults, logs, metrics
 from consumer.app import App
@@ -28,7 +36,7 @@ from consumer.db.pool import create_pool
 from consumer.dedup.cluster import lease_store
 from consumer.dedup.leases import LeaseStore, NoLeases
 from consumer.message import Message
-from consumer.runtime import offsets
+from consumer.runtime import offsets, undecodable
 from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.outcomes import BatchResult
 from consumer.runtime.stats import Stats
@@ -36,11 +44,22 @@ from consumer.settings import Settings
 
 log = logging.getLogger("consumer.worker")
 
+# How often a halted partition's stored position is read again (a reset resumes it).
+HALT_RECHECK_S = 3.0
+
 
 def to_message(rec: Any) -> Message:
     headers = tuple((k, bytes(v) if v is not None else b"") for k, v in (rec.headers or ()))
+    bad = undecodable.reason_of(rec)
     return Message(
-        rec.topic, rec.partition, rec.offset, rec.key, rec.value, headers, rec.timestamp or 0
+        rec.topic,
+        rec.partition,
+        rec.offset,
+        rec.key,
+        rec.value,
+        headers,
+        rec.timestamp or 0,
+        bad.reason if bad else "",
     )
 
 
@@ -60,6 +79,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
                     handle.cancel()
                 if self.worker.processor is not None:
                     self.worker.processor.forget(tp.topic, tp.partition)
+                self.worker.unhalt(tp)  # the new owner finds out for itself
                 self.worker.stats.lag.pop(f"{tp.topic}/{tp.partition}", None)  # not ours now
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
@@ -83,12 +103,13 @@ class Worker:
         self.retry_tasks: dict[TopicPartition, asyncio.TimerHandle] = {}
         # Stored position of each partition at assignment; records below it are stale.
         self.floor: dict[TopicPartition, int] = {}
-        # Seeks to the stored positions, counted: records a fetch returned before a seek of
-        # their partition came from Kafka's committed position, which may be AHEAD of the
-        # stored one (the database restored, failed over): processed, they would move the
-        # stored position past records never handled. They are dropped and fetched again.
-        self.seeks = 0
-        self.seeked: dict[TopicPartition, int] = {}
+        # Seeks per partition, and the last position sought: records a getmany() returns
+        # after a seek made while it ran may come from the old position; they are dropped
+        # and the partition is sought again, so they are fetched again from the right one.
+        self.seeks: dict[TopicPartition, int] = {}
+        self.sought: dict[TopicPartition, int] = {}
+        # Partitions stopped at a stored position the broker does not have: (position, why).
+        self.halted: dict[TopicPartition, tuple[int, str]] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.pool: Any = None
         self.processor: BatchProcessor | None = None
@@ -103,16 +124,6 @@ class Worker:
         for attempt in itertools.count(1):  # without them no record may be processed
             try:
                 rows = await self.pool.fetch(text, *args)
-                positions = {(r[0], r[1]): r[2] for r in rows}
-                # No stored position: nothing of the partition was ever committed here,
-                # whatever Kafka's committed offset says (the database wins). That offset may
-                # come from commits the database lost (restored from a dump taken before the
-                # partition's first batch, failed over to a standby that never got it):
-                # resuming there would skip the lost records without a trace, so such a
-                # partition is read from its log start.
-                if unknown := [tp for tp in tps if (tp.topic, tp.partition) not in positions]:
-                    starts = await self.consumer.beginning_offsets(unknown)
-                    positions.update({(tp.topic, tp.partition): starts[tp] for tp in unknown})
                 break
             except Exception as exc:  # the database may be restarting
                 if self.stop.is_set():
@@ -121,14 +132,107 @@ class Worker:
                     return
                 log.warning("reading stored positions failed (%s); retry %d", exc, attempt)
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
-        self.floor = {}
-        self.seeks += 1
+        positions = {(r[0], r[1]): r[2] for r in rows}
+        fresh = []
         for tp in tps:
-            pos = positions[(tp.topic, tp.partition)]
-            self.consumer.seek(tp, pos)
-            self.floor[tp] = pos
-            self.seeked[tp] = self.seeks
-        self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in tps)
+            pos = positions.get((tp.topic, tp.partition))
+            if pos is not None:
+                self._seek(tp, pos)
+                self.floor[tp] = pos
+            else:
+                self.floor.pop(tp, None)
+                fresh.append(tp)
+        if fresh:
+            # Never consumed by this group (per the database): from the log start, whatever
+            # offset Kafka has committed for the group.
+            try:
+                starts = await self.consumer.beginning_offsets(fresh)
+            except Exception as exc:
+                # No position is set: the fetcher raises NoOffsetForPartitionError (the
+                # automatic reset is off) and _tick comes back here.
+                log.warning("reading the log start of %d partitions failed: %s", len(fresh), exc)
+                starts = {}
+            for tp in fresh:
+                if tp in starts:
+                    self._seek(tp, starts[tp])
+        assigned = self.consumer.assignment()
+        self.stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
+
+    def _seek(self, tp: TopicPartition, pos: int) -> None:
+        assert self.consumer is not None
+        self.consumer.seek(tp, pos)
+        self.seeks[tp] = self.seeks.get(tp, 0) + 1
+        self.sought[tp] = pos
+
+    async def halt(self, tp: TopicPartition, pos: int) -> None:
+        """Stop ``tp`` at a stored position the broker does not have (never skip to another)."""
+        assert self.consumer is not None
+        if tp not in self.consumer.assignment():
+            return
+        self.consumer.pause(tp)
+        if self.halted.get(tp, (None,))[0] == pos:
+            return
+        try:
+            start = (await self.consumer.beginning_offsets([tp]))[tp]
+            end = (await self.consumer.end_offsets([tp]))[tp]
+        except Exception as exc:  # the reason is told without them
+            start = end = -1
+            log.warning("reading the log range of %s/%s failed: %s", tp.topic, tp.partition, exc)
+        reason = "before_log_start" if 0 <= pos < start else "beyond_log_end"
+        self.halted[tp] = (pos, reason)
+        metrics.record_halted(tp.topic, tp.partition, reason, True)
+        log.error(
+            "partition %s/%s HALTED: stored position %d is %s (log start %d, log end %d); "
+            "records there would be lost if skipped. Nothing is consumed from it until an "
+            "operator runs `consumer reset-positions ... --topic %s --partition %d "
+            "(--to-earliest | --to-offset N)`",
+            tp.topic,
+            tp.partition,
+            pos,
+            reason.replace("_", " "),
+            start,
+            end,
+            tp.topic,
+            tp.partition,
+        )
+
+    def unhalt(self, tp: TopicPartition) -> None:
+        """Forget a halt (revoked, or moved by a reset); the metric follows."""
+        halted = self.halted.pop(tp, None)
+        if halted is not None:
+            metrics.record_halted(tp.topic, tp.partition, halted[1], False)
+
+    async def _recheck_halted(self) -> None:
+        """Resume halted partitions whose stored position an operator has reset."""
+        while True:
+            await asyncio.sleep(HALT_RECHECK_S)
+            if not self.halted or self.consumer is None:
+                continue
+            async with self.lock:
+                tps = list(self.halted)
+                text, args = offsets.stored(self.app.group, [(t.topic, t.partition) for t in tps])
+                try:
+                    rows = await self.pool.fetch(text, *args)
+                except Exception as exc:  # tried again at the next interval
+                    log.warning("re-reading stored offsets of halted partitions failed: %s", exc)
+                    continue
+                now = {(r[0], r[1]): r[2] for r in rows}
+                for tp in tps:
+                    pos = now.get((tp.topic, tp.partition))
+                    if pos is None or pos == self.halted[tp][0]:
+                        continue
+                    log.warning(
+                        "partition %s/%s resumed at stored position %d (was halted at %d)",
+                        tp.topic,
+                        tp.partition,
+                        pos,
+                        self.halted[tp][0],
+                    )
+                    self.unhalt(tp)
+                    if tp in self.consumer.assignment():
+                        self._seek(tp, pos)
+                        self.floor[tp] = pos
+                        self.consumer.resume(tp)
 
     async def _leases(self) -> LeaseStore:
         if self.settings.redis_mode == "off":
@@ -171,12 +275,16 @@ class Worker:
             if s.static_membership
             else None
         )
+        undecodable.install()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
             group_id=self.app.group,
             group_instance_id=instance,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Every position is set by seek_to_stored; an out-of-range one must raise (and
+            # halt the partition), never be reset to another offset behind our back.
+            auto_offset_reset="none",
+            isolation_level=s.kafka_isolation_level,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
@@ -186,6 +294,7 @@ class Worker:
         await self.consumer.start()
         self._status_last, self._status_t = 0, time.monotonic()
         status = asyncio.create_task(self._status_loop())
+        recheck = asyncio.create_task(self._recheck_halted())
         relay_task = None
         if s.relay_enabled:
             from consumer.outbox.relay import Relay
@@ -198,6 +307,7 @@ class Worker:
                 await self._tick()
         finally:
             status.cancel()
+            recheck.cancel()
             # The last counters, even for a worker stopped before its first interval.
             self._log_status()
             for handle in self.retry_tasks.values():
@@ -219,26 +329,37 @@ class Worker:
         # partition's buffer first, so a single-batch fetch would leave the other partitions'
         # transactions idle while this one waits on PostgreSQL round trips.
         size = self.settings.batch_max_records
-        seeks = self.seeks
-        fetched = await self.consumer.getmany(
-            timeout_ms=self.settings.fetch_timeout_ms,
-            max_records=size * max(1, len(self.consumer.assignment())),
-        )
+        seeks = dict(self.seeks)
+        try:
+            with undecodable.tolerant():  # unparseable records come out as stand-ins
+                fetched = await self.consumer.getmany(
+                    timeout_ms=self.settings.fetch_timeout_ms,
+                    max_records=size * max(1, len(self.consumer.assignment())),
+                )
+        except OffsetOutOfRangeError as exc:
+            async with self.lock:
+                where = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+                for tp, pos in where.items():
+                    await self.halt(tp, pos)
+            return
+        except NoOffsetForPartitionError as exc:
+            # The fetcher looked for a position before seek_to_stored had set one.
+            async with self.lock:
+                tps = [tp for tp in exc.args if tp in self.consumer.assignment()]
+                await self.seek_to_stored(tps)
+            return
         if not fetched:
             return
         async with self.lock:
             assigned = self.consumer.assignment()
             for tp in fetched:
-                if tp in assigned and self.seeked.get(tp, 0) > seeks:
-                    # Seeked while this fetch was out: its records may predate the seek, or
-                    # follow it and have moved the position on. Back to the stored position
-                    # (nothing of this partition was processed since): fetched again.
-                    self.consumer.seek(tp, self.floor[tp])
+                if tp in assigned and self.seeks.get(tp) != seeks.get(tp):
+                    self.consumer.seek(tp, self.sought[tp])
             work = {
                 tp: live
                 for tp, recs in fetched.items()
                 if tp in assigned
-                and self.seeked.get(tp, 0) <= seeks
+                and self.seeks.get(tp) == seeks.get(tp)
                 and (live := [r for r in recs if r.offset >= self.floor.get(tp, 0)])
             }
             per_tp = await asyncio.gather(*(self._partition(recs) for recs in work.values()))
@@ -298,7 +419,7 @@ class Worker:
 
         def resume() -> None:
             self.retry_tasks.pop(tp, None)
-            if tp in consumer.assignment():
+            if tp in consumer.assignment() and tp not in self.halted:
                 consumer.resume(tp)
 
         self.retry_tasks[tp] = asyncio.get_running_loop().call_later(result.retry_delay_s, resume)

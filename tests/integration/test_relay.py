@@ -556,3 +556,33 @@ async def test_retention_never_waits_on_rows_another_cleaner_holds(db: Settings,
     assert purged.outbox == 2
     left = await pool.fetch("SELECT idempotency_key FROM dedup.outbox ORDER BY 1")
     assert [r[0] for r in left] == ["r1", "r2"]
+
+
+async def test_a_dead_letter_too_large_to_publish_goes_out_without_its_value(
+    db: Settings, pool: Any, topics: Any
+) -> None:
+    """A record that fitted in Kafka plus the envelope's headers can exceed the producer's
+    max_request_size: the dead letter stayed pending forever and held back every later dead
+    letter of its key. Now it is published without its value, saying so (x-truncated)."""
+    topic = await topics("bigdlq", partitions=1)
+    dlq = topic + ".dlq"
+    big = Message(topic, 0, 7, None, b"x" * (1024 * 1024 - 200), (("trace", b"t"),))
+    later = Message(topic, 0, 8, None, b"\xc1", ())
+    letters = [envelopes.dead_letter(m, "undecodable", "not valid msgpack") for m in (big, later)]
+    await insert(pool, letters)
+    relay = Relay(db, pool=pool)
+    async with producer_of(relay) as kafka:
+        for _ in range(2):
+            await relay.tick(kafka)
+    assert await pending(pool) == 0
+    first, second = await read_topic(db, dlq)
+    headers = header_map(first)
+    assert first.value == b"" and "too large" in headers["x-truncated"]
+    assert (headers["x-source"], headers["trace"], headers["x-reason"]) == (
+        f"{topic}/0/7",
+        "t",
+        "undecodable",
+    )
+    assert "x-original-headers" not in headers
+    assert second.value == b"\xc1" and "x-truncated" not in header_map(second)
+    assert relay.truncated == 1
