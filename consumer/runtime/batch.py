@@ -347,6 +347,24 @@ class BatchProcessor:
                 same = None if k is None else it.ident.same_payload(k.hash, k.version)
                 if k is not None and same is None:
                     k = None  # a version this release does not know: stop, below
+                if k is not None and k.status == "pending":
+                    # Pending rows exist only inside an open transaction; one visible here
+                    # was committed by a COMMIT behind ctx.db (the raw connection), with its
+                    # handler run partly or not at all. It decides nothing (answered as a
+                    # duplicate, the key would never be applied) and the framework cannot
+                    # know its effects: the partition stops here for an operator.
+                    log.error(
+                        "%s: inbox record %s/%s is 'pending' outside its transaction (a "
+                        "COMMIT on the raw connection?); its effects are unknown: check them, "
+                        "then `consumer evict` the key",
+                        msg.source,
+                        *ident,
+                    )
+                    next_offset = msg.offset
+                    result.retry_offset = msg.offset
+                    result.retry_delay_s = self.settings.retry_backoff_max_ms / 1000
+                    result.error = "inbox record left pending by a transaction ended behind ctx.db"
+                    break
                 if ident in failed:
                     why, detail = failed[ident]
                     rows.append(envelopes.dead_letter(msg, why, detail, *ident))
