@@ -26,7 +26,7 @@ import tempfile
 import weakref
 from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from consumer.errors import ConfigError
@@ -126,6 +126,12 @@ class _Metrics:
         self.relay_published = Counter(
             "consumer_relay_published_messages_total", "Outbox rows published and acked."
         )
+        self.outbox_given_up = Counter(
+            "consumer_outbox_abandoned_total",
+            "Outbox rows given up unpublished, by reason (reply_topic_missing: a reply whose "
+            "reply-to topic stayed missing past CONSUMER_REPLY_TOPIC_MISSING_S).",
+            ["reason"],
+        )
         self.relay_errors = Counter(
             "consumer_relay_errors_total",
             "Relay failures: kind=send (a row refused or not acked), kind=tick (a whole "
@@ -217,6 +223,7 @@ class _Seen:
     published: int = 0
     failed: int = 0
     errors: int = 0
+    given_up: dict[str, int] = field(default_factory=dict)
 
 
 _relays: weakref.WeakKeyDictionary[Any, _Seen] = weakref.WeakKeyDictionary()
@@ -230,6 +237,9 @@ def record_relay(relay: Any) -> None:
     _inc(m.relay_errors.labels("send"), relay.failed - seen.failed)
     _inc(m.relay_errors.labels("tick"), relay.errors - seen.errors)
     seen.published, seen.failed, seen.errors = relay.published, relay.failed, relay.errors
+    for reason, n in getattr(relay, "given_up", {}).items():
+        _inc(m.outbox_given_up.labels(reason), n - seen.given_up.get(reason, 0))
+        seen.given_up[reason] = n
     m.outbox_backlog.set(relay.backlog)
     m.outbox_oldest_age.set(relay.oldest_age_s)
 

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # its transaction open; unacked rows stay pending and are sent again.
     relay_publish_timeout_ms: int = Field(default=30_000, ge=100)
     outbox_retention_s: int = Field(default=24 * 3600, ge=0, le=_TEN_YEARS_S)
+    # A reply whose reply-to topic is still missing this long after it was written is given
+    # up (docs/outbox.md): the requester chose the topic, and its reply would otherwise wait
+    # forever. Events and dead letters to a missing topic are never given up.
+    reply_topic_missing_s: int = Field(default=600, ge=0, le=_TEN_YEARS_S)
     cleanup_interval_s: float = Field(default=60.0, gt=0)
     cleanup_batch: int = Field(default=1_000, ge=1)
     hash_keys_in_logs: bool = False

@@ -78,6 +78,14 @@ def check_scope(scope: str) -> str:
     return scope
 
 
+def _text(path: Path) -> str:
+    """A migration's SQL as text: without a UTF-8 BOM and with LF line ends, so that one file
+    checked out with CRLF (git core.autocrlf) or saved with a BOM is the same migration (same
+    checksum; a BOM sent to PostgreSQL is a syntax error). For an LF file without a BOM the
+    checksum is that of its bytes, as before."""
+    return path.read_bytes().decode("utf-8-sig").replace("\r\n", "\n")
+
+
 def discover(sets: Mapping[str, Path]) -> list[Migration]:
     """The framework's files, then each app set's, in version order per set."""
     found: list[Migration] = []
@@ -100,7 +108,7 @@ def discover(sets: Mapping[str, Path]) -> list[Migration]:
                 # Two files, one version: only one of them could ever be recorded as applied.
                 raise ConfigError(f"migrations {seen[version]} and {path} share version {version}")
             seen[version] = path
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = hashlib.sha256(_text(path).encode()).hexdigest()
             found.append(Migration(scope, version, path, digest, legacy))
     return found
 
@@ -201,7 +209,7 @@ async def apply(conn: asyncpg.Connection, sets: Mapping[str, Path] | None = None
                 log.info("migration %s: adopted its row from before checksums", mig.label)
         for mig in plan.pending:
             async with conn.transaction():
-                await conn.execute(mig.path.read_text())
+                await conn.execute(_text(mig.path))
                 await conn.execute(
                     "INSERT INTO dedup.schema_migrations (scope, version, name, checksum)"
                     " VALUES ($1, $2, $3, $4)",

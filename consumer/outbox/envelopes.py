@@ -224,20 +224,38 @@ def truncated(
     A dead letter is a copy of a record that fitted in Kafka, plus the envelope's headers, so
     it can be larger than the relay producer's request limit; refused for its size, it would
     stay pending forever and hold back every later dead letter of its key. The relay then
-    sends it empty, with every original header kept as text, the exact copy
-    (``x-original-headers``) dropped, and ``x-truncated`` saying what was left out; the
+    sends it empty, with the original headers kept as text (except any larger than
+    :data:`MAX_KEPT_HEADER_BYTES`), the exact copy (``x-original-headers``) dropped, and
+    ``x-truncated`` saying what was left out; the
     original is still at ``x-source`` while the topic's retention keeps it.
     """
     by_name = {n.lower(): v for n, v in headers}
     ik = by_name.get(HEADER_IDEMPOTENCY_KEY, b"")
     if HEADER_REASON not in by_name or not ik.startswith((b"dlq:", b"conflict:")):
         return None
+    # The original's own headers can be most of its size (binary ones doubled as hex): any
+    # header larger than this is left out too, else the empty copy could still be refused.
+    kept, dropped = [], []
+    for n, v in headers:
+        if n.lower() == HEADER_ORIGINAL_HEADERS:
+            continue
+        if len(n.encode("utf-8", "surrogateescape")) + len(v) > MAX_KEPT_HEADER_BYTES:
+            dropped.append(storable.safe_text(n[:100]))
+        else:
+            kept.append((n, v))
+    left_out = f"value ({value_len} bytes), {HEADER_ORIGINAL_HEADERS}"
+    if dropped:
+        more = f" and {len(dropped) - 10} more" if len(dropped) > 10 else ""
+        left_out += f", headers {', '.join(dropped[:10])}{more}"
     note = (
-        f"value ({value_len} bytes) and {HEADER_ORIGINAL_HEADERS} left out: too large for the "
-        f"relay's producer; the original is at {HEADER_SOURCE}"
+        f"{left_out} left out: too large for the relay's producer; "
+        f"the original is at {HEADER_SOURCE}"
     )
-    kept = [(n, v) for n, v in headers if n.lower() != HEADER_ORIGINAL_HEADERS]
     return [*kept, (HEADER_TRUNCATED, note.encode())]
+
+
+# In a dead letter sent without its value, a header larger than this is left out as well.
+MAX_KEPT_HEADER_BYTES = 4096
 
 
 # The relay's producer keeps aiokafka's max_request_size (1 MiB); a row larger than this,

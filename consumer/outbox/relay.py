@@ -9,7 +9,10 @@ and a downstream consumer built with this framework applies them once.
 
 A row the broker refuses holds back its destination key (a missing topic: the whole topic)
 for a growing delay, so one poison row neither blocks other keys nor is overtaken by later
-rows of its own key. Woken by LISTEN/NOTIFY, with polling as the fallback. Between ticks it
+rows of its own key. A reply whose topic is still missing ``reply_topic_missing_s`` after it
+was written is given up (the requester chose the topic); events and dead letters to a
+missing topic stay pending, held and in the backlog figures, until the topic exists. Woken
+by LISTEN/NOTIFY, with polling as the fallback. Between ticks it
 refreshes the backlog figures and runs retention (consumer/outbox/retention.py).
 
 It reads and writes ``dedup.outbox`` only (retention also expires ``dedup.inbox`` rows);
@@ -36,7 +39,7 @@ from aiokafka.errors import (
     RecordListTooLargeError,
 )
 
-from consumer import faults, metrics, tracing
+from consumer import faults, keys, metrics, tracing
 from consumer.constants import HEADER_TRUNCATED, NOTIFY_CHANNEL, OUTBOX_SHARDS
 from consumer.db.pool import create_pool
 from consumer.outbox import envelopes, retention, store
@@ -49,6 +52,9 @@ _HOLD_KEY_S = (1.0, 60.0)  # first and longest hold of a key after a refused row
 _NEW_TOPIC_WAIT_S = 10.0  # a new topic can take seconds to reach a fresh broker's metadata
 _HOLD_TOPIC_S = (5.0, 300.0)  # first and longest hold of a topic the cluster does not have
 _MAX_KEY_HOLDS = 1_000  # bound on the SQL arrays; beyond it rows are simply retried
+GIVE_UP_REPLY_TOPIC_MISSING = "reply_topic_missing"  # given_up / metric reason
+_REPLY_PREFIX = keys.KEY_TAG_REPLY + keys.PART_SEPARATOR  # every reply's idempotency key
+_MAX_LOGGED_TOPICS = 10_000  # bound on the topics whose given-up replies were logged
 # Errors about one message that no retry will cure. Anything else (timeouts, leader changes,
 # a broker down) is transient: the row stays pending and the next tick sends it again.
 _REFUSED = (
@@ -140,6 +146,9 @@ class Relay:
         self._oversize: set[int] = set()  # ids of such rows not yet acked
         self._next_backlog = 0.0
         self._next_cleanup = 0.0
+        self.given_up: dict[str, int] = {}  # rows given up, by reason (metric)
+        self._absent: set[str] = set()  # topics found missing in the current tick
+        self._logged_topics: set[str] = set()
 
     # ---------------------------------------------------------------- the loop
 
@@ -271,11 +280,14 @@ class Relay:
             rows = await conn.fetch(text, *args)
             if not rows:
                 return 0
+            self._absent = set()
             acked = await self._publish(producer, rows)
             await faults.point("relay_after_ack")
             if acked:
                 text, args = store.mark_published(acked)
                 await conn.execute(text, *args)
+            if self._absent:
+                await self._give_up_replies(conn, sorted(self._absent))
         self.published += len(acked)
         return len(acked)
 
@@ -323,6 +335,7 @@ class Relay:
             absent = {t for t, f in zip(late, found, strict=True) if isinstance(f, BaseException)}
             for topic in sorted(absent):
                 self._hold(topic, _HOLD_TOPIC_S, f"topic {topic!r} does not exist")
+            self._absent = absent
         present = [t for t in topics if t not in absent]
         meta = await asyncio.gather(
             *(producer.partitions_for(t) for t in present), return_exceptions=True
@@ -416,6 +429,36 @@ class Relay:
                 row_id,
                 size,
                 HEADER_TRUNCATED,
+            )
+
+    async def _give_up_replies(self, conn: Any, topics: list[str]) -> None:
+        """Give up the replies to ``topics`` (missing from the cluster) older than the bound.
+
+        Any requester chooses its ``reply-to``; a reply to a topic nobody creates would stay
+        pending forever (retention deletes only rows that left the outbox) and be re-checked
+        after every hold. A requester has long stopped waiting (Spring Kafka's reply timeout
+        is seconds), so the reply is given up: counted, logged once per topic, and deleted by
+        retention. Events and dead letters are never given up: that would lose data.
+        """
+        reason = GIVE_UP_REPLY_TOPIC_MISSING
+        text, args = store.give_up_replies(
+            _LOCK_BASE, topics, self.settings.reply_topic_missing_s, _REPLY_PREFIX, reason
+        )
+        gone = [r[0] for r in await conn.fetch(text, *args)]
+        if not gone:
+            return
+        self.given_up[reason] = self.given_up.get(reason, 0) + len(gone)
+        if len(self._logged_topics) > _MAX_LOGGED_TOPICS:
+            self._logged_topics.clear()
+        for topic in sorted(set(gone) - self._logged_topics):
+            self._logged_topics.add(topic)
+            log.error(
+                "relay: topic %r does not exist; gave up %d reply row(s) to it written more "
+                "than %ds ago (given_up=%s); later ones are given up without logging again",
+                topic,
+                gone.count(topic),
+                self.settings.reply_topic_missing_s,
+                reason,
             )
 
     # ---------------------------------------------------------------- held destinations

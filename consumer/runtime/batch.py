@@ -27,7 +27,7 @@ from typing import Any
 
 from consumer import faults, storable
 from consumer.app import App
-from consumer.constants import HEADER_REPLY_TO
+from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX, HEADER_REPLY_TO
 from consumer.db.tx import BatchTx
 from consumer.dedup.accelerator import Accelerator
 from consumer.dedup.hashing import HASH_VERSION, marker_digest
@@ -347,6 +347,24 @@ class BatchProcessor:
                 same = None if k is None else it.ident.same_payload(k.hash, k.version)
                 if k is not None and same is None:
                     k = None  # a version this release does not know: stop, below
+                if k is not None and k.status == "pending":
+                    # Pending rows exist only inside an open transaction; one visible here
+                    # was committed by a COMMIT behind ctx.db (the raw connection), with its
+                    # handler run partly or not at all. It decides nothing (answered as a
+                    # duplicate, the key would never be applied) and the framework cannot
+                    # know its effects: the partition stops here for an operator.
+                    log.error(
+                        "%s: inbox record %s/%s is 'pending' outside its transaction (a "
+                        "COMMIT on the raw connection?); its effects are unknown: check them, "
+                        "then `consumer evict` the key",
+                        msg.source,
+                        *ident,
+                    )
+                    next_offset = msg.offset
+                    result.retry_offset = msg.offset
+                    result.retry_delay_s = self.settings.retry_backoff_max_ms / 1000
+                    result.error = "inbox record left pending by a transaction ended behind ctx.db"
+                    break
                 if ident in failed:
                     why, detail = failed[ident]
                     rows.append(envelopes.dead_letter(msg, why, detail, *ident))
@@ -517,6 +535,14 @@ class BatchProcessor:
             # the batch's outbox insert on every redelivery.
             log.warning("%s: reply-to %r is not a valid topic; no reply", msg.source, reply_to)
             return
+        if reply_to in _fed_by_replies(self.app):
+            # A reply there would be consumed by this app as a new message: a requester could
+            # feed the app its own results (a loop through every reply-to it can set) or forge
+            # dead letters that `consumer replay` re-drives.
+            log.warning(
+                "%s: reply-to %r is a topic this app consumes; no reply", msg.source, reply_to
+            )
+            return
         body = k.result if k.status == "done" else {"rejected": k.reason}
         try:
             rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))
@@ -529,6 +555,11 @@ class BatchProcessor:
                 ident,
                 storable.describe(exc),
             )
+
+
+def _fed_by_replies(app: App) -> set[str]:
+    """Topics a reply must never go to: the app's inputs and their dead-letter topics."""
+    return {t + suffix for t in app.topics for suffix in ("", DLQ_SUFFIX, CONFLICT_SUFFIX)}
 
 
 @contextlib.asynccontextmanager

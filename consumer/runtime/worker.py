@@ -130,7 +130,7 @@ class Worker:
                     # Draining: nothing will be processed, and a record fetched from Kafka's
                     # older committed position is skipped by the batch's stored-offset check.
                     return
-                log.warning("reading stored offsets failed (%s); retry %d", exc, attempt)
+                log.warning("reading stored positions failed (%s); retry %d", exc, attempt)
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
         positions = {(r[0], r[1]): r[2] for r in rows}
         fresh = []

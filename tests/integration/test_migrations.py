@@ -132,6 +132,21 @@ def test_an_edited_applied_migration_is_refused_by_migrate(capsys, app_dir, fres
     assert "edited_next" not in tables(fresh_dsn)  # refused before anything ran
 
 
+def test_a_checkout_with_crlf_or_a_bom_is_the_same_migration(capsys, app_dir, fresh_dsn, unique):
+    """The same file checked out with CRLF line ends (git core.autocrlf on Windows) or saved
+    with a UTF-8 BOM by an editor is not an edit: its checksum is of the text, not the bytes,
+    or every worker on that checkout would refuse to start."""
+    mig = write_app(app_dir, f"eol_{unique}", "g", "m",
+                    {"0001_init.sql": "CREATE TABLE eol (id int);\n-- 2\nSELECT 1;\n"})  # fmt: skip
+    assert cli(capsys, "migrate", f"eol_{unique}:app")[0] == 0
+    f = mig / "0001_init.sql"
+    f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes().replace(b"\n", b"\r\n"))
+    (mig / "0002_next.sql").write_text("CREATE TABLE eol_next (id int);")
+    code, out, err = cli(capsys, "migrate", f"eol_{unique}:app")
+    assert code == 0, (code, out, err)
+    assert {"eol", "eol_next"} <= tables(fresh_dsn)
+
+
 def test_a_deleted_applied_migration_is_refused(capsys, app_dir, fresh_dsn, unique):
     mig = write_app(app_dir, f"deleted_{unique}", "g", "m", {
         "0001_init.sql": "CREATE TABLE deleted_1 (id int);",

@@ -540,3 +540,57 @@ async def test_failover_to_a_lagging_standby_applies_the_lost_tail_once_with_red
             await redis.close()
     assert spy.at(0, 4) == [Outcome.DUPLICATE]
     assert counts == {"k1": 1, "k2": 1, "k3": 1, "k4": 1}
+
+
+async def test_a_partition_without_a_stored_position_starts_at_the_log_start(
+    settings, topics, producer, pg, unique
+):
+    """PostgreSQL lost every commit of a partition (restored from a dump taken before its
+    first batch, failed over to a standby that never got it): no stored position at all,
+    while Kafka kept the committed offset of the lost commits. The database wins: a partition
+    it has no position for has had nothing processed, so it is read from the log start, not
+    from Kafka's committed offset (which would skip the lost records without a trace)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    await pg.execute(EFFECTS)
+    topic = await topics("nopos", partitions=1)
+    group = f"g-{unique}"
+    calls: list[str] = []
+    s = app_settings(settings, relay_enabled=False, redis_mode="off")
+    app = effects_app(group, s, topic, calls)
+    ns = f"{group}.settle"
+    keys = [f"n{i}-{unique}" for i in range(4)]
+    try:
+        async with running(app):
+            for k in keys[:3]:
+                await send(producer, topic, {"id": k})
+            await wait_offset(pg, group, topic, 0, 3)
+        # Kafka's committed offset for the group is 3 (committed again here, so the test does
+        # not depend on the worker's post-commit Kafka commit having landed before it stopped).
+        tp = TopicPartition(topic, 0)
+        kc = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap, group_id=group, enable_auto_commit=False
+        )
+        await kc.start()
+        try:
+            kc.assign([tp])
+            await kc.commit({tp: 3})
+            assert await kc.committed(tp) == 3
+        finally:
+            await kc.stop()
+        # The database loses everything of the partition: records, effects, stored position.
+        await pg.execute("DELETE FROM dedup.inbox WHERE namespace = $1", ns)
+        await pg.execute("DELETE FROM store_effects WHERE k = ANY($1)", keys)
+        await pg.execute("DELETE FROM dedup.offsets WHERE group_id = $1", group)
+        await send(producer, topic, {"id": keys[3]})
+        async with running(app):
+            await wait_offset(pg, group, topic, 0, 4)
+        counts = dict(
+            await pg.fetch(
+                "SELECT k, count(*) FROM store_effects WHERE k = ANY($1) GROUP BY k", keys
+            )
+        )
+    finally:
+        await pg.execute("DELETE FROM store_effects WHERE k = ANY($1)", keys)
+        await cleanup(pg, unique)
+    assert counts == dict.fromkeys(keys, 1)
