@@ -368,7 +368,7 @@ def reset_positions(
     """Set the stored positions of a topic's partitions deliberately (e.g. a halted partition
     of a re-created topic). Moving back re-reads records (deduplicated); moving forward skips
     them. A running worker picks up the new position of a HALTED partition within seconds,
-    of any other partition at its next assignment; stop the group to move those."""
+    of any other partition at its next batch."""
     from aiokafka.errors import KafkaError
 
     from consumer.cli import fail, load
