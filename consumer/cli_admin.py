@@ -396,13 +396,30 @@ def reset_positions(
         new[p] = target
     old = asyncio.run(_stored(app.settings, app.group, topic, parts))
     table = Table(title=f"stored positions of {app.group} on {topic}")
-    for column in ("partition", "old", "new", "log start", "log end"):
+    for column in ("partition", "old", "new", "log start", "log end", "skipped"):
         table.add_column(column, justify="right")
+    skips: list[str] = []
     for p in parts:
         was = old.get(p)
-        table.add_row(str(p), "-" if was is None else str(was), str(new[p]), *map(str, ranges[p]))
+        start, end = ranges[p]
+        # Records in the log from where the group would read (its position, or the log
+        # start for a position the log does not have) up to the new position: never read.
+        base = was if was is not None and start <= was <= end else start
+        skipped = max(0, new[p] - base)
+        if skipped:
+            last = new[p] - 1
+            skips.append(f"partition {p}: {skipped} record(s) skipped (offsets {base}..{last})")
+        table.add_row(
+            str(p),
+            "-" if was is None else str(was),
+            str(new[p]),
+            *map(str, ranges[p]),
+            str(skipped),
+        )
     console = _console()
     console.print(table)
+    for line in skips:  # an operator skipping records must see how many
+        console.print(f"[bold red]{line}[/]" if console.is_terminal else line)
     if not yes:
         if not sys.stdin.isatty():
             fail("not a terminal: give --yes to reset positions; nothing changed", RET_UNCONFIRMED)

@@ -23,8 +23,8 @@ from prometheus_client import REGISTRY
 
 from consumer import App, Context
 from consumer.exitcodes import RET_OK, RET_UNCONFIRMED
-from tests.conftest import ROOT, app_settings, create_topics, eventually, running
 from consumer.runtime.outcomes import Outcome
+from tests.conftest import ROOT, app_settings, create_topics, eventually, running
 from tests.integration.dedup_support import (
     Pay,
     Spy,
@@ -254,3 +254,23 @@ async def test_reset_positions_back_on_a_running_partition_takes_effect(
         await wait_offset(pg, group, topic, 0, last + 1)
     assert spy.at(0, 1) == [Outcome.DUPLICATE] and spy.at(0, 2) == [Outcome.DUPLICATE]
     assert await _applied(pg, unique) == ["k0", "k1", "k2", "k3"]
+
+
+async def test_reset_positions_says_how_many_records_it_skips(
+    settings, topics, producer, pg, unique, effects
+):
+    """Moving a position forward past records skips them: the command says how many, per
+    partition, before it asks (and with --yes)."""
+    topic = await topics("resetskip", partitions=2)
+    group = f"g-{unique}"
+    for i in range(5):
+        await send(producer, topic, {"id": f"k{i}-{unique}"}, partition=0)
+    await send(producer, topic, {"id": f"p1-{unique}"}, partition=1)
+    done = _reset_cli(group, topic, "--partition", "0", "--to-offset", "3", "--yes")
+    assert done.returncode == RET_OK, done.stderr
+    assert "partition 0: 3 record(s) skipped (offsets 0..2)" in done.stdout
+    again = _reset_cli(group, topic, "--partition", "0", "--to-offset", "4", "--yes")
+    assert "partition 0: 1 record(s) skipped (offsets 3..3)" in again.stdout  # from 3 now
+    back = _reset_cli(group, topic, "--to-earliest", "--yes")
+    assert back.returncode == RET_OK and "skipped (" not in back.stdout
+    assert await stored_offset(pg, group, topic, 0) == 0
