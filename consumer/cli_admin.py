@@ -363,6 +363,9 @@ def reset_positions(
     partition: int | None = typer.Option(None, "--partition", min=0, help="default: all"),
     to_earliest: bool = typer.Option(False, "--to-earliest", help="the log start offset"),
     to_offset: int | None = typer.Option(None, "--to-offset", min=0, help="this offset"),
+    to_latest: bool = typer.Option(
+        False, "--to-latest", help="the log end: skip everything there now (a new group)"
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
 ) -> None:
     """Set the stored positions of a topic's partitions deliberately (e.g. a halted partition
@@ -373,8 +376,8 @@ def reset_positions(
 
     from consumer.cli import fail, load
 
-    if to_earliest == (to_offset is not None):
-        fail("give exactly one of --to-earliest and --to-offset N", RET_CONFIG)
+    if [to_earliest, to_offset is not None, to_latest].count(True) != 1:
+        fail("give exactly one of --to-earliest, --to-latest and --to-offset N", RET_CONFIG)
     app = load(app_spec)
     if topic not in app.topics:
         fail(f"{topic!r} is not one of this app's topics {app.topics}", RET_CONFIG)
@@ -390,7 +393,7 @@ def reset_positions(
     new: dict[int, int] = {}
     for p in parts:
         start, end = ranges[p]
-        target = start if to_offset is None else to_offset
+        target = to_offset if to_offset is not None else end if to_latest else start
         if not start <= target <= end:
             fail(f"offset {target} is outside partition {p}'s log ({start}..{end})", RET_CONFIG)
         new[p] = target

@@ -274,3 +274,23 @@ async def test_reset_positions_says_how_many_records_it_skips(
     back = _reset_cli(group, topic, "--to-earliest", "--yes")
     assert back.returncode == RET_OK and "skipped (" not in back.stdout
     assert await stored_offset(pg, group, topic, 0) == 0
+
+
+async def test_reset_positions_to_latest_lets_a_new_group_skip_the_history(
+    settings, topics, producer, pg, unique, effects
+):
+    """A new group that must not process a topic's history: --to-latest stores each
+    partition's log end, says what it skips, and the worker applies only what comes next."""
+    topic = await topics("tolatest", partitions=2)
+    group = f"g-{unique}"
+    for i in range(3):
+        await send(producer, topic, {"id": f"old{i}-{unique}"}, partition=0)
+    await send(producer, topic, {"id": f"old3-{unique}"}, partition=1)
+    done = _reset_cli(group, topic, "--to-latest", "--yes")
+    assert done.returncode == RET_OK, done.stderr
+    assert "partition 0: 3 record(s) skipped (offsets 0..2)" in done.stdout
+    assert "partition 1: 1 record(s) skipped (offsets 0..0)" in done.stdout
+    async with running(_app(settings, group, topic)):
+        last = await send(producer, topic, {"id": f"new-{unique}"}, partition=0)
+        await wait_offset(pg, group, topic, 0, last + 1)
+    assert await _applied(pg, unique) == ["new"]
