@@ -363,18 +363,21 @@ def reset_positions(
     partition: int | None = typer.Option(None, "--partition", min=0, help="default: all"),
     to_earliest: bool = typer.Option(False, "--to-earliest", help="the log start offset"),
     to_offset: int | None = typer.Option(None, "--to-offset", min=0, help="this offset"),
+    to_latest: bool = typer.Option(
+        False, "--to-latest", help="the log end: skip everything there now (a new group)"
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
 ) -> None:
     """Set the stored positions of a topic's partitions deliberately (e.g. a halted partition
     of a re-created topic). Moving back re-reads records (deduplicated); moving forward skips
     them. A running worker picks up the new position of a HALTED partition within seconds,
-    of any other partition at its next assignment; stop the group to move those."""
+    of any other partition at its next batch."""
     from aiokafka.errors import KafkaError
 
     from consumer.cli import fail, load
 
-    if to_earliest == (to_offset is not None):
-        fail("give exactly one of --to-earliest and --to-offset N", RET_CONFIG)
+    if [to_earliest, to_offset is not None, to_latest].count(True) != 1:
+        fail("give exactly one of --to-earliest, --to-latest and --to-offset N", RET_CONFIG)
     app = load(app_spec)
     if topic not in app.topics:
         fail(f"{topic!r} is not one of this app's topics {app.topics}", RET_CONFIG)
@@ -390,19 +393,36 @@ def reset_positions(
     new: dict[int, int] = {}
     for p in parts:
         start, end = ranges[p]
-        target = start if to_offset is None else to_offset
+        target = to_offset if to_offset is not None else end if to_latest else start
         if not start <= target <= end:
             fail(f"offset {target} is outside partition {p}'s log ({start}..{end})", RET_CONFIG)
         new[p] = target
     old = asyncio.run(_stored(app.settings, app.group, topic, parts))
     table = Table(title=f"stored positions of {app.group} on {topic}")
-    for column in ("partition", "old", "new", "log start", "log end"):
+    for column in ("partition", "old", "new", "log start", "log end", "skipped"):
         table.add_column(column, justify="right")
+    skips: list[str] = []
     for p in parts:
         was = old.get(p)
-        table.add_row(str(p), "-" if was is None else str(was), str(new[p]), *map(str, ranges[p]))
+        start, end = ranges[p]
+        # Records in the log from where the group would read (its position, or the log
+        # start for a position the log does not have) up to the new position: never read.
+        base = was if was is not None and start <= was <= end else start
+        skipped = max(0, new[p] - base)
+        if skipped:
+            last = new[p] - 1
+            skips.append(f"partition {p}: {skipped} record(s) skipped (offsets {base}..{last})")
+        table.add_row(
+            str(p),
+            "-" if was is None else str(was),
+            str(new[p]),
+            *map(str, ranges[p]),
+            str(skipped),
+        )
     console = _console()
     console.print(table)
+    for line in skips:  # an operator skipping records must see how many
+        console.print(f"[bold red]{line}[/]" if console.is_terminal else line)
     if not yes:
         if not sys.stdin.isatty():
             fail("not a terminal: give --yes to reset positions; nothing changed", RET_UNCONFIRMED)

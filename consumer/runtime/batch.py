@@ -94,6 +94,11 @@ class BatchProcessor:
         self.attempts: dict[tuple[str, int, int], int] = {}
         self.unstorable: dict[tuple[str, int, int], int] = {}  # whole-batch refusals, alone
         self.refused_in_a_row: dict[tuple[str, int], int] = {}  # unstorable dead letters
+        # Per partition, the stored position this worker last committed or sought to. The
+        # stored position only moves forward except by `reset-positions` or a database that
+        # lost transactions (restore, failover to a lagging replica): found behind this,
+        # the partition is re-read from it, never continued from the fetch position.
+        self.positions: dict[tuple[str, int], int] = {}
 
     def forget(self, topic: str, partition: int) -> None:
         """Drop the attempt counts of a partition this worker no longer owns."""
@@ -101,6 +106,15 @@ class BatchProcessor:
             for pos in [p for p in counts if p[0] == topic and p[1] == partition]:
                 del counts[pos]
         self.refused_in_a_row.pop((topic, partition), None)
+        self.positions.pop((topic, partition), None)
+
+    def expect(self, topic: str, partition: int, position: int | None) -> None:
+        """The worker sought ``partition`` to ``position``, read from the stored positions
+        (None: the database had none, the partition starts at its log start)."""
+        if position is None:
+            self.positions.pop((topic, partition), None)
+        else:
+            self.positions[(topic, partition)] = position
 
     @property
     def leases(self) -> LeaseStore:
@@ -302,6 +316,19 @@ class BatchProcessor:
         group = self.app.group
         async with self._begin() as tx:
             stored = await tx.lock_offset(group, first.topic, first.partition)
+            tp = (first.topic, first.partition)
+            if stored < self.positions.get(tp, -1):
+                log.warning(
+                    "stored position of %s/%s moved back from %d to %d (reset-positions, or "
+                    "the database restored or failed over): re-reading from it",
+                    first.topic,
+                    first.partition,
+                    self.positions[tp],
+                    stored,
+                )
+                del self.positions[tp]  # the worker's seek sets it again
+                result.moved_back = True
+                return result
             live = [it for it in items if it.msg.offset >= stored]
             for it in items[: len(items) - len(live)]:
                 result.handled.append(Handled(it.msg, Outcome.SKIPPED))
@@ -466,6 +493,8 @@ class BatchProcessor:
                 # before the commit, the bug the chaos checker must catch. Never enable.
                 await self.redis.finish(done_markers, [])
             await self._fault("before_commit")
+        if result.next_offset is not None:  # committed: the stored position now
+            self.positions[(first.topic, first.partition)] = result.next_offset
         for h_ in result.handled:
             self.attempts.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
         return result

@@ -136,6 +136,8 @@ class Worker:
         fresh = []
         for tp in tps:
             pos = positions.get((tp.topic, tp.partition))
+            if self.processor is not None:
+                self.processor.expect(tp.topic, tp.partition, pos)
             if pos is not None:
                 self._seek(tp, pos)
                 self.floor[tp] = pos
@@ -230,6 +232,8 @@ class Worker:
                     )
                     self.unhalt(tp)
                     if tp in self.consumer.assignment():
+                        if self.processor is not None:
+                            self.processor.expect(tp.topic, tp.partition, pos)
                         self._seek(tp, pos)
                         self.floor[tp] = pos
                         self.consumer.resume(tp)
@@ -366,6 +370,9 @@ class Worker:
             pairs = [(tp, r) for tp, results in zip(work, per_tp, strict=True) for r in results]
             results = [r for _, r in pairs]
             commit: dict[TopicPartition, int] = {}
+            moved = [tp for tp, result in pairs if result.moved_back]
+            if moved:  # re-read from the stored position (records fetched meanwhile dropped)
+                await self.seek_to_stored(moved)
             for tp, result in pairs:
                 self.stats.add(result)
                 if result.next_offset is not None:
@@ -399,8 +406,8 @@ class Worker:
                 [to_message(r) for r in recs[start : start + size]]
             )
             out.append(result)
-            if result.retry_offset is not None:
-                break  # the rest is re-read from the retry position
+            if result.retry_offset is not None or result.moved_back:
+                break  # the rest is re-read from the retry (or stored) position
         return out
 
     def _retry_later(self, tp: TopicPartition, result: BatchResult) -> None:

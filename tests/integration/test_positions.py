@@ -23,8 +23,16 @@ from prometheus_client import REGISTRY
 
 from consumer import App, Context
 from consumer.exitcodes import RET_OK, RET_UNCONFIRMED
+from consumer.runtime.outcomes import Outcome
 from tests.conftest import ROOT, app_settings, create_topics, eventually, running
-from tests.integration.dedup_support import Pay, cleanup, send, stored_offset, wait_offset
+from tests.integration.dedup_support import (
+    Pay,
+    Spy,
+    cleanup,
+    send,
+    stored_offset,
+    wait_offset,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -193,3 +201,96 @@ async def test_a_partition_without_stored_position_starts_at_the_log_start(
     async with running(_app(settings, group, topic)):
         await wait_offset(pg, group, topic, 0, 4)
     assert await _applied(pg, unique) == ["k0", "k1", "k2", "k3"]
+
+
+async def test_a_position_moved_back_under_a_running_worker_is_re_read(
+    settings, topics, producer, pg, unique, effects
+):
+    """PostgreSQL lost its last transactions while the worker ran (a restore, a failover to
+    a lagging asynchronous replica; the pool reconnects): the stored position went back from
+    3 to 1 and the inbox lost k1 and k2 (Redis keeps their done markers). The worker's fetch
+    position is still 3; its next batch finds the stored position behind what it committed,
+    and re-reads from there, so k1 and k2 are applied again, once."""
+    topic = await topics("movedback", partitions=1)
+    group = f"g-{unique}"
+    keys = [f"k{i}-{unique}" for i in range(4)]
+    async with running(_app(settings, group, topic)) as worker:
+        for k in keys[:3]:
+            await send(producer, topic, {"id": k})
+        await wait_offset(pg, group, topic, 0, 3)
+        async with pg.transaction():  # the state a backup taken after k0 restores
+            await pg.execute("DELETE FROM test_position_effects WHERE k = ANY($1)", keys[1:3])
+            await pg.execute("DELETE FROM dedup.inbox WHERE key = ANY($1)", keys[1:3])
+            await pg.execute(
+                "UPDATE dedup.offsets SET next_offset = 1 "
+                "WHERE group_id = $1 AND topic = $2 AND partition = 0",
+                group,
+                topic,
+            )
+        spy = Spy(worker)
+        last = await send(producer, topic, {"id": keys[3]})
+        await wait_offset(pg, group, topic, 0, last + 1)
+    assert await _applied(pg, unique) == ["k0", "k1", "k2", "k3"]
+    assert spy.at(0, 1) == [Outcome.APPLIED] and spy.at(0, 2) == [Outcome.APPLIED]
+
+
+async def test_reset_positions_back_on_a_running_partition_takes_effect(
+    settings, topics, producer, pg, unique, effects
+):
+    """`reset-positions --to-offset 1` on a partition a worker is consuming (not halted): the
+    worker's next batch commits after the reset; it must not overwrite the reset with its own
+    position (a lost reset): records from 1 are re-read (duplicates here), none skipped."""
+    topic = await topics("resetlive", partitions=1)
+    group = f"g-{unique}"
+    async with running(_app(settings, group, topic)) as worker:
+        for i in range(3):
+            await send(producer, topic, {"id": f"k{i}-{unique}"})
+        await wait_offset(pg, group, topic, 0, 3)
+        done = _reset_cli(group, topic, "--partition", "0", "--to-offset", "1", "--yes")
+        assert done.returncode == RET_OK, done.stderr
+        assert await stored_offset(pg, group, topic, 0) == 1
+        spy = Spy(worker)
+        last = await send(producer, topic, {"id": f"k3-{unique}"})
+        await wait_offset(pg, group, topic, 0, last + 1)
+    assert spy.at(0, 1) == [Outcome.DUPLICATE] and spy.at(0, 2) == [Outcome.DUPLICATE]
+    assert await _applied(pg, unique) == ["k0", "k1", "k2", "k3"]
+
+
+async def test_reset_positions_says_how_many_records_it_skips(
+    settings, topics, producer, pg, unique, effects
+):
+    """Moving a position forward past records skips them: the command says how many, per
+    partition, before it asks (and with --yes)."""
+    topic = await topics("resetskip", partitions=2)
+    group = f"g-{unique}"
+    for i in range(5):
+        await send(producer, topic, {"id": f"k{i}-{unique}"}, partition=0)
+    await send(producer, topic, {"id": f"p1-{unique}"}, partition=1)
+    done = _reset_cli(group, topic, "--partition", "0", "--to-offset", "3", "--yes")
+    assert done.returncode == RET_OK, done.stderr
+    assert "partition 0: 3 record(s) skipped (offsets 0..2)" in done.stdout
+    again = _reset_cli(group, topic, "--partition", "0", "--to-offset", "4", "--yes")
+    assert "partition 0: 1 record(s) skipped (offsets 3..3)" in again.stdout  # from 3 now
+    back = _reset_cli(group, topic, "--to-earliest", "--yes")
+    assert back.returncode == RET_OK and "skipped (" not in back.stdout
+    assert await stored_offset(pg, group, topic, 0) == 0
+
+
+async def test_reset_positions_to_latest_lets_a_new_group_skip_the_history(
+    settings, topics, producer, pg, unique, effects
+):
+    """A new group that must not process a topic's history: --to-latest stores each
+    partition's log end, says what it skips, and the worker applies only what comes next."""
+    topic = await topics("tolatest", partitions=2)
+    group = f"g-{unique}"
+    for i in range(3):
+        await send(producer, topic, {"id": f"old{i}-{unique}"}, partition=0)
+    await send(producer, topic, {"id": f"old3-{unique}"}, partition=1)
+    done = _reset_cli(group, topic, "--to-latest", "--yes")
+    assert done.returncode == RET_OK, done.stderr
+    assert "partition 0: 3 record(s) skipped (offsets 0..2)" in done.stdout
+    assert "partition 1: 1 record(s) skipped (offsets 0..0)" in done.stdout
+    async with running(_app(settings, group, topic)):
+        last = await send(producer, topic, {"id": f"new-{unique}"}, partition=0)
+        await wait_offset(pg, group, topic, 0, last + 1)
+    assert await _applied(pg, unique) == ["new"]
