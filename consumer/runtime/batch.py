@@ -30,7 +30,7 @@ from consumer.app import App
 from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX, HEADER_REPLY_TO
 from consumer.db.tx import BatchTx
 from consumer.dedup.accelerator import Accelerator
-from consumer.dedup.hashing import HASH_VERSION, marker_digest
+from consumer.dedup.hashing import HASH_VERSION, marker_digest, parse_marker_digest
 from consumer.dedup.identity import Identity, identify
 from consumer.dedup.inbox import Claim, Completion
 from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
@@ -523,6 +523,14 @@ class BatchProcessor:
         lookup = [i for c in to_claim if (i := (c.namespace, c.key)) not in claimed]
         found = await tx.records([*lookup, *busy, *hinted])
         stale = [i for i in hinted if i not in found]
+        trusted: dict[Ident, _Known] = {}
+        if stale and self.settings.unsafe_broken == "done_before_commit":
+            # TEST-ONLY BROKEN BUILD (Settings.unsafe_broken, scripts/chaos): the marker is
+            # trusted as the fence, the bug this function exists to prevent. Never enable.
+            for i in stale:
+                digest, version = parse_marker_digest(hinted[i].hash)
+                trusted[i] = _Known(hinted[i].status, digest, version=version)
+            stale = []
         if stale:
             log.warning(
                 "%d Redis done marker(s) without an inbox record (database restored or failed "
@@ -546,7 +554,7 @@ class BatchProcessor:
             )
             for i, rec in found.items()
         }
-        return claimed, known
+        return claimed, known | trusted
 
     def _reply(
         self,
