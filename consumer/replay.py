@@ -75,6 +75,21 @@ def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value is not None else ""
 
 
+def own_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
+    """The dead letter's own headers by (lower-case) name, which replay decides by.
+
+    The envelope's come after the original's, so the last of a name is the envelope's (a
+    dead letter written since envelopes.ENVELOPE_HEADERS has each name once anyway). An
+    ``x-truncated`` counts only without ``x-original-headers``: the relay drops that header
+    when it cuts a dead letter, and every other dead letter carries it, so an ``x-truncated``
+    beside it is the original record's own header, not the relay's note.
+    """
+    own = {name.lower(): value for name, value in headers}
+    if HEADER_ORIGINAL_HEADERS in own:
+        own.pop(HEADER_TRUNCATED, None)
+    return own
+
+
 def source_partition(target: str, source: str) -> int | None:
     """The partition in ``x-source: topic/partition/offset``, if it names ``target``."""
     parts = source.rsplit("/", 2)
@@ -172,8 +187,9 @@ async def replay(
                         break
                     summary.read += 1
                     done[tp] = rec.offset + 1
-                    reason = _text(dict(rec.headers or ()).get(HEADER_REASON))
-                    if HEADER_TRUNCATED in dict(rec.headers or ()):
+                    own = own_headers(rec.headers or ())
+                    reason = _text(own.get(HEADER_REASON))
+                    if HEADER_TRUNCATED in own:
                         # Sent without its value (outbox/relay.py): nothing to replay.
                         summary.skipped["truncated"] += 1
                     elif reason not in reasons:

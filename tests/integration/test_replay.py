@@ -232,3 +232,38 @@ async def test_invalid_schema_dead_letter_of_a_header_keyed_message_replays_once
     assert (sent[1].value, sent[1].key) == (value, None)
     await pg.execute(f"DROP TABLE {table}")
     await cleanup(pg, unique, settings.redis_url)
+
+
+async def test_a_dead_letter_whose_original_carried_x_truncated_replays_byte_exact(
+    settings, topics, producer, unique
+):
+    """The original record's own ``x-truncated`` (and ``x-reason``) headers were visible in
+    its dead letter, and replay took them for the relay's note: skipped as truncated, never
+    re-driven. Replay decides by the envelope's headers only, and sends the original ones
+    back exactly."""
+    topic = await topics("replay-own-truncated", partitions=1)
+    dlq = topic + ".dlq"
+    app = App(f"g-{unique}", settings=app_settings(settings))
+
+    @app.handler(topic, schema=PaymentRequested)
+    async def settle(p: PaymentRequested, ctx: Context) -> None:
+        return None
+
+    original = [
+        ("idempotency-key", b"pay-9"),
+        ("x-truncated", b"\xffupstream's own"),
+        ("x-reason", b"not the envelope's"),
+    ]
+    value = msgpack.packb({"payment_id": "p"})  # invalid: account and cents missing
+    await producer.send_and_wait(topic, value, partition=0, headers=original)
+    async with running(app):
+        (letter,) = await read_topic(settings, dlq, expect=1)
+    names = [name for name, _ in letter.headers]
+    assert "x-truncated" not in names and names.count("x-reason") == 1
+    assert dict(letter.headers)["x-reason"] == b"invalid_schema"
+
+    summary = await replay(app, app.settings, dlq, reasons=("invalid_schema",))
+    assert (dict(summary.replayed), dict(summary.skipped)) == ({"invalid_schema": 1}, {})
+    sent = await read_topic(settings, topic, expect=2)
+    assert list(sent[1].headers) == [*original, ("x-replayed-from", f"{dlq}/0/0".encode())]
+    assert sent[1].value == value
