@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import consumer.replay
 from consumer import App, Context, Reject
 from consumer.cli import cli
+from consumer.outbox.envelopes import pack_headers
 from consumer.replay import TopicMissing, replay
 from schemas.payments import PaymentRequested
 from tests.conftest import app_settings, eventually, read_topic, running
@@ -234,13 +235,14 @@ async def test_invalid_schema_dead_letter_of_a_header_keyed_message_replays_once
     await cleanup(pg, unique, settings.redis_url)
 
 
+
 async def test_a_dead_letter_whose_original_carried_x_truncated_replays_byte_exact(
     settings, topics, producer, unique
 ):
     """The original record's own ``x-truncated`` (and ``x-reason``) headers were visible in
     its dead letter, and replay took them for the relay's note: skipped as truncated, never
     re-driven. Replay decides by the envelope's headers only, and sends the original ones
-    back exactly."""
+    back exactly; the dead letter shows each envelope header once."""
     topic = await topics("replay-own-truncated", partitions=1)
     dlq = topic + ".dlq"
     app = App(f"g-{unique}", settings=app_settings(settings))
@@ -251,19 +253,50 @@ async def test_a_dead_letter_whose_original_carried_x_truncated_replays_byte_exa
 
     original = [
         ("idempotency-key", b"pay-9"),
-        ("x-truncated", b"\xffupstream's own"),
+        ("x-truncated", b"upstream cut this one itself"),
         ("x-reason", b"not the envelope's"),
+        ("blob", b"\xff\x00"),
     ]
     value = msgpack.packb({"payment_id": "p"})  # invalid: account and cents missing
     await producer.send_and_wait(topic, value, partition=0, headers=original)
     async with running(app):
         (letter,) = await read_topic(settings, dlq, expect=1)
-    names = [name for name, _ in letter.headers]
-    assert "x-truncated" not in names and names.count("x-reason") == 1
-    assert dict(letter.headers)["x-reason"] == b"invalid_schema"
 
     summary = await replay(app, app.settings, dlq, reasons=("invalid_schema",))
     assert (dict(summary.replayed), dict(summary.skipped)) == ({"invalid_schema": 1}, {})
     sent = await read_topic(settings, topic, expect=2)
     assert list(sent[1].headers) == [*original, ("x-replayed-from", f"{dlq}/0/0".encode())]
     assert sent[1].value == value
+    names = [name for name, _ in letter.headers]
+    assert "x-truncated" not in names and names.count("x-reason") == 1
+    assert dict(letter.headers)["x-reason"] == b"invalid_schema"
+
+
+async def test_a_dead_letter_written_before_with_the_originals_x_truncated_replays(
+    settings, topics, producer, unique
+):
+    """Dead letters already in a .dlq show the original's x-truncated beside their
+    x-original-headers (which the relay drops when it truncates): not truncated."""
+    topic = await topics("replay-old-truncated", partitions=1)
+    app = App(f"g-{unique}", settings=app_settings(settings))
+
+    @app.handler(topic, schema=PaymentRequested)
+    async def settle(p: PaymentRequested, ctx: Context) -> None:
+        return None
+
+    original = [("idempotency-key", b"pay-3"), ("x-truncated", b"theirs")]
+    await producer.send_and_wait(
+        topic + ".dlq",
+        b"v",
+        partition=0,
+        headers=[
+            *original,
+            ("x-reason", b"failed"),
+            ("x-source", f"{topic}/0/0".encode()),
+            ("x-original-headers", pack_headers(original).encode()),
+        ],
+    )
+    summary = await replay(app, app.settings, topic + ".dlq")
+    assert (dict(summary.replayed), dict(summary.skipped)) == ({"failed": 1}, {})
+    (sent,) = await read_topic(settings, topic, expect=1)
+    assert list(sent.headers)[:2] == original
