@@ -321,6 +321,15 @@ def replay(
     console.print(table)
     for topic, n in sorted(summary.targets.items()):
         console.print(f"{verb} {n} to {topic}")
+    if summary.undecodable:
+        console.print(
+            f"undecodable (skipped): {len(summary.undecodable)} record(s) the Kafka client "
+            "cannot parse, not dead letters this app can read:"
+        )
+        for line in summary.undecodable[:20]:
+            console.print(f"  {line}", markup=False, highlight=False)
+        if len(summary.undecodable) > 20:
+            console.print(f"  ... and {len(summary.undecodable) - 20} more")
     if summary.expired:
         console.print(
             "expired: older than 90% of CONSUMER_DEDUP_WINDOW_S, their keys' records may be "
