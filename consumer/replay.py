@@ -234,7 +234,7 @@ async def _send(
     app: App, producer: AIOKafkaProducer, target: str, target_parts: set[int], rec: Any
 ) -> Any:
     headers = list(rec.headers or ())
-    partition = source_partition(target, _text(dict(headers).get(HEADER_SOURCE)))
+    partition = source_partition(target, _text(own_headers(headers).get(HEADER_SOURCE)))
     if partition not in target_parts:
         partition = None  # the topic shrank or was recreated: the record key decides
     position = f"{rec.topic}/{rec.partition}/{rec.offset}"

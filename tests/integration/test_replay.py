@@ -239,7 +239,6 @@ async def test_invalid_schema_dead_letter_of_a_header_keyed_message_replays_once
     await cleanup(pg, unique, settings.redis_url)
 
 
-
 async def test_a_dead_letter_whose_original_carried_x_truncated_replays_byte_exact(
     settings, topics, producer, unique
 ):
@@ -306,6 +305,18 @@ async def test_a_dead_letter_written_before_with_the_originals_x_truncated_repla
     assert list(sent.headers)[:2] == original
 
 
+def _replay_cli(topic: str, group: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "tests.apps.counting:app", *argv],
+        cwd=ROOT,
+        env={**os.environ, "COUNTING_TOPIC": topic, "COUNTING_GROUP": group},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 async def test_a_record_the_client_cannot_parse_is_skipped_and_replay_goes_on(
     settings, topics, producer, unique
 ):
@@ -337,15 +348,7 @@ async def test_a_record_the_client_cannot_parse_is_skipped_and_replay_goes_on(
     )
     await producer.send_and_wait(dlq, b"c", partition=0, headers=letter("k-c"))  # offset 3
     # The command says so (a dry run under another app's group: it moves nothing).
-    shown = subprocess.run(
-        [sys.executable, "-m", "consumer", "replay", "tests.apps.counting:app", dlq, "--dry-run"],
-        cwd=ROOT,
-        env={**os.environ, "COUNTING_TOPIC": topic, "COUNTING_GROUP": f"gc-{unique}"},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shown = _replay_cli(topic, f"gc-{unique}", dlq, "--dry-run")
     assert shown.returncode == 0, shown.stderr
     assert "would replay 3 to" in shown.stdout
     assert "undecodable (skipped): 1 record(s)" in shown.stdout
@@ -355,7 +358,7 @@ async def test_a_record_the_client_cannot_parse_is_skipped_and_replay_goes_on(
     (line,) = summary.undecodable
     assert line.startswith(f"{dlq}/0/1: ") and BAD_NAME.hex() in line
     sent = await read_topic(settings, topic, expect=3)
-    assert [(r.value, list(r.headers)[0]) for r in sent] == [
+    assert [(r.value, r.headers[0]) for r in sent] == [
         (v, ("idempotency-key", k)) for v, k in ((b"a", b"k-a"), (b"b", b"k-b"), (b"c", b"k-c"))
     ]
     again = await replay(app, app.settings, dlq)
