@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncpg
 import typer
@@ -33,6 +33,7 @@ from consumer.constants import (
 from consumer.dedup import inbox
 from consumer.exitcodes import (
     RET_ABORTED,
+    RET_BUSY,
     RET_CONFIG,
     RET_CONNECT,
     RET_NOT_FOUND,
@@ -63,6 +64,21 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
         return await asyncpg.connect(settings.postgres_dsn)
     except (OSError, asyncpg.PostgresError) as exc:
         fail(f"cannot reach PostgreSQL: {type(exc).__name__}: {exc}", RET_CONNECT)
+
+
+# A worker's batch holds the rows it writes (inbox, offsets) until it commits: milliseconds.
+# Waiting longer than this means something is stuck, and the operator should know.
+LOCK_TIMEOUT = "5s"
+
+
+def _busy(what: str) -> NoReturn:
+    from consumer.cli import fail
+
+    fail(
+        f"{what} is busy: a running batch held its row for over {LOCK_TIMEOUT} "
+        "(lock timeout); nothing changed, retry",
+        RET_BUSY,
+    )
 
 
 async def _epoch(conn: asyncpg.Connection) -> str:
@@ -155,11 +171,11 @@ async def _evict(settings: Settings, namespace: str, key: str, epoch: str) -> in
     conn = await _connect(settings)
     try:
         async with conn.transaction():
-            # A worker's transaction holding the row is finished in milliseconds; waiting
-            # longer than that means something is stuck, and the operator should know.
-            await conn.execute("SET LOCAL lock_timeout = '5s'")
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             text, args = inbox.evict(namespace, key)
             status = await conn.execute(text, *args)
+    except asyncpg.LockNotAvailableError:
+        _busy(f"the record of {namespace!r} / {key!r}")
     finally:
         await conn.close()
     deleted = int(status.split()[-1])
@@ -305,6 +321,15 @@ def replay(
     console.print(table)
     for topic, n in sorted(summary.targets.items()):
         console.print(f"{verb} {n} to {topic}")
+    if summary.undecodable:
+        console.print(
+            f"undecodable (skipped): {len(summary.undecodable)} record(s) the Kafka client "
+            "cannot parse, not dead letters this app can read:"
+        )
+        for line in summary.undecodable[:20]:
+            console.print(f"  {line}", markup=False, highlight=False)
+        if len(summary.undecodable) > 20:
+            console.print(f"  ... and {len(summary.undecodable) - 20} more")
     if summary.expired:
         console.print(
             "expired: older than 90% of CONSUMER_DEDUP_WINDOW_S, their keys' records may be "
@@ -349,10 +374,11 @@ async def _reset(settings: Settings, group: str, topic: str, new: dict[int, int]
     conn = await _connect(settings)
     try:
         async with conn.transaction():
-            # A batch holding the partition's row finishes in milliseconds (see _evict).
-            await conn.execute("SET LOCAL lock_timeout = '5s'")
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             text, args = offsets.reset(group, topic, new)
             await conn.execute(text, *args)
+    except asyncpg.LockNotAvailableError:
+        _busy(f"a partition of {topic!r} ({group})")
     finally:
         await conn.close()
 

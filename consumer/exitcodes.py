@@ -17,6 +17,7 @@ RET_NOT_FOUND = 7  # admin commands: no inbox record for that namespace and key
 RET_ABORTED = 8  # admin commands: the confirmation was declined; nothing was changed
 RET_MIGRATION = 9  # an applied migration's file was edited or deleted: nothing was started
 RET_UNCONFIRMED = 10  # admin commands: no --yes and stdin is not a terminal; nothing changed
+RET_BUSY = 11  # admin commands: a running batch held the row past the lock timeout; retry
 
 NAMES: dict[int, str] = {
     code: name

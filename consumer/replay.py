@@ -18,6 +18,11 @@ lose the envelope's headers instead, and get the idempotency-key header back fro
 ``x-idempotency-key`` for handlers keyed by it. The read position is committed under the group
 ``<app group>.replay.<reasons>`` once every copy is acknowledged, so a second run replays only
 newer dead letters (a crash in between replays some again, which deduplication absorbs).
+
+A record of the dead-letter topic the Kafka client cannot parse (a header name that is not
+UTF-8, from a foreign producer; a corrupt batch) would make every run raise at the same
+place: it is read as a stand-in (consumer/runtime/undecodable.py), skipped and named in the
+summary (``undecodable``), and the run goes on.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from consumer.constants import (
 )
 from consumer.errors import ConfigError
 from consumer.outbox.envelopes import DEAD_LETTER_HEADERS, unpack_headers
+from consumer.runtime import undecodable
 from consumer.settings import Settings
 
 _DROPPED = DEAD_LETTER_HEADERS | {HEADER_REPLAYED_FROM, HEADER_IDEMPOTENCY_KEY}
@@ -64,6 +70,8 @@ class ReplaySummary:
     skipped: Counter[str] = field(default_factory=Counter)  # other reasons, by reason
     expired: Counter[str] = field(default_factory=Counter)  # older than the window, by reason
     targets: Counter[str] = field(default_factory=Counter)  # by topic
+    # Records the Kafka client could not parse, skipped: "<topic>/<partition>/<offset>: why".
+    undecodable: list[str] = field(default_factory=list)
     group: str = ""
 
 
@@ -73,6 +81,21 @@ def replay_group(app: App, reasons: Collection[str]) -> str:
 
 def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value is not None else ""
+
+
+def own_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
+    """The dead letter's own headers by (lower-case) name, which replay decides by.
+
+    The envelope's come after the original's, so the last of a name is the envelope's (a
+    dead letter written since envelopes.ENVELOPE_HEADERS has each name once anyway). An
+    ``x-truncated`` counts only without ``x-original-headers``: the relay drops that header
+    when it cuts a dead letter, and every other dead letter carries it, so an ``x-truncated``
+    beside it is the original record's own header, not the relay's note.
+    """
+    own = {name.lower(): value for name, value in headers}
+    if HEADER_ORIGINAL_HEADERS in own:
+        own.pop(HEADER_TRUNCATED, None)
+    return own
 
 
 def source_partition(target: str, source: str) -> int | None:
@@ -132,6 +155,7 @@ async def replay(
         raise ConfigError(f"{dlq_topic!r} is not a dead-letter topic: name one ending in .dlq")
     summary = ReplaySummary(group=replay_group(app, reasons))
     oldest_ms = (time.time() - settings.dedup_window_s * WINDOW_SHARE) * 1000
+    undecodable.install()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=summary.group,
@@ -165,15 +189,22 @@ async def replay(
             return limit is not None and sum(summary.replayed.values()) >= limit
 
         while not full() and any([await consumer.position(tp) < end[tp] for tp in tps]):
-            batch = await consumer.getmany(*tps, timeout_ms=1000, max_records=500)
+            with undecodable.tolerant():  # an unparseable record comes out as a stand-in
+                batch = await consumer.getmany(*tps, timeout_ms=1000, max_records=500)
             for tp, records in batch.items():
                 for rec in records:
                     if rec.offset >= end[tp] or full():
                         break
                     summary.read += 1
                     done[tp] = rec.offset + 1
-                    reason = _text(dict(rec.headers or ()).get(HEADER_REASON))
-                    if HEADER_TRUNCATED in dict(rec.headers or ()):
+                    if (bad := undecodable.reason_of(rec)) is not None:
+                        # Its headers cannot be read, so neither can its reason: skipped.
+                        position = f"{rec.topic}/{rec.partition}/{rec.offset}"
+                        summary.undecodable.append(f"{position}: {bad.reason}")
+                        continue
+                    own = own_headers(rec.headers or ())
+                    reason = _text(own.get(HEADER_REASON))
+                    if HEADER_TRUNCATED in own:
                         # Sent without its value (outbox/relay.py): nothing to replay.
                         summary.skipped["truncated"] += 1
                     elif reason not in reasons:
@@ -203,7 +234,7 @@ async def _send(
     app: App, producer: AIOKafkaProducer, target: str, target_parts: set[int], rec: Any
 ) -> Any:
     headers = list(rec.headers or ())
-    partition = source_partition(target, _text(dict(headers).get(HEADER_SOURCE)))
+    partition = source_partition(target, _text(own_headers(headers).get(HEADER_SOURCE)))
     if partition not in target_parts:
         partition = None  # the topic shrank or was recreated: the record key decides
     position = f"{rec.topic}/{rec.partition}/{rec.offset}"

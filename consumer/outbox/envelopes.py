@@ -130,6 +130,16 @@ DEAD_LETTER_HEADERS = frozenset(
         HEADER_ORIGINAL_HEADERS,
     }
 )
+# Names a dead letter's envelope sets, or the relay adds (x-truncated), or a conflict's does:
+# an original header with one of them is left out of a dead letter's visible headers
+# (``x-original-headers`` keeps it exactly), so a reader of the dead letter (replay deciding
+# what to send, an operator) sees the framework's value, once, never the original's.
+ENVELOPE_HEADERS = DEAD_LETTER_HEADERS | {
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_TRUNCATED,
+    HEADER_HASH,
+    HEADER_STORED_HASH,
+}
 
 
 def pack_headers(headers: Sequence[tuple[str, bytes]]) -> str:
@@ -162,12 +172,13 @@ def dead_letter(
     ``trace``: the span of the handler call that rejected it replaces the original trace
     headers, so the dead letter sits in the trace where it failed.
 
-    The visible headers are the original ones as text, minus those the envelope sets (its
-    own ``idempotency-key``, so a dead letter is deduplicated downstream too); the original
+    The visible headers are the original ones as text, minus those named like the envelope's
+    (:data:`ENVELOPE_HEADERS`: its own ``idempotency-key``, so a dead letter is deduplicated
+    downstream too, ``x-reason``, ``x-truncated`` ...); the original
     headers, exactly (names, bytes, order, the replaced key header), are in
     ``x-original-headers``, which ``consumer replay`` restores.
     """
-    replaced = {HEADER_IDEMPOTENCY_KEY}
+    replaced = set(ENVELOPE_HEADERS)
     if trace is not None:
         replaced |= {*_PASS_THROUGH, *(name.lower() for name, _ in trace)}
     headers = [

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer.constants import done_key
-from consumer.exitcodes import RET_ABORTED, RET_NOT_FOUND, RET_OK
+from consumer.exitcodes import RET_ABORTED, RET_BUSY, RET_NOT_FOUND, RET_OK
 from tests.apps.counting import EFFECTS_DDL
 from tests.conftest import ROOT
 
@@ -140,3 +140,19 @@ async def test_evict_asks_then_forgets_the_key_everywhere(recorded, pg):
     assert [row["key"] for row in keys] == ["k2"]
     again = cli(env, "evict", APP, ns, "k1", "--yes")
     assert again.returncode == RET_NOT_FOUND
+
+
+async def test_evict_of_a_record_a_batch_holds_is_busy_and_changes_nothing(recorded, pg):
+    """A batch holding the key's inbox row past the lock timeout: one line, RET_BUSY, the
+    record (and its done marker) still there."""
+    env, ns = recorded
+    async with pg.transaction():  # what a running batch does to the row until it commits
+        await pg.execute(
+            "SELECT 1 FROM dedup.inbox WHERE namespace = $1 AND key = 'k1' FOR UPDATE", ns
+        )
+        busy = cli(env, "evict", APP, ns, "k1", "--yes")
+    assert busy.returncode == RET_BUSY, busy.stderr
+    (line,) = busy.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "busy" in line and "nothing changed, retry" in line
+    keys = await pg.fetch("SELECT key FROM dedup.inbox WHERE namespace = $1 ORDER BY key", ns)
+    assert [row["key"] for row in keys] == ["k1", "k2"]

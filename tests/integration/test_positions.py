@@ -22,7 +22,7 @@ from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import REGISTRY
 
 from consumer import App, Context
-from consumer.exitcodes import RET_OK, RET_UNCONFIRMED
+from consumer.exitcodes import RET_BUSY, RET_OK, RET_UNCONFIRMED
 from consumer.runtime.outcomes import Outcome
 from tests.conftest import ROOT, app_settings, create_topics, eventually, running
 from tests.integration.dedup_support import (
@@ -294,3 +294,26 @@ async def test_reset_positions_to_latest_lets_a_new_group_skip_the_history(
         last = await send(producer, topic, {"id": f"new-{unique}"}, partition=0)
         await wait_offset(pg, group, topic, 0, last + 1)
     assert await _applied(pg, unique) == ["new"]
+
+
+async def test_reset_positions_on_a_partition_a_batch_holds_is_busy_and_changes_nothing(
+    settings, topics, producer, pg, unique, effects
+):
+    """A batch longer than the lock timeout holds the partition's offsets row: the command
+    says the partition is busy (one line, RET_BUSY), not a traceback, and moves nothing."""
+    topic = await topics("resetbusy", partitions=1)
+    group = f"g-{unique}"
+    for i in range(3):
+        await send(producer, topic, {"id": f"k{i}-{unique}"}, partition=0)
+    assert _reset_cli(group, topic, "--to-offset", "2", "--yes").returncode == RET_OK
+    async with pg.transaction():  # what a running batch does to the row until it commits
+        await pg.execute(
+            "SELECT 1 FROM dedup.offsets WHERE group_id = $1 AND topic = $2 FOR UPDATE",
+            group,
+            topic,
+        )
+        busy = _reset_cli(group, topic, "--to-earliest", "--yes")
+    assert busy.returncode == RET_BUSY, busy.stderr
+    (line,) = busy.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "busy" in line and "nothing changed, retry" in line
+    assert await stored_offset(pg, group, topic, 0) == 2

@@ -7,6 +7,9 @@ replaying again must send nothing new, and definite outcomes (``rejected``) stay
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -19,10 +22,12 @@ from typer.testing import CliRunner
 import consumer.replay
 from consumer import App, Context, Reject
 from consumer.cli import cli
+from consumer.outbox.envelopes import pack_headers
 from consumer.replay import TopicMissing, replay
 from schemas.payments import PaymentRequested
-from tests.conftest import app_settings, eventually, read_topic, running
+from tests.conftest import ROOT, app_settings, eventually, read_topic, running
 from tests.integration.dedup_support import cleanup, wait_offset
+from tests.integration.test_undecodable import BAD_NAME, _name, _produce_raw
 
 pytestmark = pytest.mark.integration
 
@@ -232,3 +237,129 @@ async def test_invalid_schema_dead_letter_of_a_header_keyed_message_replays_once
     assert (sent[1].value, sent[1].key) == (value, None)
     await pg.execute(f"DROP TABLE {table}")
     await cleanup(pg, unique, settings.redis_url)
+
+
+async def test_a_dead_letter_whose_original_carried_x_truncated_replays_byte_exact(
+    settings, topics, producer, unique
+):
+    """The original record's own ``x-truncated`` (and ``x-reason``) headers were visible in
+    its dead letter, and replay took them for the relay's note: skipped as truncated, never
+    re-driven. Replay decides by the envelope's headers only, and sends the original ones
+    back exactly; the dead letter shows each envelope header once."""
+    topic = await topics("replay-own-truncated", partitions=1)
+    dlq = topic + ".dlq"
+    app = App(f"g-{unique}", settings=app_settings(settings))
+
+    @app.handler(topic, schema=PaymentRequested)
+    async def settle(p: PaymentRequested, ctx: Context) -> None:
+        return None
+
+    original = [
+        ("idempotency-key", b"pay-9"),
+        ("x-truncated", b"upstream cut this one itself"),
+        ("x-reason", b"not the envelope's"),
+        ("blob", b"\xff\x00"),
+    ]
+    value = msgpack.packb({"payment_id": "p"})  # invalid: account and cents missing
+    await producer.send_and_wait(topic, value, partition=0, headers=original)
+    async with running(app):
+        (letter,) = await read_topic(settings, dlq, expect=1)
+
+    summary = await replay(app, app.settings, dlq, reasons=("invalid_schema",))
+    assert (dict(summary.replayed), dict(summary.skipped)) == ({"invalid_schema": 1}, {})
+    sent = await read_topic(settings, topic, expect=2)
+    assert list(sent[1].headers) == [*original, ("x-replayed-from", f"{dlq}/0/0".encode())]
+    assert sent[1].value == value
+    names = [name for name, _ in letter.headers]
+    assert "x-truncated" not in names and names.count("x-reason") == 1
+    assert dict(letter.headers)["x-reason"] == b"invalid_schema"
+
+
+async def test_a_dead_letter_written_before_with_the_originals_x_truncated_replays(
+    settings, topics, producer, unique
+):
+    """Dead letters already in a .dlq show the original's x-truncated beside their
+    x-original-headers (which the relay drops when it truncates): not truncated."""
+    topic = await topics("replay-old-truncated", partitions=1)
+    app = App(f"g-{unique}", settings=app_settings(settings))
+
+    @app.handler(topic, schema=PaymentRequested)
+    async def settle(p: PaymentRequested, ctx: Context) -> None:
+        return None
+
+    original = [("idempotency-key", b"pay-3"), ("x-truncated", b"theirs")]
+    await producer.send_and_wait(
+        topic + ".dlq",
+        b"v",
+        partition=0,
+        headers=[
+            *original,
+            ("x-reason", b"failed"),
+            ("x-source", f"{topic}/0/0".encode()),
+            ("x-original-headers", pack_headers(original).encode()),
+        ],
+    )
+    summary = await replay(app, app.settings, topic + ".dlq")
+    assert (dict(summary.replayed), dict(summary.skipped)) == ({"failed": 1}, {})
+    (sent,) = await read_topic(settings, topic, expect=1)
+    assert list(sent.headers)[:2] == original
+
+
+def _replay_cli(topic: str, group: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "tests.apps.counting:app", *argv],
+        cwd=ROOT,
+        env={**os.environ, "COUNTING_TOPIC": topic, "COUNTING_GROUP": group},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_a_record_the_client_cannot_parse_is_skipped_and_replay_goes_on(
+    settings, topics, producer, unique
+):
+    """A record in the .dlq whose header name is not UTF-8 (a foreign producer) made
+    aiokafka's getmany() raise, on every run, at the same place: nothing after it could be
+    replayed. It is skipped and named; the dead letters around it are replayed; a second run
+    starts after it."""
+    topic = await topics("replay-undecodable", partitions=1)
+    dlq = topic + ".dlq"
+    app = App(f"g-{unique}", settings=app_settings(settings))
+
+    @app.handler(topic, schema=PaymentRequested)
+    async def settle(p: PaymentRequested, ctx: Context) -> None:
+        return None
+
+    def letter(key: str) -> list[tuple[str, bytes]]:
+        return [
+            ("idempotency-key", key.encode()),
+            ("x-reason", b"failed"),
+            ("x-original-headers", pack_headers([("idempotency-key", key.encode())]).encode()),
+        ]
+
+    # offsets 0, 1, 2 in one batch: a dead letter, the unparseable record, a dead letter
+    await _produce_raw(
+        settings,
+        dlq,
+        0,
+        [(b"a", letter("k-a")), (b"bad", [(_name(BAD_NAME), b"v")]), (b"b", letter("k-b"))],
+    )
+    await producer.send_and_wait(dlq, b"c", partition=0, headers=letter("k-c"))  # offset 3
+    # The command says so (a dry run under another app's group: it moves nothing).
+    shown = _replay_cli(topic, f"gc-{unique}", dlq, "--dry-run")
+    assert shown.returncode == 0, shown.stderr
+    assert "would replay 3 to" in shown.stdout
+    assert "undecodable (skipped): 1 record(s)" in shown.stdout
+    assert f"  {dlq}/0/1: header name 0 is not UTF-8 ({BAD_NAME.hex()})" in shown.stdout
+    summary = await replay(app, app.settings, dlq)
+    assert (summary.read, dict(summary.replayed)) == (4, {"failed": 3})
+    (line,) = summary.undecodable
+    assert line.startswith(f"{dlq}/0/1: ") and BAD_NAME.hex() in line
+    sent = await read_topic(settings, topic, expect=3)
+    assert [(r.value, r.headers[0]) for r in sent] == [
+        (v, ("idempotency-key", k)) for v, k in ((b"a", b"k-a"), (b"b", b"k-b"), (b"c", b"k-c"))
+    ]
+    again = await replay(app, app.settings, dlq)
+    assert (again.read, again.undecodable) == (0, [])
