@@ -62,6 +62,13 @@ def _kinds(spec: str) -> list[str] | None:
 async def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     inst = Instance(args.instance, args.port_base)
+    if clash := inst.ephemeral_ports():
+        logging.getLogger("chaos").warning(
+            "ports %s are in net.ipv4.ip_local_port_range: any outgoing connection may hold "
+            "one, and a service restart then fails to bind; pick a --port-base whose ports "
+            "are outside it (the default 20000 is)",
+            clash,
+        )
     out = args.out or ROOT / "out" / "chaos" / f"seed-{args.seed}"
     duration = args.duration or max(20.0, args.records / 20_000 * 150)
     main_cfg = campaign.RunConfig(
