@@ -29,7 +29,7 @@ DEFAULT_RANDOM_FAULTS = (
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.chaos", description=__doc__)
     p.add_argument("--records", type=int, default=20_000, help="records on the input topic")
-    p.add_argument("--faults", type=int, default=14, help="scheduled faults in the main run")
+    p.add_argument("--faults", type=int, default=20, help="scheduled faults in the main run")
     p.add_argument(
         "--kinds", default="", help="comma-separated scheduled faults (overrides --faults)"
     )
