@@ -94,7 +94,10 @@ def _record_table(row: asyncpg.Record, redis_state: dict[str, str]) -> Table:
     result = row["result"]
     for name, value in [
         ("status", row["status"]),
-        ("payload hash", f"{row['payload_hash']} ({row['hash_alg']})"),
+        (
+            "payload hash",
+            f"{row['payload_hash']} ({row['hash_alg']}, canonical form v{row['hash_version']})",
+        ),
         ("result", result if result is None or isinstance(result, str) else json.dumps(result)),
         ("reason", row["reason"]),
         ("first seen at", row["first_seen_at"].isoformat()),

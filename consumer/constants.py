@@ -7,6 +7,8 @@ namespace land in the same Redis Cluster slot.
 
 from __future__ import annotations
 
+from consumer.keys import escape
+
 LEASE_PREFIX = "lease"
 DONE_PREFIX = "done"
 
@@ -38,9 +40,16 @@ NOTIFY_CHANNEL = "dedup_outbox"
 
 
 def lease_key(namespace: str, key: str) -> str:
+    """The namespace contains no brace (consumer/keys.py), so the hash tag, hence the Redis
+    Cluster slot, is the namespace's whatever the key holds, and the key is all after it."""
     return f"{LEASE_PREFIX}:{{{namespace}}}:{key}"
 
 
 def done_key(namespace: str, key: str, epoch: str = "") -> str:
-    """``epoch`` is the database's (dedup.meta): markers of another database never match."""
-    return f"{DONE_PREFIX}:{{{namespace}}}:{epoch}:{key}"
+    """``epoch`` is the database's (dedup.meta): markers of another database never match.
+
+    The epoch is escaped (consumer/keys.py) so that its end is the first ``:`` after the tag
+    whatever an epoch looks like: (epoch ``a``, key ``b:c``) and (epoch ``a:b``, key ``c``)
+    of two databases sharing a Redis must not share a marker.
+    """
+    return f"{DONE_PREFIX}:{{{namespace}}}:{escape(epoch)}:{key}"

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from consumer import keys
 from consumer.constants import CONTENT_JSON, CONTENT_MSGPACK, HEADER_CONTENT_TYPE
 from consumer.message import Message
 
@@ -53,6 +54,16 @@ class Context:
     payload_hash: str
     attempt: int = 1
     outgoing: list[Outgoing] = field(default_factory=list)
+
+    @property
+    def outside_key(self) -> str:
+        """The idempotency key to give an outside system (a payment gateway, a mailer).
+
+        Unique across handlers and tenants, and unambiguous: ``<namespace>:<key>`` with each
+        part percent-escaped (consumer/keys.py), so tenant ``org`` with key ``7:inv-3`` and
+        tenant ``org:7`` with key ``inv-3`` get different keys. The same on every run.
+        """
+        return keys.outside_key(self.namespace, self.idempotency_key)
 
     def publish(
         self,

@@ -11,14 +11,17 @@
     │   └── BadKey                     over-long, non-UTF-8 or NUL-bearing key (reason "bad_key")
     ├── TransientError                 indefinite (retriable = True): nothing is recorded
     │   ├── StoreUnavailable           PostgreSQL or Redis unreachable, commit outcome unknown
-    │   └── LeaseBusy                  another worker holds the key's lease past the wait bound
+    │   ├── LeaseBusy                  another worker holds the key's lease past the wait bound
+    │   └── TransactionEnded           a handler ended the batch transaction behind ctx.db
     └── HandlerSignal                  control flow raised by handlers
         ├── Reject(reason)             definite failure: recorded, dead-lettered, same answer again
         └── Retry(delay_s)             indefinite: roll back, retry after delay_s (bounded)
 
-Exceptions that are not ours are classified by :func:`is_retriable`: timeouts, connection
-errors, PostgreSQL serialization failures and deadlocks are indefinite; a handler may add
-classes with ``retry_on=``; everything else follows the handler's ``on_error`` policy.
+Exceptions that are not ours are classified by :func:`is_retriable`: timeouts and network
+failures (of the standard library and, by class name, of common client libraries) and
+PostgreSQL's "not now" SQLSTATEs (connection, rollback, resources, operator intervention such
+as a statement timeout, lock timeout, system and internal errors) are indefinite; a handler may
+add classes with ``retry_on=``; everything else follows the handler's ``on_error`` policy.
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ class LeaseBusy(TransientError):
     """Another worker holds the lease for a key longer than this worker is willing to wait."""
 
 
+class TransactionEnded(TransientError):
+    """The batch transaction ended while a handler ran (a COMMIT or ROLLBACK sent past
+    ``ctx.db``'s guard, on the raw connection): the batch fails as a whole and is retried."""
+
+
 class HandlerSignal(ConsumerError):
     """Control flow raised from a handler."""
 
@@ -106,26 +114,90 @@ class Retry(HandlerSignal):
         self.reason = reason
 
 
-# SQLSTATE classes that mean "try again": serialization_failure, deadlock_detected,
-# connection exceptions (08xxx), admin shutdown / crash shutdown / cannot connect now (57P0x),
-# lock_not_available.
-_RETRIABLE_SQLSTATES = ("40001", "40P01", "55P03", "57P01", "57P02", "57P03")
-_RETRIABLE_SQLSTATE_CLASSES = ("08",)
+# The classification rule (docs/handlers.md#classification has it as a table, and
+# tests/unit/test_errors.py runs over it). Indefinite means the outcome is unknown or may change
+# on retry: nothing is recorded, the key is never burned.
+#
+# SQLSTATEs, by class or exact code: the database could not do it *now*, whatever the message.
+_RETRIABLE_SQLSTATE_CLASSES = frozenset(
+    {
+        "08",  # connection exception
+        "40",  # transaction rollback: serialization failure, deadlock, statement completion unknown
+        "53",  # insufficient resources: disk full, out of memory, too many connections
+        "57",  # operator intervention: query_canceled (statement_timeout), admin/crash shutdown
+        "58",  # system error: I/O error, undefined file
+        "XX",  # internal error, data corrupted, index corrupted
+    }
+)
+_RETRIABLE_SQLSTATES = frozenset(
+    {
+        "55P03",  # lock_not_available: lock_timeout, NOWAIT
+        "25P03",  # idle_in_transaction_session_timeout: the session was ended
+        "25P04",  # transaction_timeout (PostgreSQL 17)
+    }
+)
+# Client libraries' timeouts and network failures that are not OSError/TimeoutError
+# subclasses, recognised by class name anywhere in the exception's MRO so that none of them is
+# a dependency: redis-py (TimeoutError, ConnectionError, BusyLoadingError), httpx
+# (TimeoutException, NetworkError, RemoteProtocolError), aiohttp (ClientConnectionError,
+# ServerDisconnectedError, ServerTimeoutError), urllib3 (TimeoutError, ProtocolError), asyncpg
+# (InterfaceError, ConnectionDoesNotExistError), and other clients' *Timeout classes.
+_RETRIABLE_NAMES = frozenset(
+    {
+        "TimeoutError",
+        "TimeoutException",
+        "ConnectionError",
+        "ConnectionDoesNotExistError",
+        "InterfaceError",
+        "NetworkError",
+        "RemoteProtocolError",
+        "ProtocolError",
+        "ClientConnectionError",
+        "ServerDisconnectedError",
+        "ClusterDownError",
+        "TryAgainError",
+        "MasterDownError",
+        "BusyLoadingError",
+    }
+)
+
+
+def _retriable_sqlstate(sqlstate: object) -> bool:
+    return isinstance(sqlstate, str) and (
+        sqlstate in _RETRIABLE_SQLSTATES or sqlstate[:2] in _RETRIABLE_SQLSTATE_CLASSES
+    )
+
+
+def _retriable_class(exc: BaseException) -> bool:
+    if isinstance(exc, ValueError | TypeError):
+        # A refused argument (asyncpg's client-side DataError is an InterfaceError too, and
+        # ctx.db's UnsafeStatement): the handler's bug, never a glitch.
+        return False
+    return any(
+        c.__name__ in _RETRIABLE_NAMES or c.__name__.endswith("Timeout")
+        for c in type(exc).__mro__
+    )
 
 
 def is_retriable(exc: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool | None:
-    """True if ``exc`` is indefinite, False if definite, None if unknown (policy decides)."""
+    """True if ``exc`` is indefinite, False if definite, None if unknown (policy decides).
+
+    An exception group (``asyncio.TaskGroup``) is indefinite if any of its exceptions is, and
+    definite only if all of them are.
+    """
     if isinstance(exc, ConsumerError):
         return exc.retriable
     if extra and isinstance(exc, extra):
         return True
+    if isinstance(exc, BaseExceptionGroup):
+        kinds = [is_retriable(e, extra) for e in exc.exceptions]
+        if any(k is True for k in kinds):
+            return True
+        return False if kinds and all(k is False for k in kinds) else None
     if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionError | OSError):
         return True
-    sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str):
-        if sqlstate in _RETRIABLE_SQLSTATES or sqlstate[:2] in _RETRIABLE_SQLSTATE_CLASSES:
-            return True
-    name = type(exc).__name__
-    if name in {"ConnectionDoesNotExistError", "InterfaceError", "ConnectionError"}:
+    if _retriable_sqlstate(getattr(exc, "sqlstate", None)):
+        return True
+    if _retriable_class(exc):
         return True
     return None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from consumer import keys
 from consumer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -107,16 +108,19 @@ def make_handler(
             f"@handler on {fn.__name__}: key= must be a function of the payload, "
             f"'header' or 'record', not {key!r}"
         )
-    if name is not None and ("{" in name or "}" in name or not name.strip()):
-        # The name is the namespace, which sits inside a Redis hash tag: lease:{ns}:key.
-        raise ConfigError(f"@handler on {fn.__name__}: name= must be non-empty, without braces")
+    final_name = name if name is not None else f"{group}.{fn.__name__}"
+    if (problem := keys.name_problem(final_name)) is not None:
+        # The name is the namespace: composed with tenants (name@tenant), joined into derived
+        # keys, and put inside a Redis hash tag (lease:{ns}:key). Checked for the default
+        # name too: a function's __name__ can be set to anything.
+        raise ConfigError(f"@handler on {fn.__name__}: handler name {final_name!r} {problem}")
     if max_attempts is not None and max_attempts < 1:
         raise ConfigError(f"@handler on {fn.__name__}: max_attempts must be >= 1")
     return Handler(
         fn=fn,
         topics=topics,
         schema=schema,
-        name=name or f"{group}.{fn.__name__}",
+        name=final_name,
         key_from=key_from,
         key_fn=key_fn,
         key_header=key_header,

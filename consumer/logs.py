@@ -17,6 +17,7 @@ Importing this module configures nothing; :func:`setup` does, once per process.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping, Sequence
@@ -175,8 +176,18 @@ def _plain_renderer(_: Any, __: str, ed: EventDict) -> str:
     for name in ("slot", "worker", "status", "pid"):  # the status line says it in words
         ed.pop(name, None)
     exc = ed.pop("exception", None)
-    fields = "".join(f" {k}={v}" for k, v in ed.items())
+    fields = "".join(f" {k}={_plain_value(v)}" for k, v in ed.items())
     return head + fields + (f"\n{exc}" if exc else "")
+
+
+def _plain_value(value: Any) -> str:
+    """A field value for ``key=value`` lines; quoted (JSON string) when it holds a space,
+    ``=``, a quote or a control character. Keys, tenants and reasons come from messages: raw,
+    a key ``k1 outcome=applied`` or one with a newline would forge fields or whole lines."""
+    text = str(value)
+    if text and not any(c.isspace() or c in '="' or ord(c) < 0x20 or c == "\x7f" for c in text):
+        return text
+    return json.dumps(text)
 
 
 class PlainFormatter(structlog.stdlib.ProcessorFormatter):

@@ -111,6 +111,10 @@ async def replay(
     """Replay the dead letters of ``dlq_topic`` with one of ``reasons`` that arrived since the
     last run; stop at the end offsets seen at the start (or after ``limit`` replays)."""
     target = dlq_topic.removesuffix(DLQ_SUFFIX)
+    if target == dlq_topic or not target:
+        # Without the suffix the "target" is the topic being read: its records (a conflicts
+        # topic's, say) would be written back into it, a second copy of each.
+        raise ConfigError(f"{dlq_topic!r} is not a dead-letter topic: name one ending in .dlq")
     summary = ReplaySummary(group=replay_group(app, reasons))
     oldest_ms = (time.time() - settings.dedup_window_s * WINDOW_SHARE) * 1000
     consumer = AIOKafkaConsumer(

@@ -63,9 +63,10 @@ async def settle(p: PaymentRequested, ctx: Context) -> Receipt:
         tenant,
     )
     # An external call takes the same idempotency key, so a retried batch charges once.
-    # The gateway's key space is global: scope our key by namespace (handler and tenant), or
-    # two tenants reusing a payment id would share one charge.
-    ref = await gateway.charge(ctx.db, f"{ctx.namespace}:{ctx.idempotency_key}", p.account, p.cents)
+    # The gateway's key space is global: ctx.outside_key scopes the key by namespace (handler
+    # and tenant) unambiguously, so two tenants reusing a payment id, or tenant "org" with id
+    # "7:inv-3" and tenant "org:7" with id "inv-3", never share one charge.
+    ref = await gateway.charge(ctx.db, ctx.outside_key, p.account, p.cents)
     ctx.publish(
         SETTLED,
         PaymentSettled(

@@ -1,7 +1,7 @@
 """A stand-in payment gateway that honours idempotency keys, as card processors do.
 
 It lives in the same database so the demo needs no extra service; the call is made with
-``ctx.idempotency_key`` exactly as a real HTTP call to a processor would be.
+``ctx.outside_key`` exactly as a real HTTP call to a processor would be.
 """
 
 from __future__ import annotations

@@ -8,14 +8,17 @@ next to their tables.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import asyncpg
 
 from consumer.context import Database
+from consumer.db import guard
 from consumer.dedup import inbox
 from consumer.dedup.inbox import Claim, Completion, InboxRecord
+from consumer.errors import TransactionEnded
 from consumer.outbox import store as outbox
 from consumer.outbox.store import OutboxRow
 from consumer.runtime import offsets
@@ -40,10 +43,15 @@ class BatchTx(Protocol):
     ) -> None: ...
 
 
+# Connection methods that take a query as their first argument: checked like execute().
+_QUERY_METHODS = frozenset({"executemany", "prepare", "cursor", "fetchmany"})
+
+
 class _Watched:
     """The connection as a handler sees it, noting whether it may have left the transaction
     failed since the message's savepoint: a statement raised (even if the handler swallowed
     the error), or the handler used anything else of the connection (not followed here).
+    Every query goes through :func:`consumer.db.guard.check` first.
     """
 
     __slots__ = ("_conn", "clean", "first_error")
@@ -64,6 +72,7 @@ class _Watched:
             self.first_error = exc
 
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
+        guard.check(query)
         try:
             result: str = await self._conn.execute(query, *args, **kwargs)
             return result
@@ -72,6 +81,7 @@ class _Watched:
             raise
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
+        guard.check(query)
         try:
             rows: list[Any] = await self._conn.fetch(query, *args, **kwargs)
             return rows
@@ -80,6 +90,7 @@ class _Watched:
             raise
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        guard.check(query)
         try:
             return await self._conn.fetchrow(query, *args, **kwargs)
         except BaseException as exc:
@@ -87,6 +98,7 @@ class _Watched:
             raise
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        guard.check(query)
         try:
             return await self._conn.fetchval(query, *args, **kwargs)
         except BaseException as exc:
@@ -95,7 +107,15 @@ class _Watched:
 
     def __getattr__(self, name: str) -> Any:
         self.clean = False
-        return getattr(self._conn, name)
+        attr = getattr(self._conn, name)
+        if name not in _QUERY_METHODS:
+            return attr
+
+        def checked(query: object, *args: Any, **kwargs: Any) -> Any:
+            guard.check(query)
+            return attr(query, *args, **kwargs)
+
+        return checked
 
 
 class PgTx:
@@ -105,6 +125,17 @@ class PgTx:
         self.conn = conn
         self.db: Database = _Watched(conn)
         self._release_pending = False
+        # Unguessable, and not on ctx: no savepoint a handler names can shadow it (a handler's
+        # own "SAVEPOINT msg" once made ROLLBACK TO stop at the handler's savepoint, keeping
+        # the failed attempt's writes).
+        self._sp = f"consumer_{secrets.token_hex(8)}"
+
+    def _intact(self) -> None:
+        if not self.conn.is_in_transaction():
+            raise TransactionEnded(
+                "the batch transaction was ended while a handler ran (COMMIT/ROLLBACK on the "
+                "raw connection?); the batch is retried from its first record"
+            )
 
     async def _exec(self, q: tuple[str, list[Any]]) -> None:
         await self.conn.execute(q[0], *q[1])
@@ -127,7 +158,7 @@ class PgTx:
             return {}
         text, args = inbox.records(idents)
         return {
-            (r[0], r[1]): InboxRecord(r[0], r[1], r[2], r[3], r[4], r[5])
+            (r[0], r[1]): InboxRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
             for r in await self.conn.fetch(text, *args)
         }
 
@@ -138,14 +169,16 @@ class PgTx:
             # The previous message's release travels with this savepoint: one round trip
             # instead of two per message (simple-query protocol, two statements).
             self._release_pending = False
-            await self.conn.execute("RELEASE SAVEPOINT msg; SAVEPOINT msg")
+            await self.conn.execute(f"RELEASE SAVEPOINT {self._sp}; SAVEPOINT {self._sp}")
         else:
-            await self.conn.execute("SAVEPOINT msg")
+            await self.conn.execute(f"SAVEPOINT {self._sp}")
 
     async def rollback_savepoint(self) -> None:
-        await self.conn.execute("ROLLBACK TO SAVEPOINT msg")
+        self._intact()
+        await self.conn.execute(f"ROLLBACK TO SAVEPOINT {self._sp}")
 
     async def release_savepoint(self) -> None:
+        self._intact()
         if isinstance(self.db, _Watched) and self.db.clean:
             # No statement of the handler failed, so RELEASE cannot fail: it is deferred to
             # the next savepoint(). Until then the batch's later statements run inside this
@@ -155,7 +188,7 @@ class PgTx:
         else:
             # Possibly failed (say, an error the handler caught and ignored): RELEASE now, so
             # that its failure is this message's, retried and then rejected like any other.
-            await self.conn.execute("RELEASE SAVEPOINT msg")
+            await self.conn.execute(f"RELEASE SAVEPOINT {self._sp}")
 
     async def complete(self, rows: Sequence[Completion]) -> None:
         if rows:

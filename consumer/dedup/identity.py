@@ -6,15 +6,16 @@ raised as an InvalidMessage subclass; nothing here touches a store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from consumer import codec
+from consumer import codec, keys
 from consumer.constants import HEADER_CONTENT_TYPE, MAX_KEY_BYTES
-from consumer.dedup.hashing import payload_hash
-from consumer.errors import BadKey, DecodeError, MissingKey, SchemaError
+from consumer.dedup.hashing import HASH_VERSION, HASH_VERSIONS, payload_hash
+from consumer.errors import BadKey, DecodeError, InvalidMessage, MissingKey, SchemaError
 from consumer.handler import Handler
 from consumer.message import Message
 
@@ -25,21 +26,36 @@ class Identity:
     key: str
     hash: str
     payload: BaseModel
+    # The digest under an older canonical-form version, computed only when a record made
+    # with that version is met (once per copy; None: the copy cannot be read that way).
+    older: Callable[[int], str | None] = field(default=lambda _v: None, compare=False)
 
     @property
     def ident(self) -> tuple[str, str]:
         return (self.namespace, self.key)
+
+    def same_payload(self, stored_hash: str, stored_version: int) -> bool | None:
+        """Whether this copy carries the payload a record stored as ``stored_hash`` under
+        canonical-form ``stored_version`` was made from; None for a version this code does
+        not know (a record written by a newer release): neither duplicate nor conflict."""
+        if stored_version == HASH_VERSION:
+            return stored_hash == self.hash
+        if stored_version not in HASH_VERSIONS:
+            return None
+        return self.older(stored_version) == stored_hash
 
 
 def namespace_of(handler: Handler[Any, Any], msg: Message, tenant_header: str) -> str:
     tenant = msg.header(tenant_header) if tenant_header else None
     if tenant:
         name = _check_key(tenant, "tenant header")
-        # The namespace sits inside a Redis hash tag, ``lease:{ns}:key``: a brace in it would
-        # let (tenant "a}:b", key "c") and (tenant "a", key "b}:c") share one Redis key.
-        if "{" in name or "}" in name:
-            raise BadKey("tenant header contains '{' or '}'")
-        return f"{handler.name}@{name}"
+        # The namespace is ``name@tenant`` and sits inside a Redis hash tag, ``lease:{ns}:key``:
+        # an '@' would let a tenant share another namespace's key space, a brace would let
+        # (tenant "a}:b", key "c") and (tenant "a", key "b}:c") share one Redis key.
+        bad = sorted(keys.TENANT_FORBIDDEN.intersection(name))
+        if bad:
+            raise BadKey(f"tenant header contains {' '.join(repr(c) for c in bad)}")
+        return keys.namespace(handler.name, name)
     return handler.name
 
 
@@ -68,8 +84,8 @@ def _check_key(raw: bytes | str | object, what: str) -> str:
     return text
 
 
-def validate(handler: Handler[Any, Any], msg: Message) -> BaseModel:
-    data = codec.decode(msg.value, msg.header_str(HEADER_CONTENT_TYPE))
+def validate(handler: Handler[Any, Any], msg: Message, *, exact: bool = True) -> BaseModel:
+    data = codec.decode(msg.value, msg.header_str(HEADER_CONTENT_TYPE), exact=exact)
     try:
         model: BaseModel = handler.schema.model_validate(data)
         return model
@@ -110,4 +126,24 @@ def identify(handler: Handler[Any, Any], msg: Message, tenant_header: str = "ten
         digest = payload_hash(payload, handler.hash_exclude)
     except UnicodeEncodeError:
         raise DecodeError("payload holds text that is not valid Unicode (lone surrogate)") from None
-    return Identity(ns, key, digest, payload)
+    return Identity(ns, key, digest, payload, _older_digests(handler, msg))
+
+
+def _older_digests(handler: Handler[Any, Any], msg: Message) -> Callable[[int], str | None]:
+    cache: dict[int, str | None] = {}
+
+    def older(version: int) -> str | None:
+        if version not in cache:
+            cache[version] = _digest_v1(handler, msg) if version == 1 else None
+        return cache[version]
+
+    return older
+
+
+def _digest_v1(handler: Handler[Any, Any], msg: Message) -> str | None:
+    # Exactly as version 1 made it: JSON numbers read as floats, then model_dump.
+    try:
+        payload = validate(handler, msg, exact=False)
+        return payload_hash(payload, handler.hash_exclude, version=1)
+    except (InvalidMessage, UnicodeEncodeError):
+        return None

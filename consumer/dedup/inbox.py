@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consumer.constants import HASH_ALG
+from consumer.dedup.hashing import HASH_VERSION
 
 Query = tuple[str, list[Any]]
 
@@ -34,6 +35,7 @@ class InboxRecord:
     status: str
     result: Any
     reason: str | None
+    hash_version: int  # the canonical-form version ``hash`` was made with
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +56,9 @@ def claim(rows: Sequence[Claim]) -> Query:
     return (
         """
         INSERT INTO dedup.inbox
-            (namespace, key, payload_hash, hash_alg, status, topic, partition, "offset")
-        SELECT t.ns, t.k, t.h, $4, 'pending', t.topic, t.part, t.off
+            (namespace, key, payload_hash, hash_alg, hash_version, status,
+             topic, partition, "offset")
+        SELECT t.ns, t.k, t.h, $4, $8, 'pending', t.topic, t.part, t.off
         FROM unnest($1::text[], $2::text[], $3::text[], $5::text[], $6::int[], $7::bigint[])
              AS t(ns, k, h, topic, part, off)
         ORDER BY t.ns, t.k
@@ -70,6 +73,7 @@ def claim(rows: Sequence[Claim]) -> Query:
             [r.topic for r in ordered],
             [r.partition for r in ordered],
             [r.offset for r in ordered],
+            HASH_VERSION,
         ],
     )
 
@@ -77,7 +81,8 @@ def claim(rows: Sequence[Claim]) -> Query:
 def records(idents: Sequence[tuple[str, str]]) -> Query:
     return (
         """
-        SELECT i.namespace, i.key, i.payload_hash, i.status, i.result, i.reason
+        SELECT i.namespace, i.key, i.payload_hash, i.status, i.result, i.reason,
+               i.hash_version
         FROM dedup.inbox i
         JOIN unnest($1::text[], $2::text[]) AS t(ns, k) ON i.namespace = t.ns AND i.key = t.k
         """,
@@ -120,7 +125,7 @@ def unclaim(idents: Sequence[tuple[str, str]]) -> Query:
 def get(namespace: str, key: str) -> Query:
     return (
         """
-        SELECT namespace, key, payload_hash, hash_alg, status, result, reason,
+        SELECT namespace, key, payload_hash, hash_alg, hash_version, status, result, reason,
                topic, partition, "offset", first_seen_at, completed_at
         FROM dedup.inbox WHERE namespace = $1 AND key = $2
         """,

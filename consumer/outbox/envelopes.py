@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from consumer import codec, storable, tracing
+from consumer import codec, keys, storable, tracing
 from consumer.constants import (
     CONFLICT_SUFFIX,
     CONTENT_MSGPACK,
@@ -64,7 +64,7 @@ def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> 
     """Rows for what a handler published; the index makes each key unique within one handling.
 
     A retried handler runs again from scratch, so the same (namespace, key, index) names the
-    same message every time it is produced.
+    same message every time it is produced; consumer/keys.py makes the name unambiguous.
     """
     rows = []
     trace = tracing.outgoing(msg)  # written inside the handling span: that span's context
@@ -76,7 +76,7 @@ def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> 
             raise ValueError(
                 f"a header of the message to {item.topic!r} contains NUL or a lone surrogate"
             )
-        ik = f"{namespace}:{key}:{index}"
+        ik = keys.published_key(namespace, key, index)
         headers = [
             *[(n, v) for n, v in item.headers if n.lower() not in derived],
             (HEADER_IDEMPOTENCY_KEY, ik),
@@ -100,7 +100,7 @@ def reply(
 
     ``trace``: the handling span's headers when the answer comes from a handler call.
     """
-    ik = f"reply:{namespace}:{key}"
+    ik = keys.reply_key(namespace, key)
     headers = (
         (HEADER_CONTENT_TYPE, CONTENT_MSGPACK),
         (HEADER_IDEMPOTENCY_KEY, ik),

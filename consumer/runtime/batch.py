@@ -30,6 +30,7 @@ from consumer.app import App
 from consumer.constants import HEADER_REPLY_TO
 from consumer.db.tx import BatchTx
 from consumer.dedup.accelerator import Accelerator
+from consumer.dedup.hashing import HASH_VERSION, marker_digest, parse_marker_digest
 from consumer.dedup.identity import Identity, identify
 from consumer.dedup.inbox import Claim, Completion
 from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
@@ -66,6 +67,7 @@ class _Known:
     result: Any = None
     reason: str | None = None
     has_result: bool = False
+    version: int = HASH_VERSION  # the canonical-form version ``hash`` was made with
 
 
 class BatchProcessor:
@@ -305,7 +307,8 @@ class BatchProcessor:
             known: dict[Ident, _Known] = {}
             for ident, s in states.items():
                 if s.state == "done":
-                    known[ident] = _Known(s.status, s.hash)
+                    digest, version = parse_marker_digest(s.hash)
+                    known[ident] = _Known(s.status, digest, version=version)
             leaders = {it.ident.ident: it for it in reversed(live) if it.ident}
             to_claim = [
                 Claim(i[0], i[1], it.ident.hash, it.msg.topic, it.msg.partition, it.msg.offset)
@@ -326,7 +329,9 @@ class BatchProcessor:
             }
             lookup += [i for i in leaders if i in known and i in asking]
             for ident, rec in (await tx.records(lookup)).items():
-                known[ident] = _Known(rec.status, rec.hash, rec.result, rec.reason, True)
+                known[ident] = _Known(
+                    rec.status, rec.hash, rec.result, rec.reason, True, rec.hash_version
+                )
 
             completions: list[Completion] = []
             rows: list[OutboxRow] = []
@@ -342,6 +347,11 @@ class BatchProcessor:
                     continue
                 ident, h = it.ident.ident, it.ident.hash
                 k = known.get(ident)
+                # A copy is compared under the canonical-form version its record was made
+                # with (dedup/hashing.py), so records from before an upgrade keep answering.
+                same = None if k is None else it.ident.same_payload(k.hash, k.version)
+                if k is not None and same is None:
+                    k = None  # a version this release does not know: stop, below
                 if ident in failed:
                     rows.append(envelopes.dead_letter(msg, "failed", failed[ident], *ident))
                     result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, failed[ident]))
@@ -385,7 +395,9 @@ class BatchProcessor:
                             ident[0], ident[1], run.status, run.result_json, run.reason or None
                         )
                     )
-                    done_markers.append(DoneMarker(ident[0], ident[1], run.status, h))
+                    done_markers.append(
+                        DoneMarker(ident[0], ident[1], run.status, marker_digest(h, HASH_VERSION))
+                    )
                     rows += run.outgoing
                     if run.status == "rejected":
                         rows.append(
@@ -394,13 +406,14 @@ class BatchProcessor:
                     self._reply(rows, msg, ident, known[ident], run.trace)
                     outcome = Outcome.APPLIED if run.status == "done" else Outcome.REJECTED
                     result.handled.append(Handled(msg, outcome, *ident, h, run.reason, run.result))
-                elif k is not None and k.hash == h:
+                elif k is not None and same:
                     self._reply(rows, msg, ident, k)
                     result.handled.append(
                         Handled(msg, Outcome.DUPLICATE, *ident, h, k.status, k.result)
                     )
                     if ident not in processed and k.has_result:
-                        done_markers.append(DoneMarker(ident[0], ident[1], k.status, k.hash))
+                        marker = marker_digest(k.hash, k.version)
+                        done_markers.append(DoneMarker(ident[0], ident[1], k.status, marker))
                 elif k is not None:
                     rows.append(envelopes.conflict(msg, ident[0], ident[1], h, k.hash))
                     result.handled.append(
@@ -416,6 +429,9 @@ class BatchProcessor:
                     result.error = (
                         "lease held by another worker"
                         if ident in busy
+                        else "stored hash made with an unknown canonical-form version "
+                        "(a newer release wrote it)"
+                        if ident in known
                         else "inbox record changed under the batch"
                     )
                     break

@@ -123,8 +123,10 @@ class Worker:
         s = self.settings
         faults.configure(s.faults)
         # A batch transaction is idle between statements only while a handler awaits
-        # something outside the database, which its timeout bounds.
-        idle_ms = int(s.handler_timeout_s * 1000) + s.lease_ms
+        # something outside the database, which its timeout bounds: the longest of them
+        # (a handler's own timeout_s may exceed the default), plus a margin.
+        longest_s = max([h.timeout_s or s.handler_timeout_s for h in self.app.handlers] or [0.0])
+        idle_ms = int(max(longest_s, s.handler_timeout_s) * 1000) + s.lease_ms
         self.pool = await create_pool(s.postgres_dsn, max_size=s.pg_pool_max, idle_in_tx_ms=idle_ms)
         leases = await self._leases()
         self.processor = BatchProcessor(

@@ -27,9 +27,15 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel
 
-from consumer import codec
+from consumer import codec, keys
 from consumer.app import App
-from consumer.constants import CONFLICT_SUFFIX, CONTENT_MSGPACK, DLQ_SUFFIX, HEADER_CONTENT_TYPE
+from consumer.constants import (
+    CONFLICT_SUFFIX,
+    CONTENT_JSON,
+    CONTENT_MSGPACK,
+    DLQ_SUFFIX,
+    HEADER_CONTENT_TYPE,
+)
 from consumer.dedup.inbox import InboxRecord
 from consumer.dedup.leases import MemoryLeases
 from consumer.errors import TransientError
@@ -38,6 +44,7 @@ from consumer.runtime.batch import BatchProcessor
 from consumer.runtime.outcomes import BatchResult, Handled
 from consumer.settings import Settings
 from consumer.testing.database import Backend, Failures, HandlerDb, PostgresBackend
+from consumer.testing.encoding import as_sent
 from consumer.testing.kafka import MemoryKafka
 from consumer.testing.result import HarnessError, SendResult
 from consumer.testing.store import MemoryStore
@@ -77,7 +84,7 @@ def _encode(payload: BaseModel | Mapping[str, Any] | list[Any] | bytes, content_
     if isinstance(payload, bytes):
         return payload
     if isinstance(payload, BaseModel):
-        return codec.encode(payload.model_dump(mode="json"), content_type)
+        return codec.encode(as_sent(payload, content_type == CONTENT_JSON), content_type)
     return codec.encode(dict(payload) if isinstance(payload, Mapping) else payload, content_type)
 
 
@@ -358,8 +365,7 @@ class TestApp:
             raise HarnessError(f"no handler for topic {topic!r}")
         await self.start()
         assert self._backend is not None
-        namespace = f"{handler.name}@{tenant}" if tenant else handler.name
-        return await self._backend.record(namespace, key)
+        return await self._backend.record(keys.namespace(handler.name, tenant), key)
 
     @property
     def db(self) -> asyncpg.Connection:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from consumer.context import Database
+from consumer.dedup.hashing import HASH_VERSION
 from consumer.dedup.inbox import Claim, Completion, InboxRecord
 from consumer.outbox.store import OutboxRow
 
@@ -36,6 +37,7 @@ class InboxRow:
     offset: int
     result: Any = None
     reason: str | None = None
+    hash_version: int = HASH_VERSION  # as dedup.inbox.hash_version
 
 
 @dataclass
@@ -76,7 +78,9 @@ class MemoryTx:
         for ident in idents:
             row = self.state.inbox.get(ident)
             if row is not None:
-                out[ident] = InboxRecord(*ident, row.hash, row.status, row.result, row.reason)
+                out[ident] = InboxRecord(
+                    *ident, row.hash, row.status, row.result, row.reason, row.hash_version
+                )
         return out
 
     async def savepoint(self) -> None:
@@ -150,7 +154,9 @@ class MemoryStore:
         row = self.state.inbox.get((namespace, key))
         if row is None:
             return None
-        return InboxRecord(namespace, key, row.hash, row.status, row.result, row.reason)
+        return InboxRecord(
+            namespace, key, row.hash, row.status, row.result, row.reason, row.hash_version
+        )
 
     async def close(self) -> None:
         return None

@@ -7,7 +7,7 @@ from the runtime (outcomes, reasons, stored results, outbox rows), one of them w
 
 from __future__ import annotations
 
-from consumer import Outcome
+from consumer import Outcome, keys
 from tests.contract.drivers import Driver
 from tests.contract.subject import item
 
@@ -118,3 +118,14 @@ async def test_redis_losing_every_key_changes_nothing(driver: Driver) -> None:
     assert other.outcome is Outcome.CONFLICT
     assert driver.calls["f"] == 1
     assert await published(driver) == [{"id": "f", "amount": 1}]
+
+
+async def test_derived_keys_escape_separators_in_the_key(driver: Driver) -> None:
+    """A key holding ``:`` and ``%`` yields one unambiguous published idempotency key, the
+    same on both sides (consumer/keys.py): ``<ns>:<key escaped>:<index>``."""
+    seen = await driver.send(item("7:inv-3%", 2))
+    assert seen.outcome is Outcome.APPLIED
+    [event] = await driver.messages(driver.out)
+    ns, key, index = keys.split(event.headers["idempotency-key"])
+    assert (key, index) == ("7:inv-3%", "0")
+    assert event.headers["idempotency-key"] == f"{ns}:7%3Ainv-3%25:0"

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 
 from consumer import App, Context
 from consumer.constants import done_key
+from consumer.dedup.hashing import HASH_VERSION, marker_digest
 from consumer.dedup.identity import identify
 from consumer.message import Message
 from schemas.payments import PaymentRequested
@@ -37,7 +38,7 @@ async def test_a_done_marker_from_another_database_is_ignored(
     stale = done_key(ident.namespace, "p1", "another-db")
     try:
         # Same key, same hash, "done" — but recorded by a different database.
-        await r.set(stale, f"done:{ident.hash}", ex=60)
+        await r.set(stale, f"done:{marker_digest(ident.hash, HASH_VERSION)}", ex=60)
         await producer.send_and_wait(topic, value, partition=0)
         async with running(app) as worker:
 
@@ -48,7 +49,10 @@ async def test_a_done_marker_from_another_database_is_ignored(
         assert calls == ["p1"]
         assert worker.stats.by_outcome["applied"] == 1
         # And this database's own marker is what a later copy would find.
-        assert await r.get(done_key(ident.namespace, "p1", epoch)) == f"done:{ident.hash}".encode()
+        assert (
+            await r.get(done_key(ident.namespace, "p1", epoch))
+            == f"done:{marker_digest(ident.hash, HASH_VERSION)}".encode()
+        )
     finally:
         await r.delete(stale, done_key(ident.namespace, "p1", epoch))
         await r.aclose()

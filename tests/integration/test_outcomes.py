@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from consumer import App, Context, Reject, Retry, Settings
 from consumer.constants import done_key, lease_key
 from consumer.db.pool import create_pool
+from consumer.dedup.hashing import HASH_VERSION, marker_digest
 from consumer.dedup.identity import identify
 from consumer.dedup.leases import RedisLeases
 from consumer.message import Message
@@ -358,15 +359,18 @@ async def test_lease_held_elsewhere_waits_then_sees_the_other_holders_result(
             assert await stored_offset(env.pg, env.group, env.topic, 0) <= off
             # The other holder commits its record, writes its done marker, releases its lease.
             await env.pg.execute(
-                """INSERT INTO dedup.inbox (namespace, key, payload_hash, hash_alg, status,
-                       result, topic, partition, "offset", completed_at)
-                   VALUES ($1, 'held', $2, 'blake2b-128', 'done', '"theirs"', $3, 0, 0, now())""",
+                """INSERT INTO dedup.inbox (namespace, key, payload_hash, hash_alg, hash_version,
+                       status, result, topic, partition, "offset", completed_at)
+                   VALUES ($1, 'held', $2, 'blake2b-128', 2, 'done', '"theirs"', $3, 0, 0,
+                           now())""",
                 env.ns(),
                 digest,
                 env.topic,
             )
             await redis.redis.set(
-                done_key(env.ns(), "held", await _epoch(env.pg)), f"done:{digest}", ex=60
+                done_key(env.ns(), "held", await _epoch(env.pg)),
+                f"done:{marker_digest(digest, HASH_VERSION)}",
+                ex=60,
             )
             await redis.redis.delete(lease)
             await wait_offset(env.pg, env.group, env.topic, 0, off + 1)
@@ -396,9 +400,9 @@ async def test_lease_holder_that_died_after_commit_is_caught_by_the_inbox(env, p
         # Its lease outlives the test: only the inbox can tell that the key is done.
         await redis.redis.set(lease_key(env.ns(), "dead"), "dead-worker", px=120_000)
         await env.pg.execute(
-            """INSERT INTO dedup.inbox (namespace, key, payload_hash, hash_alg, status, result,
-                   topic, partition, "offset", completed_at)
-               VALUES ($1, 'dead', $2, 'blake2b-128', 'done', '"theirs"', $3, 0, 0, now())""",
+            """INSERT INTO dedup.inbox (namespace, key, payload_hash, hash_alg, hash_version,
+                   status, result, topic, partition, "offset", completed_at)
+               VALUES ($1, 'dead', $2, 'blake2b-128', 2, 'done', '"theirs"', $3, 0, 0, now())""",
             env.ns(),
             digest,
             env.topic,

@@ -18,7 +18,7 @@ import pytest
 from redis.exceptions import RedisClusterException, ResponseError
 
 from consumer import App, Context
-from consumer.constants import done_key
+from consumer.constants import done_key, lease_key
 from consumer.dedup.cluster import ClusterLeases, redis_client
 from consumer.dedup.leases import DoneMarker, RedisLeases
 from schemas.payments import PaymentRequested
@@ -153,3 +153,19 @@ async def test_worker_on_a_cluster_applies_each_key_once(
         await client.aclose()
     await pg.execute(f"DROP TABLE {table}")
     await cleanup(pg, unique)
+
+
+async def test_no_key_moves_its_namespace_to_another_slot(cluster_url):
+    """Keys may hold braces, ``:`` and ``@``; the namespace cannot (consumer/keys.py). So the
+    hash tag, hence the slot, is the namespace's, as the cluster itself computes it."""
+    client = redis_client(cluster_url, True)
+    try:
+        for ns in ("g.settle", "g.settle@org", "g.settle@org:7"):
+            (slot,) = {
+                await client.cluster_keyslot(name)
+                for key in ("plain", "}{other}", "{other}", "a}:b", "7:inv-3", "x@y")
+                for name in (lease_key(ns, key), done_key(ns, key, "e1"))
+            }
+            assert slot == await client.cluster_keyslot(ns)
+    finally:
+        await client.aclose()

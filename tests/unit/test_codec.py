@@ -59,3 +59,24 @@ def test_undecodable(value, ctype, needle):
 def test_msgpack_binary_and_json_text_decode_to_what_the_schema_validates():
     # msgpack bin stays bytes; JSON strings are text. The schema decides what is valid.
     assert decode(msgpack.packb({"b": b"\x00\x01"}, use_bin_type=True), None) == {"b": b"\x00\x01"}
+
+
+def test_json_numbers_are_decoded_exactly():
+    from decimal import Decimal
+
+    out = decode(
+        b'{"exact": 12345678901234567.89, "f": 1.5, "tenth": 0.1, "e": 1e20, "i": 7,'
+        b' "neg0": -0.0, "huge": 1e400, "absurd": 1e999999999}',
+        CONTENT_JSON,
+    )
+    # Only a number a float cannot hold is a Decimal; the rest are what they were.
+    assert out["exact"] == Decimal("12345678901234567.89")
+    assert [type(out[k]) for k in ("f", "tenth", "e", "neg0", "i")] == [float] * 4 + [int]
+    assert str(out["neg0"]) == "-0.0"
+    assert out["huge"] == Decimal("1e400")
+    # An exponent no schema needs stays a float: no billion-digit integers from 11 bytes.
+    assert out["absurd"] == float("inf")
+    # The version-1 reading, kept to recompute version-1 hashes: floats throughout.
+    assert decode(b'{"x": 12345678901234567.89}', CONTENT_JSON, exact=False) == {
+        "x": 12345678901234567.89
+    }

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
+import redis.exceptions
+import requests.exceptions
+import urllib3.exceptions
 
 import consumer
 from consumer import errors
+from consumer.db.guard import UnsafeStatement
 from consumer.errors import is_retriable
 
 pytestmark = pytest.mark.unit
@@ -20,6 +24,104 @@ class _SqlState(Exception):
 
 class Flaky(Exception):
     pass
+
+
+def _lib(module: str, *names: str) -> type[Exception]:
+    """A stand-in for a client library's exception hierarchy (httpx and aiohttp are not
+    dependencies): the named classes, each a subclass of the next, defined in ``module``."""
+    base: type[Exception] = Exception
+    for name in reversed(names):
+        base = type(name, (base,), {"__module__": module})
+    return base
+
+
+# The rule of docs/handlers.md#classification, row by row: (what, exception, expected).
+# True: indefinite (retried, nothing recorded); False: definite; None: ``on_error`` decides.
+RULE = [
+    ("statement_timeout", _SqlState("57014"), True),
+    ("admin shutdown", _SqlState("57P01"), True),
+    ("crash shutdown", _SqlState("57P02"), True),
+    ("cannot connect now", _SqlState("57P03"), True),
+    ("database dropped", _SqlState("57P04"), True),
+    ("idle session timeout", _SqlState("57P05"), True),
+    ("disk full", _SqlState("53100"), True),
+    ("out of memory", _SqlState("53200"), True),
+    ("too many connections", _SqlState("53300"), True),
+    ("connection failure", _SqlState("08006"), True),
+    ("serialization failure", _SqlState("40001"), True),
+    ("deadlock", _SqlState("40P01"), True),
+    ("statement completion unknown", _SqlState("40003"), True),
+    ("lock_timeout / NOWAIT", _SqlState("55P03"), True),
+    ("idle in transaction timeout", _SqlState("25P03"), True),
+    ("transaction timeout", _SqlState("25P04"), True),
+    ("I/O error", _SqlState("58030"), True),
+    ("internal error", _SqlState("XX000"), True),
+    ("data corrupted", _SqlState("XX001"), True),
+    ("real statement_timeout", asyncpg.exceptions.QueryCanceledError("x"), True),
+    ("real lock_timeout", asyncpg.exceptions.LockNotAvailableError("x"), True),
+    ("real disk full", asyncpg.exceptions.DiskFullError("x"), True),
+    ("real idle timeout", asyncpg.exceptions.IdleInTransactionSessionTimeoutError("x"), True),
+    ("TimeoutError", TimeoutError(), True),
+    ("ConnectionError", ConnectionResetError(), True),
+    ("OSError", OSError("network unreachable"), True),
+    ("redis-py timeout", redis.exceptions.TimeoutError("x"), True),
+    ("redis-py connection", redis.exceptions.ConnectionError("x"), True),
+    ("redis-py loading", redis.exceptions.BusyLoadingError("x"), True),
+    ("redis-py cluster down", redis.exceptions.ClusterDownError("x"), True),
+    ("redis-py try again", redis.exceptions.TryAgainError("x"), True),
+    ("requests timeout", requests.exceptions.ReadTimeout("x"), True),
+    ("requests connection", requests.exceptions.ConnectionError("x"), True),
+    ("urllib3 read timeout", urllib3.exceptions.ReadTimeoutError(None, "u", "x"), True),
+    ("urllib3 protocol", urllib3.exceptions.ProtocolError("x"), True),
+    (
+        "httpx ReadTimeout",
+        _lib("httpx", "ReadTimeout", "TimeoutException", "TransportError", "HTTPError")(),
+        True,
+    ),
+    ("httpx ConnectError", _lib("httpx", "ConnectError", "NetworkError", "TransportError")(), True),
+    ("httpx RemoteProtocolError", _lib("httpx", "RemoteProtocolError", "ProtocolError")(), True),
+    (
+        "aiohttp ServerDisconnectedError",
+        _lib(
+            "aiohttp",
+            "ServerDisconnectedError",
+            "ServerConnectionError",
+            "ClientConnectionError",
+            "ClientError",
+        )(),
+        True,
+    ),
+    (
+        "aiohttp ClientConnectionError",
+        _lib("aiohttp", "ClientConnectionError", "ClientError")(),
+        True,
+    ),
+    ("botocore ConnectTimeout", _lib("botocore", "ConnectTimeout")(), True),
+    ("task group with a timeout", ExceptionGroup("g", [ValueError(), TimeoutError()]), True),
+    (
+        "task group of definite",
+        ExceptionGroup("g", [errors.Reject("a"), errors.Reject("b")]),
+        False,
+    ),
+    ("task group of unknown", ExceptionGroup("g", [ValueError(), errors.Reject("b")]), None),
+    ("Reject", errors.Reject("no"), False),
+    ("unique violation", asyncpg.exceptions.UniqueViolationError("x"), None),
+    ("check violation", _SqlState("23514"), None),
+    ("invalid text", _SqlState("22P02"), None),
+    ("undefined table", _SqlState("42P01"), None),
+    ("plpgsql RAISE", _SqlState("P0001"), None),
+    ("invalid transaction state", _SqlState("25001"), None),
+    ("asyncpg client-side DataError", asyncpg.exceptions._base.DataError("x"), None),
+    ("ctx.db refusal", UnsafeStatement("x"), None),
+    ("redis-py ResponseError", redis.exceptions.ResponseError("x"), None),
+    ("httpx HTTPStatusError", _lib("httpx", "HTTPStatusError", "HTTPError")(), None),
+    ("ValueError", ValueError("x"), None),
+]
+
+
+@pytest.mark.parametrize(("what", "exc", "expected"), RULE, ids=[r[0] for r in RULE])
+def test_the_classification_rule(what, exc, expected):
+    assert is_retriable(exc) is expected, what
 
 
 @pytest.mark.parametrize(

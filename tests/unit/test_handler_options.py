@@ -49,8 +49,14 @@ def test_sync_functions_are_accepted_and_run_in_a_thread():
         ({"hash_exclude": {"sent_on"}}, "sent_on"),
         ({"max_attempts": 0}, "max_attempts"),
         ({"on_error": "explode"}, "on_error"),
-        ({"name": "a}:b"}, "braces"),
-        ({"name": " "}, "non-empty"),
+        ({"name": "a}b"}, "'}'"),
+        ({"name": " "}, "must not be empty"),
+        # name@tenant is the namespace: a name with '@' would share a tenant's key space.
+        ({"name": "X@v2"}, "'@'"),
+        ({"name": "orders:v2"}, "':'"),
+        ({"name": "reply"}, "reserved"),
+        ({"name": "a\x00b"}, "control characters"),
+        ({"name": "n" * 201}, "at most 200 bytes"),
     ],
 )
 def test_bad_options_are_refused(kwargs, needle):

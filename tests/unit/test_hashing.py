@@ -149,8 +149,13 @@ def test_canonical_form_is_compact_sorted_json():
         when: datetime
 
     m = M(b=1, a="é", when=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
-    assert canonical_bytes(m) == '{"a":"é","b":1,"when":"2026-01-02T03:04:05Z"}'.encode()
-    assert canonical_bytes(m, {"when"}) == '{"a":"é","b":1}'.encode()
+    # Version 1 (records made before version 2 are compared this way): sorted compact JSON.
+    v1 = canonical_bytes(m, version=1)
+    assert v1 == '{"a":"é","b":1,"when":"2026-01-02T03:04:05Z"}'.encode()
+    assert canonical_bytes(m, {"when"}, version=1) == '{"a":"é","b":1}'.encode()
+    # Version 2: sorted, compact, each value marked by kind, numbers by exact value.
+    assert canonical_bytes(m) == 'm{"a":"é","b":1e0,"when":t"2026-01-02T03:04:05+00:00"}'.encode()
+    assert canonical_bytes(m, {"when"}) == 'm{"a":"é","b":1e0}'.encode()
 
 
 def test_hash_is_blake2b_128_hex():

@@ -8,6 +8,7 @@ import pytest
 
 from consumer.constants import HASH_ALG, NOTIFY_CHANNEL, OUTBOX_SHARDS
 from consumer.dedup import inbox
+from consumer.dedup.hashing import HASH_VERSION
 from consumer.dedup.inbox import Claim, Completion
 from consumer.outbox import store
 from consumer.outbox.store import OutboxRow, shard_of
@@ -47,7 +48,9 @@ def test_claim_inserts_pending_rows_in_key_order_and_never_overwrites():
     assert args[1] == ["z", "a", "b"]
     assert args[2] == ["h3", "h1", "h2"]  # hashes travel with their keys
     assert args[3] == HASH_ALG
-    assert args[4:] == [["t", "t", "t"], [2, 0, 1], [12, 10, 11]]
+    assert args[4:7] == [["t", "t", "t"], [2, 0, 1], [12, 10, 11]]
+    # Every record carries the canonical-form version its hash was made with.
+    assert "hash_version" in flat and args[7] == HASH_VERSION == 2
 
 
 def test_records_reads_by_namespace_and_key():
@@ -55,6 +58,7 @@ def test_records_reads_by_namespace_and_key():
     _placeholders_match(q)
     assert "FROM dedup.inbox" in text
     assert "payload_hash" in text and "status" in text and "result" in text
+    assert "hash_version" in text
     assert args == [["ns", "m"], ["a", "z"]]
 
 

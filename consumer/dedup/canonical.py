@@ -1,0 +1,148 @@
+"""Canonical form version 2: every validated value the handler receives, in a stable spelling.
+
+The form is built from the validated model's attributes, never from ``model_dump``: a dump
+applies the schema's serialisers, so ``SecretStr`` comes out as ``**********``,
+``Field(exclude=True)`` fields and ``@field_serializer`` masks hide what the handler reads.
+Here secrets are revealed (for hashing only; the bytes never leave this process), excluded and
+serialised-away fields are included, and every value is spelled so that two payloads read
+alike only when the handler receives equal values:
+
+* numbers (int, float, Decimal) by their exact value: ``1``, ``1.0`` and ``Decimal("1.00")``
+  alike; ``-0.0`` as ``0``; NaN and the infinities by name. A float is its exact binary value,
+  so a JSON ``0.1`` read into a ``float`` field and a msgpack float 0.1 agree;
+* text, bytes, sets and lists each marked by kind, so ``"ab"`` and ``b"ab"``, or a set and a
+  list, never read alike; dicts with their keys sorted; sets sorted (their iteration order
+  depends on the process's string hash seed);
+* datetimes and times by ISO 8601 with their UTC offset: the same instant at another offset is
+  another payload (the handler can see the offset: a booking date, a local hour);
+* enums by their value; UUIDs, dates, durations and pydantic's other types by their JSON form;
+* a model's fields by name, the model's extra fields (``extra="allow"``) included; fields whose
+  value equals their default are left out, so adding a field with a default to a schema keeps
+  the hash of every payload that does not use it, and so are fields the payload did not set
+  (their value comes from the schema: ``default_factory=uuid4`` must not make every copy
+  another payload). A ``Literal`` field is always spelled out:
+  it is how discriminated unions tell their members apart. Computed fields are derived from
+  the others and are not part of the form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import typing
+from collections.abc import Mapping, Set
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined, to_jsonable_python
+
+__all__ = ["encode_model"]
+
+
+def _number(value: int | float | Decimal) -> str:
+    d = value if isinstance(value, Decimal) else Decimal(value)  # exact for int and float
+    if d.is_nan():
+        return "NaN"
+    if d.is_infinite():
+        return "-Infinity" if d.is_signed() else "Infinity"
+    if d.is_zero():
+        return "0"
+    sign, digits, exponent = d.normalize().as_tuple()
+    assert isinstance(exponent, int)
+    return ("-" if sign else "") + "".join(map(str, digits)) + "e" + str(exponent)
+
+
+def _text(s: str) -> str:
+    # Lone surrogates raise UnicodeEncodeError in .encode() below; identify() reports them.
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _is_literal(info: FieldInfo) -> bool:
+    return typing.get_origin(info.annotation) is typing.Literal
+
+
+def _default_of(model: BaseModel, info: FieldInfo) -> Any:
+    """The field's default, or PydanticUndefined when it has none we can compute safely."""
+    if info.is_required() or _is_literal(info):
+        return PydanticUndefined
+    data = None
+    if info.default_factory_takes_validated_data:
+        data = {n: getattr(model, n) for n in type(model).model_fields}
+    try:
+        return info.get_default(call_default_factory=True, validated_data=data)
+    except Exception:  # a user's factory that fails here: keep the field in the form
+        return PydanticUndefined
+
+
+def encode_model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
+    """The canonical form of ``model`` without its top-level ``exclude`` fields."""
+    return _model(model, exclude)
+
+
+def _model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
+    parts: list[tuple[str, str]] = []
+    fields_set = model.model_fields_set
+    for name, info in type(model).model_fields.items():
+        if name in exclude:
+            continue
+        if name not in fields_set and not _is_literal(info):
+            # Its value came from the schema (a default, a factory: uuid4, now), not from
+            # the payload: a random default must not make every copy a conflict.
+            continue
+        value = _encode(getattr(model, name))
+        default = _default_of(model, info)
+        if default is not PydanticUndefined and _encode(default) == value:
+            continue
+        parts.append((_text(name), value))
+    for name, raw in (model.__pydantic_extra__ or {}).items():
+        if name not in exclude:
+            parts.append((_text(name), _encode(raw)))
+    parts.sort()
+    return "m{" + ",".join(f"{k}:{v}" for k, v in parts) + "}"
+
+
+def _encode(obj: Any) -> str:
+    if obj is None:
+        return "null"
+    if isinstance(obj, bool):
+        return "true" if obj else "false"
+    if isinstance(obj, Enum):
+        return _encode(obj.value)
+    if isinstance(obj, int | float | Decimal):
+        return _number(obj)
+    if isinstance(obj, str):
+        return _text(obj)
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return "b" + json.dumps(bytes(obj).hex())
+    if isinstance(obj, SecretStr):
+        return "s" + _text(obj.get_secret_value())
+    if isinstance(obj, SecretBytes):
+        return "s" + _encode(obj.get_secret_value())
+    if isinstance(obj, BaseModel):
+        return _model(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = sorted(
+            (_text(f.name), _encode(getattr(obj, f.name))) for f in dataclasses.fields(obj)
+        )
+        return "c{" + ",".join(f"{k}:{v}" for k, v in fields) + "}"
+    if isinstance(obj, Mapping):
+        items = sorted((_encode(k), _encode(v)) for k, v in obj.items())
+        return "{" + ",".join(f"{k}:{v}" for k, v in items) + "}"
+    if isinstance(obj, Set):
+        return "#[" + ",".join(sorted(_encode(v) for v in obj)) + "]"
+    if isinstance(obj, list | tuple):
+        return "[" + ",".join(_encode(v) for v in obj) + "]"
+    if isinstance(obj, dt.datetime | dt.time):
+        return "t" + json.dumps(obj.isoformat())
+    if isinstance(obj, dt.date):
+        return "d" + json.dumps(obj.isoformat())
+    if isinstance(obj, dt.timedelta):
+        return "p" + _number(
+            Decimal(obj.days * 86_400 + obj.seconds) + Decimal(obj.microseconds) / 10**6
+        )
+    # UUID, paths, URLs, IP addresses, ...: pydantic's JSON form, itself made canonical.
+    return "x" + _encode(to_jsonable_python(obj))
