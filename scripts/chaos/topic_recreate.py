@@ -10,7 +10,7 @@ The fault plays the operator:
    generation*, kept as evidence);
 2. the topic is deleted and created again, empty, with the same partitions;
 3. the workers are given time to meet the re-created topic and halt (a line matching
-   ``HALT`` in their logs is awaited, at most ``HALT_WAIT_S``);
+   ``HALTED`` in their logs is awaited, at most ``HALT_WAIT_S``);
 4. the stored positions the retired generation reached are read: records at or beyond them
    were never consumed, and only the deletion destroyed them (the operator's loss, not the
    framework's; the checker counts them as ``lost_by_operator``);
@@ -45,7 +45,7 @@ from scripts.chaos.collect import Rec
 from scripts.chaos.producer import Producer
 from scripts.chaos.workload import Record
 
-HALT = re.compile(rb"(?i)halt")
+HALT = re.compile(rb"HALTED")  # the worker's error line (consumer/runtime/worker.py)
 HALT_WAIT_S = 45.0
 RESET_TIMEOUT_S = 60
 
