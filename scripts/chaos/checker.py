@@ -205,9 +205,11 @@ def _offsets(
         seen_ids[cid or ""] += 1
         res.counts["consumed"] += 1
         if expect.startswith("dead:"):
-            expected_dead.add(src)
+            # An unparseable record's dead letter carries its raw bytes, not its headers: no
+            # chaos-id to match, only the source.
+            expected_dead.update((src, f"{plain}#"))
             reason = expect[5:]
-            got = dlq.get(src, set())
+            got = dlq.get(src, set()) | dlq.get(f"{plain}#", set())
             if reason in got:
                 res.counts["dead_lettered"] += 1
                 res.counts[f"dead_lettered:{reason}"] += 1

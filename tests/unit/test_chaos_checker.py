@@ -196,3 +196,12 @@ def test_a_reused_offset_does_not_stand_for_another_records_dead_letter() -> Non
     ev.topics["req.dlq"] = [_rec(0, x_source="req/0/1", x_reason="undecodable", chaos_id="1")]
     res = check(TRUTH, ev, N)
     assert res.violations.get("unclassified", 0) >= 1, res.violations
+
+
+def test_a_dead_letter_without_the_records_headers_counts_by_its_source() -> None:
+    # An unparseable record is dead-lettered with its raw bytes: no chaos-id header.
+    ev = evidence()
+    ev.topics["req.dlq"] = [_rec(0, x_source="req/0/3", x_reason="undecodable")]
+    res = check(TRUTH, ev, N)
+    assert res.ok, res.violations
+    assert res.counts["dead_lettered:undecodable"] == 1
