@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -22,7 +22,10 @@ class App:
 
     ``App("payments")`` names the Kafka consumer group; settings come from ``CONSUMER_*``
     environment variables unless given. ``migrations=`` names folders of the application's own
-    versioned ``.sql`` files, applied after the framework's own.
+    versioned ``.sql`` files, applied after the framework's own: best as a mapping from a
+    scope the app owns to its folder (``{"payments": "handlers/migrations"}``), which stays
+    put when the group is renamed; a plain list is scoped by group and position
+    (``payments[0]``). Migrations are never tracked by folder name (see consumer/db/migrate.py).
     """
 
     def __init__(
@@ -30,15 +33,20 @@ class App:
         group: str,
         *,
         settings: Settings | None = None,
-        migrations: Sequence[str | Path] = (),
+        migrations: Mapping[str, str | Path] | Sequence[str | Path] = (),
     ) -> None:
         if not group or not group.replace(".", "").replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"App group {group!r}: use letters, digits, '.', '-' or '_'")
         self.group = group
         self._settings = settings
-        self.migrations = tuple(Path(p) for p in migrations)
+        self.migrations = _migration_sets(group, migrations)
         self.handlers: list[Handler[Any, Any]] = []
         self._by_topic: dict[str, Handler[Any, Any]] = {}
+
+    @property
+    def given_settings(self) -> Settings | None:
+        """The settings passed in or already loaded; None if the environment was not read."""
+        return self._settings
 
     @property
     def settings(self) -> Settings:
@@ -106,3 +114,17 @@ class App:
 
     def handler_for(self, topic: str) -> Handler[Any, Any] | None:
         return self._by_topic.get(topic)
+
+
+def _migration_sets(
+    group: str, migrations: Mapping[str, str | Path] | Sequence[str | Path]
+) -> dict[str, Path]:
+    """Scope -> folder. A mapping names its scopes; a list gets ``group[i]``, which no
+    explicit scope can spell (no brackets allowed), so the two forms never collide."""
+    from consumer.db.migrate import check_scope
+
+    if isinstance(migrations, (str, Path)):
+        raise ConfigError("migrations= takes a list of folders or a {scope: folder} mapping")
+    if isinstance(migrations, Mapping):
+        return {check_scope(str(scope)): Path(folder) for scope, folder in migrations.items()}
+    return {f"{group}[{i}]": Path(folder) for i, folder in enumerate(migrations)}

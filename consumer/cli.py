@@ -27,8 +27,15 @@ except ImportError:  # pragma: no cover
     )
 
 from consumer import logs
-from consumer.errors import ConfigError
-from consumer.exitcodes import RET_CONFIG, RET_CONNECT, RET_ERROR, RET_IMPORT, RET_OK
+from consumer.errors import ConfigError, MigrationMismatch
+from consumer.exitcodes import (
+    RET_CONFIG,
+    RET_CONNECT,
+    RET_ERROR,
+    RET_IMPORT,
+    RET_MIGRATION,
+    RET_OK,
+)
 from consumer.loader import AppImportError, load_app
 
 if TYPE_CHECKING:
@@ -38,7 +45,8 @@ HELP = """Kafka consumers whose handlers take effect exactly once.
 
 Exit codes: 0 ok, 1 unexpected error, 2 bad option or setting, 3 app not importable,
 4 service unreachable, 5 workers killed after the grace period, 6 worker failed,
-7 no such record, 8 declined (see docs/operations.md).
+7 no such record, 8 declined, 9 an applied migration changed, 10 not confirmed: --yes
+needed without a terminal (see docs/operations.md).
 """
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
@@ -57,7 +65,9 @@ def load(app_spec: str) -> App:
     """Import the app and validate its settings, failing with one line and a named code."""
     try:
         app = load_app(app_spec)
-        app.settings  # noqa: B018  (reads and validates CONSUMER_* now, not in a worker)
+        # Reads and validates CONSUMER_* now, not in a worker; settings given to App() in
+        # code are held to the same rule: no connection setting may be missing.
+        app.settings.require_connections()
     except AppImportError as exc:
         fail(str(exc), RET_IMPORT)
     except ConfigError as exc:
@@ -79,6 +89,8 @@ def _migrate(app: App) -> list[str]:
 
     try:
         return asyncio.run(migrate_dsn(app.settings.postgres_dsn, app.migrations))
+    except MigrationMismatch as exc:
+        fail(str(exc), RET_MIGRATION)
     except ConfigError as exc:
         fail(str(exc), RET_CONFIG)
     except (
@@ -179,6 +191,12 @@ def run_worker(
 
     try:
         asyncio.run(main())
+    except MigrationMismatch as exc:  # one line: a traceback would not help fixing it
+        log.error("worker %d refused to start: %s", worker_id, exc)
+        return RET_MIGRATION
+    except ConfigError as exc:
+        log.error("worker %d refused to start: %s", worker_id, exc)
+        return RET_CONFIG
     except Exception:
         log.exception("worker %d failed", worker_id)
         return RET_ERROR

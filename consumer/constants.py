@@ -7,6 +7,7 @@ namespace land in the same Redis Cluster slot.
 
 from __future__ import annotations
 
+from consumer.keys import MAX_KEY_BYTES as MAX_KEY_BYTES  # derived keys are held to it too
 from consumer.keys import escape
 
 LEASE_PREFIX = "lease"
@@ -24,7 +25,11 @@ HEADER_HASH = "x-payload-hash"
 HEADER_STORED_HASH = "x-stored-hash"
 HEADER_SOURCE = "x-source"
 HEADER_OUTCOME = "x-outcome"
-HEADER_REPLAYED_FROM = "x-replayed-from"  # consumer/replay.py: the dead letter a copy came from
+# consumer/outbox/envelopes.py: a dead letter's original headers, exactly (replay restores them)
+HEADER_ORIGINAL_HEADERS = "x-original-headers"
+HEADER_REPLAYED_FROM = "x-replayed-from"
+# consumer/outbox/relay.py: a dead letter sent without its value (too large for the producer)
+HEADER_TRUNCATED = "x-truncated"  # consumer/replay.py: the dead letter a copy came from
 TRACEPARENT = "traceparent"
 
 CONTENT_MSGPACK = "application/msgpack"
@@ -33,7 +38,6 @@ CONTENT_JSON = "application/json"
 DLQ_SUFFIX = ".dlq"
 CONFLICT_SUFFIX = ".conflicts"
 
-MAX_KEY_BYTES = 256
 HASH_ALG = "blake2b-128"
 OUTBOX_SHARDS = 64
 NOTIFY_CHANNEL = "dedup_outbox"

@@ -4,6 +4,7 @@
 
     ConsumerError                      root of everything this package raises
     ├── ConfigError                    bad settings or handler options (at start, never mid-run)
+    │   └── MigrationMismatch          an applied migration's file changed or is gone
     ├── InvalidMessage                 definite: the message never reached the handler
     │   ├── DecodeError                undecodable bytes (reason "undecodable")
     │   ├── SchemaError                payload fails validation (reason "invalid_schema")
@@ -37,6 +38,11 @@ class ConsumerError(Exception):
 
 class ConfigError(ConsumerError):
     """Settings or handler options are wrong; raised at start-up, saying how to fix them."""
+
+
+class MigrationMismatch(ConfigError):
+    """An applied migration's file was edited or deleted: the folder no longer describes the
+    database. ``migrate`` and workers refuse to start (exit code RET_MIGRATION)."""
 
 
 class InvalidMessage(ConsumerError):
@@ -95,23 +101,52 @@ class HandlerSignal(ConsumerError):
 class Reject(HandlerSignal):
     """A definite failure: the message is recorded as rejected and dead-lettered.
 
-    A duplicate of a rejected message gets the same answer; it is never retried.
+    A duplicate of a rejected message gets the same answer; it is never retried. ``reason``
+    may be any object (an exception, a number, None): it is stored as text, with NUL and lone
+    surrogates escaped and cut at ``storable.MAX_REASON_CHARS`` characters.
     """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, reason: object = "rejected") -> None:
+        # Imported here: storable is a leaf module, but errors is imported by nearly everything.
+        from consumer.storable import reason_text
+
+        text = "rejected" if reason is None else reason_text(reason)
+        super().__init__(text)
+        self.reason: str = text
+
+
+# A Retry delay beyond this would hold the message's partition for that long (an infinite
+# one, forever); longer waits belong to max_attempts and a replay of the dead letter.
+MAX_RETRY_DELAY_S = 900.0
 
 
 class Retry(HandlerSignal):
-    """Ask for the message to be retried after ``delay_s`` seconds. Counts as an attempt."""
+    """Ask for the message to be retried after ``delay_s`` seconds. Counts as an attempt.
+
+    ``delay_s`` is clamped to ``[0, MAX_RETRY_DELAY_S]``; one that is not a number (or NaN)
+    means the handler's usual back-off (``delay_s`` None).
+    """
 
     retriable = True
 
-    def __init__(self, delay_s: float = 0.0, reason: str = "retry requested") -> None:
-        super().__init__(reason)
-        self.delay_s = delay_s
-        self.reason = reason
+    def __init__(self, delay_s: float | None = 0.0, reason: object = "retry requested") -> None:
+        from consumer.storable import reason_text
+
+        text = reason_text(reason)
+        super().__init__(text)
+        self.delay_s: float | None = retry_delay(delay_s)
+        self.reason: str = text
+
+
+def retry_delay(delay_s: object) -> float | None:
+    """A ``Retry`` delay made safe to wait for: None for NaN or a non-number, else clamped."""
+    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float):
+        return None
+    if isinstance(delay_s, int):  # float() of a huge int overflows
+        return float(min(max(delay_s, 0), MAX_RETRY_DELAY_S))
+    if delay_s != delay_s:  # NaN
+        return None
+    return min(max(delay_s, 0.0), MAX_RETRY_DELAY_S)
 
 
 # The classification rule (docs/handlers.md#classification has it as a table, and

@@ -1,7 +1,7 @@
 """Exit codes of the ``consumer`` command, one name each (documented in docs/operations.md).
 
 Process managers and scripts branch on these: a restart helps after RET_KILLED or
-RET_WORKER_FAILED, never after RET_CONFIG or RET_IMPORT.
+RET_WORKER_FAILED, never after RET_CONFIG, RET_IMPORT or RET_MIGRATION.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ RET_KILLED = 5  # shutdown grace period expired: workers still running were SIGK
 RET_WORKER_FAILED = 6  # a worker failed in a way a restart cannot fix, or failed while draining
 RET_NOT_FOUND = 7  # admin commands: no inbox record for that namespace and key
 RET_ABORTED = 8  # admin commands: the confirmation was declined; nothing was changed
+RET_MIGRATION = 9  # an applied migration's file was edited or deleted: nothing was started
+RET_UNCONFIRMED = 10  # admin commands: no --yes and stdin is not a terminal; nothing changed
 
 NAMES: dict[int, str] = {
     code: name

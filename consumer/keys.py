@@ -15,6 +15,7 @@ whose slot no key can change.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 TENANT_SEPARATOR = "@"
@@ -29,6 +30,13 @@ _ESCAPED = re.compile(r"%(25|3[Aa])")
 KEY_TAG_REPLY = "reply"
 RESERVED_NAMES = frozenset({KEY_TAG_REPLY, "dlq", "conflict"})
 MAX_NAME_BYTES = 200  # the inbox's (namespace, key) index holds at most ~2,700 bytes a row
+# The longest idempotency key a consumer accepts (dedup/identity.py), so also the longest key
+# the framework derives: a published event's key is a downstream consumer's idempotency key.
+MAX_KEY_BYTES = 256
+# Opens the digest of a derived key too long to spell out. escape() turns every % into %25,
+# so no spelled-out derived key contains "%H": a digested key never equals one.
+_DIGESTED = "%H"
+_READABLE_BYTES = 120
 
 
 def escape(part: str) -> str:
@@ -42,12 +50,23 @@ def unescape(part: str) -> str:
 
 
 def join(*parts: str) -> str:
-    """Parts escaped and joined with ``:``: distinct parts give distinct keys."""
-    return PART_SEPARATOR.join(escape(p) for p in parts)
+    """Parts escaped and joined with ``:``: distinct parts give distinct keys.
+
+    A key longer than :data:`MAX_KEY_BYTES` (escaping triples each ``:``, and a namespace
+    and key of allowed lengths already exceed it) is its first bytes, ``%H`` and the
+    BLAKE2b-256 of the whole: else a downstream consumer would dead-letter every event
+    published for a long key as ``bad_key``, and outside systems cap their keys too.
+    """
+    text = PART_SEPARATOR.join(escape(p) for p in parts)
+    raw = text.encode()
+    if len(raw) <= MAX_KEY_BYTES:
+        return text
+    readable = raw[:_READABLE_BYTES].decode(errors="ignore")
+    return readable + _DIGESTED + hashlib.blake2b(raw, digest_size=32).hexdigest()
 
 
 def split(derived: str) -> list[str]:
-    """The parts of a key made by :func:`join`."""
+    """The parts of a key made by :func:`join` (one that was not digested)."""
     return [unescape(p) for p in derived.split(PART_SEPARATOR)]
 
 

@@ -16,6 +16,9 @@ class Message:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp_ms: int = 0
+    # Set when the Kafka client could not parse the record (consumer/runtime/undecodable.py):
+    # why; ``value`` then holds the raw bytes and the record is dead-lettered as undecodable.
+    undecodable: str = ""
     _index: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     def header(self, name: str) -> bytes | None:

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import tempfile
 import weakref
 from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from consumer.errors import ConfigError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -123,6 +126,12 @@ class _Metrics:
         self.relay_published = Counter(
             "consumer_relay_published_messages_total", "Outbox rows published and acked."
         )
+        self.outbox_given_up = Counter(
+            "consumer_outbox_abandoned_total",
+            "Outbox rows given up unpublished, by reason (reply_topic_missing: a reply whose "
+            "reply-to topic stayed missing past CONSUMER_REPLY_TOPIC_MISSING_S).",
+            ["reason"],
+        )
         self.relay_errors = Counter(
             "consumer_relay_errors_total",
             "Relay failures: kind=send (a row refused or not acked), kind=tick (a whole "
@@ -135,6 +144,14 @@ class _Metrics:
             "consumer_lag_messages",
             "Records between the stored position and the partition's high watermark.",
             ["topic", "partition"],
+            multiprocess_mode="livemax",
+        )
+        self.partition_halted = Gauge(
+            "consumer_partition_halted",
+            "1 while a partition is stopped at a stored position the broker does not have "
+            "(reason=beyond_log_end: topic re-created; before_log_start: records deleted "
+            "unconsumed). See `consumer reset-positions`.",
+            ["topic", "partition", "reason"],
             multiprocess_mode="livemax",
         )
         self.rebalances = Counter(
@@ -196,11 +213,17 @@ def record_revoked(partitions: Iterable[_Partition]) -> None:
         m.lag.labels(tp.topic, str(tp.partition)).set(0)
 
 
+def record_halted(topic: str, partition: int, reason: str, halted: bool) -> None:
+    """A partition halted at a position the broker lacks (1), or resumed/given up (0)."""
+    _m().partition_halted.labels(topic, str(partition), reason).set(1 if halted else 0)
+
+
 @dataclass
 class _Seen:
     published: int = 0
     failed: int = 0
     errors: int = 0
+    given_up: dict[str, int] = field(default_factory=dict)
 
 
 _relays: weakref.WeakKeyDictionary[Any, _Seen] = weakref.WeakKeyDictionary()
@@ -214,6 +237,9 @@ def record_relay(relay: Any) -> None:
     _inc(m.relay_errors.labels("send"), relay.failed - seen.failed)
     _inc(m.relay_errors.labels("tick"), relay.errors - seen.errors)
     seen.published, seen.failed, seen.errors = relay.published, relay.failed, relay.errors
+    for reason, n in getattr(relay, "given_up", {}).items():
+        _inc(m.outbox_given_up.labels(reason), n - seen.given_up.get(reason, 0))
+        seen.given_up[reason] = n
     m.outbox_backlog.set(relay.backlog)
     m.outbox_oldest_age.set(relay.oldest_age_s)
 
@@ -231,19 +257,33 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+# The files prometheus_client's multiprocess mode writes: <type>_<pid>.db.
+_METRIC_FILE = re.compile(r"^(counter|histogram|summary|gauge_[a-z]+)_\d+\.db$")
+
+
 def prepare_multiprocess(path: str = "") -> tuple[str, bool]:
     """Set up multiprocess mode for this process and its children; returns (dir, temporary).
 
     Must run before any child imports prometheus_client. An existing directory is emptied of
-    metric files: values left by another run would otherwise be added to this one's.
+    metric files: values left by another run would otherwise be added to this one's. Only
+    prometheus_client's own file names are removed; any other ``*.db`` there (a user's
+    SQLite file in a directory named by ``CONSUMER_METRICS_DIR``) is left alone and refused
+    with ConfigError, since the collector would try to read it as metrics.
     """
     temporary = not path
     if temporary:
         path = tempfile.mkdtemp(prefix="consumer-metrics-")
     else:
         os.makedirs(path, exist_ok=True)
-        for old in glob.glob(os.path.join(path, "*.db")):
-            os.remove(old)
+        names = [os.path.basename(p) for p in glob.glob(os.path.join(path, "*.db"))]
+        foreign = sorted(n for n in names if not _METRIC_FILE.match(n))
+        if foreign:
+            raise ConfigError(
+                f"CONSUMER_METRICS_DIR={path} holds files that are not metrics "
+                f"({', '.join(foreign[:3])}); give the metrics a directory of their own"
+            )
+        for name in names:
+            os.remove(os.path.join(path, name))
     os.environ[MULTIPROC_ENV] = path
     return path, temporary
 
@@ -302,7 +342,7 @@ def serve_workers(port: int, path: str = "") -> Server:
 
     Call before starting any worker (they inherit ``PROMETHEUS_MULTIPROC_DIR``). ``path``:
     the directory to share (``CONSUMER_METRICS_DIR``), else a temporary one. Raises OSError
-    when the port cannot be bound.
+    when the port cannot be bound, ConfigError when the directory holds foreign files.
     """
     path, temporary = prepare_multiprocess(path)
     try:

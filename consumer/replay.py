@@ -10,9 +10,12 @@ later copy would apply again.
 
 Each dead letter goes back to ``<topic>`` (the dead-letter topic's name without ``.dlq``), on
 the partition named in ``x-source`` when that partition still exists, with its bytes, record
-key and headers; the headers the dead-letter envelope added are removed, the idempotency-key
-header it replaced is restored from ``x-idempotency-key`` for handlers keyed by it, and
-``x-replayed-from`` names the dead letter. The read position is committed under the group
+key and its original headers, exactly as they were (``x-original-headers``, which every dead
+letter carries: the idempotency-key header the envelope replaced among them, so a message
+dead-lettered before its key was even read, ``invalid_schema`` say, is keyed again), and
+``x-replayed-from`` names the dead letter. Dead letters written before that header existed
+lose the envelope's headers instead, and get the idempotency-key header back from
+``x-idempotency-key`` for handlers keyed by it. The read position is committed under the group
 ``<app group>.replay.<reasons>`` once every copy is acknowledged, so a second run replays only
 newer dead letters (a crash in between replays some again, which deduplication absorbs).
 """
@@ -33,12 +36,14 @@ from consumer.constants import (
     DLQ_SUFFIX,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_KEY,
+    HEADER_ORIGINAL_HEADERS,
     HEADER_REASON,
     HEADER_REPLAYED_FROM,
     HEADER_SOURCE,
+    HEADER_TRUNCATED,
 )
 from consumer.errors import ConfigError
-from consumer.outbox.envelopes import DEAD_LETTER_HEADERS
+from consumer.outbox.envelopes import DEAD_LETTER_HEADERS, unpack_headers
 from consumer.settings import Settings
 
 _DROPPED = DEAD_LETTER_HEADERS | {HEADER_REPLAYED_FROM, HEADER_IDEMPOTENCY_KEY}
@@ -81,8 +86,18 @@ def source_partition(target: str, source: str) -> int | None:
 def original_headers(
     app: App, topic: str, headers: Sequence[tuple[str, bytes]], dlq_position: str
 ) -> list[tuple[str, bytes]]:
-    """The headers to send again: the envelope's removed, the replaced key header restored."""
+    """The headers to send again: the original ones, with ``x-replayed-from`` naming the
+    dead letter; for a dead letter without ``x-original-headers`` (written by an earlier
+    version), the envelope's removed and the replaced key header restored."""
     by_name = {name.lower(): value for name, value in headers}
+    packed = by_name.get(HEADER_ORIGINAL_HEADERS)
+    if packed is not None:
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            kept = unpack_headers(packed.decode("ascii"))
+            replayed = HEADER_REPLAYED_FROM
+            return [(n, v) for n, v in kept if n.lower() != replayed] + [
+                (replayed, dlq_position.encode())
+            ]
     out = [(name, value) for name, value in headers if name.lower() not in _DROPPED]
     handler = app.handler_for(topic)
     key = by_name.get(HEADER_KEY)
@@ -122,6 +137,8 @@ async def replay(
         group_id=summary.group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # A dead letter of an aborted transaction (a topic someone else writes) is no record.
+        isolation_level=settings.kafka_isolation_level,
     )
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all"
@@ -156,7 +173,10 @@ async def replay(
                     summary.read += 1
                     done[tp] = rec.offset + 1
                     reason = _text(dict(rec.headers or ()).get(HEADER_REASON))
-                    if reason not in reasons:
+                    if HEADER_TRUNCATED in dict(rec.headers or ()):
+                        # Sent without its value (outbox/relay.py): nothing to replay.
+                        summary.skipped["truncated"] += 1
+                    elif reason not in reasons:
                         summary.skipped[reason or "(none)"] += 1
                     elif rec.timestamp < oldest_ms and not force:
                         summary.expired[reason] += 1

@@ -1,16 +1,32 @@
 """Typed settings, read once from the environment (prefix ``CONSUMER_``) and validated at start.
 
-No other module reads the environment for these values.
+No other module reads the environment for these values. Nothing falls back silently:
+
+* the connection settings (``CONSUMER_KAFKA_BOOTSTRAP``, ``CONSUMER_REDIS_URL`` unless
+  ``CONSUMER_REDIS_MODE=off``, ``CONSUMER_POSTGRES_DSN``) have no default; a missing one is
+  an error that names it (a default once made ``consumer migrate`` write to whatever
+  PostgreSQL listened on the dev port);
+* a ``CONSUMER_*`` variable that is not a field here is an error that names it, with the
+  closest field as a suggestion (``CONSUMER_LEASE_MSS`` used to pass unnoticed);
+* an unknown keyword given to ``Settings(...)`` / ``load_settings(...)`` is refused too.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Any, Literal, Self
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumer.errors import ConfigError
+
+PREFIX = "CONSUMER_"
+# CONSUMER_* variables that are read but are not fields: none today. Anything else with the
+# prefix is a typo or a setting of another version, and is refused (see unknown_variables).
+DOCUMENTED_EXTRA: frozenset[str] = frozenset()
 
 # Durations PostgreSQL intervals and timestamps can still hold when subtracted from now().
 _TEN_YEARS_S = 10 * 365 * 24 * 3600
@@ -19,11 +35,12 @@ _TEN_YEARS_S = 10 * 365 * 24 * 3600
 class Settings(BaseSettings):
     """Everything a worker needs to know about its environment. Units are in the names."""
 
-    model_config = SettingsConfigDict(env_prefix="CONSUMER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid", frozen=True)
 
-    kafka_bootstrap: str = "127.0.0.1:19092"
-    redis_url: str = "redis://127.0.0.1:16379/0"
-    postgres_dsn: str = "postgresql://postgres@127.0.0.1:15432/consumer"
+    # No defaults: "" is "not set", refused by load_settings() and before any connection.
+    kafka_bootstrap: str = ""
+    redis_url: str = ""
+    postgres_dsn: str = ""
 
     batch_max_records: int = Field(default=500, ge=1, le=10_000)
     fetch_timeout_ms: int = Field(default=200, ge=1)
@@ -47,6 +64,10 @@ class Settings(BaseSettings):
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     static_membership: bool = False
+    # read_committed: records of aborted (and still open) upstream Kafka transactions are
+    # never handed to a handler. read_uncommitted hands them over: only for topics written
+    # without transactions, where the two are the same.
+    kafka_isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed"
     relay_enabled: bool = True
     relay_batch: int = Field(default=500, ge=1)
     relay_poll_ms: int = Field(default=1_000, ge=10)
@@ -54,6 +75,10 @@ class Settings(BaseSettings):
     # its transaction open; unacked rows stay pending and are sent again.
     relay_publish_timeout_ms: int = Field(default=30_000, ge=100)
     outbox_retention_s: int = Field(default=24 * 3600, ge=0, le=_TEN_YEARS_S)
+    # A reply whose reply-to topic is still missing this long after it was written is given
+    # up (docs/outbox.md): the requester chose the topic, and its reply would otherwise wait
+    # forever. Events and dead letters to a missing topic are never given up.
+    reply_topic_missing_s: int = Field(default=600, ge=0, le=_TEN_YEARS_S)
     cleanup_interval_s: float = Field(default=60.0, gt=0)
     cleanup_batch: int = Field(default=1_000, ge=1)
     hash_keys_in_logs: bool = False
@@ -72,18 +97,87 @@ class Settings(BaseSettings):
     redis_cluster: bool = False
     faults: str = ""  # test-only: see consumer/faults.py
     # TEST-ONLY deliberately broken build, so the chaos checker (scripts/chaos) can show it
-    # bites: "done_before_commit" writes the Redis done markers before the database commit,
-    # so a crash at the before_commit fault point loses the batch. Never set it otherwise.
+    # bites: "done_before_commit" writes the Redis done markers before the database commit
+    # and trusts a marker without an inbox record (the fence the real build never gives
+    # Redis), so a crash at the before_commit fault point loses the batch. Never set it.
     unsafe_broken: Literal["", "done_before_commit"] = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, data: Any) -> Any:
+        # Here rather than in load_settings: Settings() reads the environment as well.
+        unknown = unknown_variables(os.environ)
+        if unknown:
+            raise ConfigError("; ".join(unknown))
+        return data
 
-def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment; a bad value raises ConfigError naming the variable."""
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update`` applied; a key that is not a field is refused (pydantic
+        would add it silently, and the setting meant would keep its old value)."""
+        unknown = sorted(set(update or ()) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigError(f"not a setting: {', '.join(unknown)}")
+        return super().model_copy(update=update, deep=deep)
+
+    def missing_connections(self) -> list[str]:
+        """The connection variables this configuration needs and does not have."""
+        needed = {
+            "kafka_bootstrap": True,
+            "redis_url": self.redis_mode == "on",
+            "postgres_dsn": True,
+        }
+        return [variable(f) for f, need in needed.items() if need and not getattr(self, f)]
+
+    def require_connections(self) -> Settings:
+        """Raise ConfigError naming every missing connection setting; ``self`` otherwise."""
+        missing = self.missing_connections()
+        if missing:
+            raise ConfigError(
+                f"{', '.join(missing)} not set (connection settings have no default; "
+                "`make services` writes them to .env)"
+            )
+        return self
+
+
+def variable(field: str) -> str:
+    """The environment variable of a field: ``lease_ms`` -> ``CONSUMER_LEASE_MS``."""
+    return PREFIX + field.upper()
+
+
+def known_variables() -> frozenset[str]:
+    """Every CONSUMER_* variable something reads: the fields, plus DOCUMENTED_EXTRA."""
+    return frozenset(variable(f) for f in Settings.model_fields) | DOCUMENTED_EXTRA
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per CONSUMER_* variable nothing reads, with a did-you-mean if one is close.
+
+    Case-insensitive, as the settings source is: ``consumer_lease_ms`` is read too.
+    """
+    known = known_variables()
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(PREFIX) and upper not in known:
+            close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            out.append(f"unknown setting {name}{hint}")
+    return out
+
+
+def load_settings(*, require_connections: bool = True, **overrides: object) -> Settings:
+    """Read settings from the environment; a bad, unknown or missing one raises ConfigError
+    naming the variable, all on one line. ``require_connections=False`` is for the in-memory
+    test harness, which connects to nothing."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = []
+        problems = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            lines.append(f"CONSUMER_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{field}: not a setting")
+            else:
+                problems.append(f"{variable(field)}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+    return settings.require_connections() if require_connections else settings

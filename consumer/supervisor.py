@@ -6,8 +6,8 @@ only and never talks to Kafka, Redis or PostgreSQL:
 
 * a worker that dies is restarted after a back-off that doubles with each quick failure
   (reset once a worker has lived ``stable_s``), and the log says why: exit code or signal;
-* a worker that exits with RET_CONFIG or RET_IMPORT is not restarted (a restart cannot fix
-  it): the others are drained and the supervisor exits with that code;
+* a worker that exits with RET_CONFIG, RET_IMPORT or RET_MIGRATION is not restarted (a
+  restart cannot fix it): the others are drained and the supervisor exits with that code;
 * SIGTERM or SIGINT is forwarded to every worker as SIGTERM; each stops fetching, finishes
   the batch in flight, commits, releases its leases and leaves the group. Workers still
   running after ``shutdown_grace_s`` are SIGKILLed, which is safe (a batch that did not
@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from types import FrameType
 
 from consumer import metrics
+from consumer.errors import ConfigError
 from consumer.exitcodes import (
     NAMES,
     RET_CONFIG,
     RET_IMPORT,
     RET_KILLED,
+    RET_MIGRATION,
     RET_OK,
     RET_WORKER_FAILED,
 )
@@ -44,7 +46,7 @@ from consumer.settings import Settings, load_settings
 log = logging.getLogger("consumer.supervisor")
 
 # A worker that exits with one of these would fail the same way again.
-FATAL_CODES = frozenset({RET_CONFIG, RET_IMPORT})
+FATAL_CODES = frozenset({RET_CONFIG, RET_IMPORT, RET_MIGRATION})
 # Exits that are a worker obeying a stop request, not a failure.
 _STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
 
@@ -259,6 +261,9 @@ def supervise(
             endpoint = metrics.serve_workers(s.metrics_port, s.metrics_dir)
         except OSError as exc:
             log.error("CONSUMER_METRICS_PORT=%d: cannot serve metrics: %s", s.metrics_port, exc)
+            return RET_CONFIG
+        except ConfigError as exc:
+            log.error("cannot serve metrics: %s", exc)
             return RET_CONFIG
         log.info("metrics for all workers on port %d, path /metrics", endpoint.port)
     sup = Supervisor(

@@ -27,7 +27,9 @@ PREFIX = os.environ.get("PAYMENTS_TOPIC_PREFIX", "")
 REQUESTED = f"{PREFIX}payments.requested"
 SETTLED = f"{PREFIX}payments.settled"
 
-app = App(f"{PREFIX}payments", migrations=[Path(__file__).parent / "migrations"])
+# Scoped "payments" whatever the prefix: every deployment shares these tables, and the
+# migration history must not depend on the group's name.
+app = App(f"{PREFIX}payments", migrations={"payments": Path(__file__).parent / "migrations"})
 
 
 @app.handler(

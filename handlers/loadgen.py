@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         overdraft=a.overdraft_share,
         reply=a.reply_share,
     )
-    bootstrap = load_settings().kafka_bootstrap
+    bootstrap = load_settings(require_connections=False).kafka_bootstrap
+    if not bootstrap:
+        p.error("CONSUMER_KAFKA_BOOTSTRAP is not set (make services writes it to .env)")
     try:
         partitions = asyncio.run(partitions_of(a.topic, bootstrap))
     except UnknownTopicOrPartitionError:

@@ -17,6 +17,7 @@ the batch) and ``SET CONSTRAINTS``.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 
@@ -36,6 +37,8 @@ _REFUSED = {
     "PREPARE": "leaves a prepared statement or transaction in the session",
     "DEALLOCATE": "removes prepared statements the framework uses",
 }
+# Words after which a PL/pgSQL block starts a statement ("$BODY": the body's first word).
+_PLPGSQL_STARTS = frozenset({"$BODY", ";", "BEGIN", "THEN", "ELSE", "LOOP", "EXCEPTION"})
 _WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9$]*")
 
 
@@ -59,8 +62,15 @@ def _statements(query: str) -> list[list[str]]:
                 else:
                     i += 1
         elif c in "'\"":
-            # '' (or "") inside doubles the quote; E'...' also escapes with a backslash.
-            escapes = c == "'" and i > 0 and query[i - 1] in "eE"
+            # '' (or "") inside doubles the quote; E'...' also escapes with a backslash, but
+            # only an E that starts a token: in name'x\' (a typed literal) the E ends a word,
+            # the backslash is a plain character and the quote after it closes the string.
+            escapes = (
+                c == "'"
+                and i > 0
+                and query[i - 1] in "eE"
+                and (i < 2 or not (query[i - 2].isalnum() or query[i - 2] in "_$"))
+            )
             i += 1
             while i < n:
                 if escapes and query[i] == "\\":
@@ -76,6 +86,11 @@ def _statements(query: str) -> list[list[str]]:
         elif c == "$" and (m := re.match(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$", query[i:])):
             tag = m.group(0)
             j = query.find(tag, i + len(tag))
+            if out[-1][:1] == ["DO"]:
+                # A DO block's body runs as statements too: its words are read, so a SET or
+                # set_config() in it is seen (see refusal()).
+                body = query[i + len(tag) : n if j < 0 else j]
+                out[-1] += ["$BODY"] + [w for b in _statements(body) for w in [*b, ";"]]
             i = n if j < 0 else j + len(tag)
         elif c == ";":
             out.append([])
@@ -100,6 +115,11 @@ def refusal(query: str) -> str | None:
             return "SET changes settings the framework's statements and later batches share"
         if "SET_CONFIG" in words:
             return "set_config() changes settings the framework's statements share"
+        if first == "DO" and any(
+            w in ("SET", "RESET") and prev in _PLPGSQL_STARTS
+            for prev, w in itertools.pairwise(words)
+        ):
+            return "SET in a DO block changes settings the framework's statements share"
     return None
 
 

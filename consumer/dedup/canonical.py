@@ -7,16 +7,20 @@ Here secrets are revealed (for hashing only; the bytes never leave this process)
 serialised-away fields are included, and every value is spelled so that two payloads read
 alike only when the handler receives equal values:
 
-* numbers (int, float, Decimal) by their exact value: ``1``, ``1.0`` and ``Decimal("1.00")``
-  alike; ``-0.0`` as ``0``; NaN and the infinities by name. A float is its exact binary value,
-  so a JSON ``0.1`` read into a ``float`` field and a msgpack float 0.1 agree;
+* numbers (int, float, Decimal) by their exact value, at any precision or exponent: ``1``,
+  ``1.0`` and ``Decimal("1.00")`` alike; ``-0.0`` as ``0``; NaN and the infinities by
+  name. A float is its exact binary value, so a JSON ``0.1`` read into a ``float`` field and
+  a msgpack float 0.1 agree;
 * text, bytes, sets and lists each marked by kind, so ``"ab"`` and ``b"ab"``, or a set and a
   list, never read alike; dicts with their keys sorted; sets sorted (their iteration order
   depends on the process's string hash seed);
 * datetimes and times by ISO 8601 with their UTC offset: the same instant at another offset is
   another payload (the handler can see the offset: a booking date, a local hour);
 * enums by their value; UUIDs, dates, durations and pydantic's other types by their JSON form;
-* a model's fields by name, the model's extra fields (``extra="allow"``) included; fields whose
+* a nested model by its class name and fields (a ``Card | Bank`` union member is part of
+  what the handler receives);
+* a model's fields by name, the model's extra fields (``extra="allow"``) included, marked
+  apart from fields (an extra may be named like a field that has an alias); fields whose
   value equals their default are left out, so adding a field with a default to a schema keeps
   the hash of every payload that does not use it, and so are fields the payload did not set
   (their value comes from the schema: ``default_factory=uuid4`` must not make every copy
@@ -51,9 +55,13 @@ def _number(value: int | float | Decimal) -> str:
         return "-Infinity" if d.is_signed() else "Infinity"
     if d.is_zero():
         return "0"
-    sign, digits, exponent = d.normalize().as_tuple()
+    # Trailing zeros stripped by hand: Decimal.normalize() rounds to the context's 28 digits
+    # (10**30 and 10**30 + 1 would read alike) and raises Overflow past its exponent range.
+    sign, digits, exponent = d.as_tuple()
     assert isinstance(exponent, int)
-    return ("-" if sign else "") + "".join(map(str, digits)) + "e" + str(exponent)
+    text = "".join(map(str, digits))
+    kept = text.rstrip("0")
+    return ("-" if sign else "") + kept + "e" + str(exponent + len(text) - len(kept))
 
 
 def _text(s: str) -> str:
@@ -83,7 +91,7 @@ def encode_model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
     return _model(model, exclude)
 
 
-def _model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
+def _model(model: BaseModel, exclude: Set[str] = frozenset(), tag: str = "") -> str:
     parts: list[tuple[str, str]] = []
     fields_set = model.model_fields_set
     for name, info in type(model).model_fields.items():
@@ -100,9 +108,11 @@ def _model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
         parts.append((_text(name), value))
     for name, raw in (model.__pydantic_extra__ or {}).items():
         if name not in exclude:
-            parts.append((_text(name), _encode(raw)))
+            # Marked apart from fields: with an alias, {"amt": 5, "amount": 7} holds field
+            # amount=5 and extra amount=7, and must not read as {"amt": 7, "amount": 5}.
+            parts.append(("+" + _text(name), _encode(raw)))
     parts.sort()
-    return "m{" + ",".join(f"{k}:{v}" for k, v in parts) + "}"
+    return "m" + tag + "{" + ",".join(f"{k}:{v}" for k, v in parts) + "}"
 
 
 def _encode(obj: Any) -> str:
@@ -123,7 +133,10 @@ def _encode(obj: Any) -> str:
     if isinstance(obj, SecretBytes):
         return "s" + _encode(obj.get_secret_value())
     if isinstance(obj, BaseModel):
-        return _model(obj)
+        # A nested model by its class too: in a union ``Card | Bank`` where Bank adds
+        # ``bic: str = ""``, {"number": "x"} is a Card and {"number": "x", "bic": ""} a Bank
+        # whose bic is left out as a default; the handler tells them apart by type.
+        return _model(obj, tag=_text(type(obj).__name__))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = sorted(
             (_text(f.name), _encode(getattr(obj, f.name))) for f in dataclasses.fields(obj)

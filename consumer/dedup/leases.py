@@ -1,8 +1,9 @@
 """Leases and done markers in Redis: an accelerator, never the fence.
 
 * ``lease:{ns}:key``  = owner token, ``SET NX PX``: keeps two workers from running one key at once.
-* ``done:{ns}:key``   = ``status:hash``, TTL = done-cache window: answers most duplicates
-  without touching PostgreSQL. Written only after the database commit.
+* ``done:{ns}:key``   = ``status:hash``, TTL = done-cache window: spares a duplicate the inbox
+  claim. Written only after the database commit. A hint only: the batch confirms every marker
+  against the inbox (consumer/runtime/batch.py), since Redis may hold markers PostgreSQL lost.
 
 One round trip per batch: acquisition is one Lua call over all keys of the batch; the done
 markers and the release (compare-and-delete) are one more Lua call after commit. If Redis loses

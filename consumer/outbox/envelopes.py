@@ -8,8 +8,12 @@ framework applies it once. Rows caused by a handler call carry the trace context
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Any
+
+import msgpack
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from consumer import codec, keys, storable, tracing
 from consumer.constants import (
@@ -22,10 +26,12 @@ from consumer.constants import (
     HEADER_IDEMPOTENCY_KEY,
     HEADER_KEY,
     HEADER_NAMESPACE,
+    HEADER_ORIGINAL_HEADERS,
     HEADER_OUTCOME,
     HEADER_REASON,
     HEADER_SOURCE,
     HEADER_STORED_HASH,
+    HEADER_TRUNCATED,
 )
 from consumer.context import Outgoing
 from consumer.message import Message
@@ -115,8 +121,31 @@ def reply(
 
 # The headers dead_letter() adds; consumer/replay.py removes them to send the original again.
 DEAD_LETTER_HEADERS = frozenset(
-    {HEADER_REASON, HEADER_DETAIL, HEADER_NAMESPACE, HEADER_KEY, HEADER_SOURCE}
+    {
+        HEADER_REASON,
+        HEADER_DETAIL,
+        HEADER_NAMESPACE,
+        HEADER_KEY,
+        HEADER_SOURCE,
+        HEADER_ORIGINAL_HEADERS,
+    }
 )
+
+
+def pack_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    """Record headers, names and bytes exactly, as text a header (and jsonb) can hold."""
+    # surrogateescape: a name decoded with it (bytes that were not UTF-8) gets its bytes back.
+    pairs = [(n.encode("utf-8", "surrogateescape"), bytes(v)) for n, v in headers]
+    return base64.b64encode(msgpack.packb(pairs, use_bin_type=True)).decode("ascii")
+
+
+def unpack_headers(text: str) -> list[tuple[str, bytes]]:
+    """The headers :func:`pack_headers` packed; raises ValueError if ``text`` is not such."""
+    try:
+        pairs = msgpack.unpackb(base64.b64decode(text, validate=True), raw=True)
+        return [(n.decode("utf-8", "surrogateescape"), bytes(v)) for n, v in pairs]
+    except Exception as exc:
+        raise ValueError(f"not packed headers: {type(exc).__name__}: {exc}") from None
 
 
 def dead_letter(
@@ -132,6 +161,11 @@ def dead_letter(
 
     ``trace``: the span of the handler call that rejected it replaces the original trace
     headers, so the dead letter sits in the trace where it failed.
+
+    The visible headers are the original ones as text, minus those the envelope sets (its
+    own ``idempotency-key``, so a dead letter is deduplicated downstream too); the original
+    headers, exactly (names, bytes, order, the replaced key header), are in
+    ``x-original-headers``, which ``consumer replay`` restores.
     """
     replaced = {HEADER_IDEMPOTENCY_KEY}
     if trace is not None:
@@ -145,6 +179,7 @@ def dead_letter(
         (HEADER_KEY, key),
         (HEADER_SOURCE, msg.source),
         (HEADER_IDEMPOTENCY_KEY, f"dlq:{msg.source}"),
+        (HEADER_ORIGINAL_HEADERS, pack_headers(msg.headers)),
     ]
     original_ct = msg.header_str(HEADER_CONTENT_TYPE)
     if original_ct is None:
@@ -178,3 +213,57 @@ def conflict(
         tuple(headers),
         f"conflict:{msg.source}",
     )
+
+
+def truncated(
+    headers: Sequence[tuple[str, bytes]], value_len: int
+) -> list[tuple[str, bytes]] | None:
+    """The headers of a dead letter or conflict sent without its value, or None if
+    ``headers`` are not such an envelope's.
+
+    A dead letter is a copy of a record that fitted in Kafka, plus the envelope's headers, so
+    it can be larger than the relay producer's request limit; refused for its size, it would
+    stay pending forever and hold back every later dead letter of its key. The relay then
+    sends it empty, with the original headers kept as text (except any larger than
+    :data:`MAX_KEPT_HEADER_BYTES`), the exact copy (``x-original-headers``) dropped, and
+    ``x-truncated`` saying what was left out; the
+    original is still at ``x-source`` while the topic's retention keeps it.
+    """
+    by_name = {n.lower(): v for n, v in headers}
+    ik = by_name.get(HEADER_IDEMPOTENCY_KEY, b"")
+    if HEADER_REASON not in by_name or not ik.startswith((b"dlq:", b"conflict:")):
+        return None
+    # The original's own headers can be most of its size (binary ones doubled as hex): any
+    # header larger than this is left out too, else the empty copy could still be refused.
+    kept, dropped = [], []
+    for n, v in headers:
+        if n.lower() == HEADER_ORIGINAL_HEADERS:
+            continue
+        if len(n.encode("utf-8", "surrogateescape")) + len(v) > MAX_KEPT_HEADER_BYTES:
+            dropped.append(storable.safe_text(n[:100]))
+        else:
+            kept.append((n, v))
+    left_out = f"value ({value_len} bytes), {HEADER_ORIGINAL_HEADERS}"
+    if dropped:
+        more = f" and {len(dropped) - 10} more" if len(dropped) > 10 else ""
+        left_out += f", headers {', '.join(dropped[:10])}{more}"
+    note = (
+        f"{left_out} left out: too large for the relay's producer; "
+        f"the original is at {HEADER_SOURCE}"
+    )
+    return [*kept, (HEADER_TRUNCATED, note.encode())]
+
+
+# In a dead letter sent without its value, a header larger than this is left out as well.
+MAX_KEPT_HEADER_BYTES = 4096
+
+
+# The relay's producer keeps aiokafka's max_request_size (1 MiB); a row larger than this,
+# with room for the trace headers the relay adds, is refused by the client on every tick.
+MAX_ROW_BYTES = 1024 * 1024 - 512
+
+
+def row_size(row: OutboxRow) -> int:
+    """The size the producer will count for ``row`` (aiokafka's upper bound)."""
+    headers = [(n, v.encode()) for n, v in row.headers]
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(row.key, row.value, headers))

@@ -9,7 +9,10 @@ and a downstream consumer built with this framework applies them once.
 
 A row the broker refuses holds back its destination key (a missing topic: the whole topic)
 for a growing delay, so one poison row neither blocks other keys nor is overtaken by later
-rows of its own key. Woken by LISTEN/NOTIFY, with polling as the fallback. Between ticks it
+rows of its own key. A reply whose topic is still missing ``reply_topic_missing_s`` after it
+was written is given up (the requester chose the topic); events and dead letters to a
+missing topic stay pending, held and in the backlog figures, until the topic exists. Woken
+by LISTEN/NOTIFY, with polling as the fallback. Between ticks it
 refreshes the backlog figures and runs retention (consumer/outbox/retention.py).
 
 It reads and writes ``dedup.outbox`` only (retention also expires ``dedup.inbox`` rows);
@@ -36,10 +39,10 @@ from aiokafka.errors import (
     RecordListTooLargeError,
 )
 
-from consumer import faults, metrics, tracing
-from consumer.constants import NOTIFY_CHANNEL, OUTBOX_SHARDS
+from consumer import faults, keys, metrics, tracing
+from consumer.constants import HEADER_TRUNCATED, NOTIFY_CHANNEL, OUTBOX_SHARDS
 from consumer.db.pool import create_pool
-from consumer.outbox import retention, store
+from consumer.outbox import envelopes, retention, store
 from consumer.outbox.store import Destination
 from consumer.settings import Settings
 
@@ -49,6 +52,9 @@ _HOLD_KEY_S = (1.0, 60.0)  # first and longest hold of a key after a refused row
 _NEW_TOPIC_WAIT_S = 10.0  # a new topic can take seconds to reach a fresh broker's metadata
 _HOLD_TOPIC_S = (5.0, 300.0)  # first and longest hold of a topic the cluster does not have
 _MAX_KEY_HOLDS = 1_000  # bound on the SQL arrays; beyond it rows are simply retried
+GIVE_UP_REPLY_TOPIC_MISSING = "reply_topic_missing"  # given_up / metric reason
+_REPLY_PREFIX = keys.KEY_TAG_REPLY + keys.PART_SEPARATOR  # every reply's idempotency key
+_MAX_LOGGED_TOPICS = 10_000  # bound on the topics whose given-up replies were logged
 # Errors about one message that no retry will cure. Anything else (timeouts, leader changes,
 # a broker down) is transient: the row stays pending and the next tick sends it again.
 _REFUSED = (
@@ -57,6 +63,7 @@ _REFUSED = (
     CorruptRecordException,
     InvalidTimestampError,
 )
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 class Sender(Protocol):
@@ -135,8 +142,13 @@ class Relay:
         self.last_error = ""
         self.loops = 0  # completed passes of run(); lets a caller see the relay is idle
         self._holds: dict[Destination | str, _Hold] = {}
+        self.truncated = 0  # dead letters sent without their value (too large)
+        self._oversize: set[int] = set()  # ids of such rows not yet acked
         self._next_backlog = 0.0
         self._next_cleanup = 0.0
+        self.given_up: dict[str, int] = {}  # rows given up, by reason (metric)
+        self._absent: set[str] = set()  # topics found missing in the current tick
+        self._logged_topics: set[str] = set()
 
     # ---------------------------------------------------------------- the loop
 
@@ -146,7 +158,7 @@ class Relay:
         if self._own_pool:
             # Its own process (``consumer relay``): fault points apply here as in a worker.
             faults.configure(s.faults)
-            self.pool = await create_pool(s.postgres_dsn, max_size=3)
+            self.pool = await create_pool(s.require_connections().postgres_dsn, max_size=3)
         producer: AIOKafkaProducer | None = None
         listener: Any = None
         failures = 0
@@ -268,11 +280,14 @@ class Relay:
             rows = await conn.fetch(text, *args)
             if not rows:
                 return 0
+            self._absent = set()
             acked = await self._publish(producer, rows)
             await faults.point("relay_after_ack")
             if acked:
                 text, args = store.mark_published(acked)
                 await conn.execute(text, *args)
+            if self._absent:
+                await self._give_up_replies(conn, sorted(self._absent))
         self.published += len(acked)
         return len(acked)
 
@@ -320,6 +335,7 @@ class Relay:
             absent = {t for t, f in zip(late, found, strict=True) if isinstance(f, BaseException)}
             for topic in sorted(absent):
                 self._hold(topic, _HOLD_TOPIC_S, f"topic {topic!r} does not exist")
+            self._absent = absent
         present = [t for t in topics if t not in absent]
         meta = await asyncio.gather(
             *(producer.partitions_for(t) for t in present), return_exceptions=True
@@ -341,10 +357,20 @@ class Relay:
                 continue  # never send a later row of a key past an earlier refused one
             # A span per row, a child of the handling span named in the row's headers.
             headers, span = tracing.publishing(dest[0], _headers(row["headers"]))
+            value = bytes(row["value"])
+            if row["id"] in self._oversize and (cut := envelopes.truncated(headers, len(value))):
+                headers, value = cut, b""
             try:
-                fut = await producer.send(
-                    dest[0], value=bytes(row["value"]), key=dest[1], headers=headers
-                )
+                try:
+                    fut = await producer.send(dest[0], value=value, key=dest[1], headers=headers)
+                except _TOO_LARGE:
+                    cut = envelopes.truncated(headers, len(value))
+                    if cut is None or not value:
+                        raise
+                    # A dead letter too large to send (see envelopes.truncated): sent empty
+                    # rather than held forever with every later dead letter of its key.
+                    self._truncate(row["id"], len(value))
+                    fut = await producer.send(dest[0], value=b"", key=dest[1], headers=cut)
             except _REFUSED as exc:
                 # Refused by the client for this message alone: hold its key, go on.
                 span.failed(exc)
@@ -367,12 +393,18 @@ class Relay:
             err = fut.exception() if fut.done() and not fut.cancelled() else TimeoutError()
             if err is None:
                 acked.append(row["id"])
+                self._oversize.discard(row["id"])
                 last_acked[dest] = row["id"]
                 self._holds.pop(dest, None)
                 continue
             self.failed += 1
             first_failed.setdefault(dest, row["id"])
-            if isinstance(err, _REFUSED):
+            if isinstance(err, _TOO_LARGE) and envelopes.truncated(_headers(row["headers"]), 0):
+                # Refused by the broker (its limit below the producer's): the next tick, after
+                # the hold, sends the dead letter empty.
+                self._truncate(row["id"], len(bytes(row["value"])))
+                self._hold(dest, _HOLD_KEY_S, f"row {row['id']}: {type(err).__name__}: {err}")
+            elif isinstance(err, _REFUSED):
                 self._hold(dest, _HOLD_KEY_S, f"row {row['id']}: {type(err).__name__}: {err}")
             else:
                 transient = True  # the row stays pending; the next tick sends it again
@@ -386,6 +418,48 @@ class Relay:
         if transient and not acked:
             raise BrokerUnavailable(f"no ack for {len(sent)} row(s): {self.last_error}")
         return acked
+
+    def _truncate(self, row_id: int, size: int) -> None:
+        if row_id not in self._oversize:
+            self._oversize.add(row_id)
+            self.truncated += 1
+            log.error(
+                "relay: dead letter row %d (%d bytes) is too large to publish; sending it "
+                "without its value (header %s)",
+                row_id,
+                size,
+                HEADER_TRUNCATED,
+            )
+
+    async def _give_up_replies(self, conn: Any, topics: list[str]) -> None:
+        """Give up the replies to ``topics`` (missing from the cluster) older than the bound.
+
+        Any requester chooses its ``reply-to``; a reply to a topic nobody creates would stay
+        pending forever (retention deletes only rows that left the outbox) and be re-checked
+        after every hold. A requester has long stopped waiting (Spring Kafka's reply timeout
+        is seconds), so the reply is given up: counted, logged once per topic, and deleted by
+        retention. Events and dead letters are never given up: that would lose data.
+        """
+        reason = GIVE_UP_REPLY_TOPIC_MISSING
+        text, args = store.give_up_replies(
+            _LOCK_BASE, topics, self.settings.reply_topic_missing_s, _REPLY_PREFIX, reason
+        )
+        gone = [r[0] for r in await conn.fetch(text, *args)]
+        if not gone:
+            return
+        self.given_up[reason] = self.given_up.get(reason, 0) + len(gone)
+        if len(self._logged_topics) > _MAX_LOGGED_TOPICS:
+            self._logged_topics.clear()
+        for topic in sorted(set(gone) - self._logged_topics):
+            self._logged_topics.add(topic)
+            log.error(
+                "relay: topic %r does not exist; gave up %d reply row(s) to it written more "
+                "than %ds ago (given_up=%s); later ones are given up without logging again",
+                topic,
+                gone.count(topic),
+                self.settings.reply_topic_missing_s,
+                reason,
+            )
 
     # ---------------------------------------------------------------- held destinations
 

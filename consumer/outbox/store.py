@@ -135,6 +135,28 @@ def mark_published(ids: Sequence[int]) -> Query:
     )
 
 
+def give_up_replies(
+    lock_base: int, topics: Sequence[str], older_than_s: int, reply_prefix: str, reason: str
+) -> Query:
+    # Replies (idempotency key ``reply:...``) to topics the cluster does not have, written
+    # longer ago than the bound, leave the outbox: published_at is set (retention deletes them
+    # later) and given_up says why. Only in shards no other relay holds (the try-lock, inside
+    # the CASE so it is taken only for a matching row): a relay that holds a shard may be
+    # publishing its rows to a topic created a moment ago.
+    return (
+        """
+        UPDATE dedup.outbox o SET published_at = now(), given_up = $5
+        WHERE o.topic = ANY($2::text[]) AND o.published_at IS NULL
+          AND CASE WHEN starts_with(o.idempotency_key, $4)
+                        AND o.created_at < now() - make_interval(secs => $3)
+                   THEN pg_try_advisory_xact_lock($1, o.shard)
+                   ELSE false END
+        RETURNING o.topic
+        """,
+        [lock_base, list(topics), float(older_than_s), reply_prefix, reason],
+    )
+
+
 def backlog() -> Query:
     # count(*) walks the partial index of pending rows. The oldest age looks at the first
     # pending row of each shard (64 index probes) rather than every pending row: with a large

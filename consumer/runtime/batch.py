@@ -27,14 +27,14 @@ from typing import Any
 
 from consumer import faults, storable
 from consumer.app import App
-from consumer.constants import HEADER_REPLY_TO
+from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX, HEADER_REPLY_TO
 from consumer.db.tx import BatchTx
 from consumer.dedup.accelerator import Accelerator
 from consumer.dedup.hashing import HASH_VERSION, marker_digest, parse_marker_digest
 from consumer.dedup.identity import Identity, identify
 from consumer.dedup.inbox import Claim, Completion
 from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
-from consumer.errors import InvalidMessage, is_retriable
+from consumer.errors import DecodeError, InvalidMessage, is_retriable
 from consumer.handler import Handler
 from consumer.message import Message
 from consumer.outbox import envelopes
@@ -94,6 +94,11 @@ class BatchProcessor:
         self.attempts: dict[tuple[str, int, int], int] = {}
         self.unstorable: dict[tuple[str, int, int], int] = {}  # whole-batch refusals, alone
         self.refused_in_a_row: dict[tuple[str, int], int] = {}  # unstorable dead letters
+        # Per partition, the stored position this worker last committed or sought to. The
+        # stored position only moves forward except by `reset-positions` or a database that
+        # lost transactions (restore, failover to a lagging replica): found behind this,
+        # the partition is re-read from it, never continued from the fetch position.
+        self.positions: dict[tuple[str, int], int] = {}
 
     def forget(self, topic: str, partition: int) -> None:
         """Drop the attempt counts of a partition this worker no longer owns."""
@@ -101,6 +106,15 @@ class BatchProcessor:
             for pos in [p for p in counts if p[0] == topic and p[1] == partition]:
                 del counts[pos]
         self.refused_in_a_row.pop((topic, partition), None)
+        self.positions.pop((topic, partition), None)
+
+    def expect(self, topic: str, partition: int, position: int | None) -> None:
+        """The worker sought ``partition`` to ``position``, read from the stored positions
+        (None: the database had none, the partition starts at its log start)."""
+        if position is None:
+            self.positions.pop((topic, partition), None)
+        else:
+            self.positions[(topic, partition)] = position
 
     @property
     def leases(self) -> LeaseStore:
@@ -268,6 +282,8 @@ class BatchProcessor:
 
     def _parse(self, msg: Message) -> _Item:
         handler = self.app.handler_for(msg.topic)
+        if msg.undecodable:  # the Kafka client could not parse it: its raw bytes, dead
+            return _Item(msg, handler, error=DecodeError(msg.undecodable))
         if handler is None:
             return _Item(msg, None, error=InvalidMessage(f"no handler for topic {msg.topic}"))
         try:
@@ -300,44 +316,50 @@ class BatchProcessor:
         group = self.app.group
         async with self._begin() as tx:
             stored = await tx.lock_offset(group, first.topic, first.partition)
+            tp = (first.topic, first.partition)
+            if stored < self.positions.get(tp, -1):
+                log.warning(
+                    "stored position of %s/%s moved back from %d to %d (reset-positions, or "
+                    "the database restored or failed over): re-reading from it",
+                    first.topic,
+                    first.partition,
+                    self.positions[tp],
+                    stored,
+                )
+                del self.positions[tp]  # the worker's seek sets it again
+                result.moved_back = True
+                return result
             live = [it for it in items if it.msg.offset >= stored]
             for it in items[: len(items) - len(live)]:
                 result.handled.append(Handled(it.msg, Outcome.SKIPPED))
 
-            known: dict[Ident, _Known] = {}
-            for ident, s in states.items():
-                if s.state == "done":
-                    digest, version = parse_marker_digest(s.hash)
-                    known[ident] = _Known(s.status, digest, version=version)
             leaders = {it.ident.ident: it for it in reversed(live) if it.ident}
-            to_claim = [
-                Claim(i[0], i[1], it.ident.hash, it.msg.topic, it.msg.partition, it.msg.offset)
-                for i, it in leaders.items()
-                if it.ident and i not in known and i not in busy
-            ]
-            claimed = await tx.claim(to_claim)
-            result.counts.fast_path = sum(1 for i in leaders if i in known)
-            result.counts.pg_path = len(leaders) - result.counts.fast_path
-            lookup = [c_ident for c in to_claim if (c_ident := (c.namespace, c.key)) not in claimed]
-            lookup += [i for i in leaders if i in busy and i not in known]
-            # The stored result is needed when ANY copy in the batch asks for a reply, not
-            # only the first one (tests/integration/test_reply_copies.py).
-            asking = {
-                it.ident.ident
-                for it in live
-                if it.ident and it.msg.header(HEADER_REPLY_TO) is not None
+            # A done marker says a key is decided; only the inbox may decide it. The marker
+            # spares the claim; the record is read in the lookup the batch makes anyway.
+            hinted = {i: s for i, s in states.items() if s.state == "done" and i in leaders}
+            claimed, known = await self._claim_and_read(
+                tx,
+                [it for i, it in leaders.items() if i not in hinted and i not in busy],
+                [i for i in leaders if i in busy],
+                hinted,
+                leaders,
+            )
+            # Markers the inbox confirmed need no re-warm (they keep their own TTL).
+            confirmed = {
+                i
+                for i, s in hinted.items()
+                if i in known
+                and (known[i].status, marker_digest(known[i].hash, known[i].version))
+                == (s.status, s.hash)
             }
-            lookup += [i for i in leaders if i in known and i in asking]
-            for ident, rec in (await tx.records(lookup)).items():
-                known[ident] = _Known(
-                    rec.status, rec.hash, rec.result, rec.reason, True, rec.hash_version
-                )
+            result.counts.fast_path = len(confirmed)
+            result.counts.pg_path = len(leaders) - result.counts.fast_path
 
             completions: list[Completion] = []
             rows: list[OutboxRow] = []
             next_offset = live[-1].msg.offset + 1 if live else None
             processed: set[Ident] = set()
-            failed: dict[Ident, str] = {}
+            failed: dict[Ident, tuple[str, str]] = {}  # x-reason and detail, by key
             for it in live:
                 msg = it.msg
                 if it.ident is None:
@@ -352,9 +374,28 @@ class BatchProcessor:
                 same = None if k is None else it.ident.same_payload(k.hash, k.version)
                 if k is not None and same is None:
                     k = None  # a version this release does not know: stop, below
+                if k is not None and k.status == "pending":
+                    # Pending rows exist only inside an open transaction; one visible here
+                    # was committed by a COMMIT behind ctx.db (the raw connection), with its
+                    # handler run partly or not at all. It decides nothing (answered as a
+                    # duplicate, the key would never be applied) and the framework cannot
+                    # know its effects: the partition stops here for an operator.
+                    log.error(
+                        "%s: inbox record %s/%s is 'pending' outside its transaction (a "
+                        "COMMIT on the raw connection?); its effects are unknown: check them, "
+                        "then `consumer evict` the key",
+                        msg.source,
+                        *ident,
+                    )
+                    next_offset = msg.offset
+                    result.retry_offset = msg.offset
+                    result.retry_delay_s = self.settings.retry_backoff_max_ms / 1000
+                    result.error = "inbox record left pending by a transaction ended behind ctx.db"
+                    break
                 if ident in failed:
-                    rows.append(envelopes.dead_letter(msg, "failed", failed[ident], *ident))
-                    result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, failed[ident]))
+                    why, detail = failed[ident]
+                    rows.append(envelopes.dead_letter(msg, why, detail, *ident))
+                    result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, detail))
                 elif k is None and ident in claimed and ident not in processed:
                     assert it.handler is not None
                     pos = (msg.topic, msg.partition, msg.offset)
@@ -382,9 +423,11 @@ class BatchProcessor:
                         # Transient failures past max_attempts: a dead letter, and no record
                         # (the claim is undone below), so a replay runs the handler again.
                         # Copies later in this batch share the dead letter's fate.
-                        failed[ident] = run.reason
+                        failed[ident] = (run.dead_reason, run.reason)
                         rows.append(
-                            envelopes.dead_letter(msg, "failed", run.reason, *ident, run.trace)
+                            envelopes.dead_letter(
+                                msg, run.dead_reason, run.reason, *ident, run.trace
+                            )
                         )
                         result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, run.reason))
                         continue
@@ -411,9 +454,12 @@ class BatchProcessor:
                     result.handled.append(
                         Handled(msg, Outcome.DUPLICATE, *ident, h, k.status, k.result)
                     )
-                    if ident not in processed and k.has_result:
-                        marker = marker_digest(k.hash, k.version)
-                        done_markers.append(DoneMarker(ident[0], ident[1], k.status, marker))
+                    if ident not in processed and ident not in confirmed and k.has_result:
+                        done_markers.append(
+                            DoneMarker(
+                                ident[0], ident[1], k.status, marker_digest(k.hash, k.version)
+                            )
+                        )
                 elif k is not None:
                     rows.append(envelopes.conflict(msg, ident[0], ident[1], h, k.hash))
                     result.handled.append(
@@ -447,9 +493,68 @@ class BatchProcessor:
                 # before the commit, the bug the chaos checker must catch. Never enable.
                 await self.redis.finish(done_markers, [])
             await self._fault("before_commit")
+        if result.next_offset is not None:  # committed: the stored position now
+            self.positions[(first.topic, first.partition)] = result.next_offset
         for h_ in result.handled:
             self.attempts.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
         return result
+
+    async def _claim_and_read(
+        self,
+        tx: BatchTx,
+        new: list[_Item],
+        busy: list[Ident],
+        hinted: dict[Ident, LeaseResult],
+        leaders: dict[Ident, _Item],
+    ) -> tuple[set[Ident], dict[Ident, _Known]]:
+        """Claim ``new`` keys, then read in one statement the records of everything else:
+        claims that met a record, keys leased elsewhere (``busy``) and keys a Redis done
+        marker calls decided (``hinted``). A marker whose key the inbox lacks (PostgreSQL
+        restored or failed over, the key evicted, Redis restored from a snapshot) decides
+        nothing: its key is claimed and run like a new one. Returns (claimed, known)."""
+
+        def claim_of(it: _Item) -> Claim:
+            assert it.ident is not None
+            ns, key = it.ident.ident
+            return Claim(ns, key, it.ident.hash, it.msg.topic, it.msg.partition, it.msg.offset)
+
+        to_claim = [claim_of(it) for it in new]
+        claimed = await tx.claim(to_claim)
+        lookup = [i for c in to_claim if (i := (c.namespace, c.key)) not in claimed]
+        found = await tx.records([*lookup, *busy, *hinted])
+        stale = [i for i in hinted if i not in found]
+        trusted: dict[Ident, _Known] = {}
+        if stale and self.settings.unsafe_broken == "done_before_commit":
+            # TEST-ONLY BROKEN BUILD (Settings.unsafe_broken, scripts/chaos): the marker is
+            # trusted as the fence, the bug this function exists to prevent. Never enable.
+            for i in stale:
+                digest, version = parse_marker_digest(hinted[i].hash)
+                trusted[i] = _Known(hinted[i].status, digest, version=version)
+            stale = []
+        if stale:
+            log.warning(
+                "%d Redis done marker(s) without an inbox record (database restored or failed "
+                "over, key evicted, Redis restored?); claiming them as new: %s",
+                len(stale),
+                ", ".join(f"{ns}/{k}" for ns, k in stale[:5]),
+            )
+            again = await tx.claim([claim_of(leaders[i]) for i in stale])
+            claimed |= again
+            found.update(await tx.records([i for i in stale if i not in again]))
+        known = {
+            # In the result form, as the first copy's reply was built: every copy's reply is
+            # byte-identical whatever jsonb made of the stored value.
+            i: _Known(
+                rec.status,
+                rec.hash,
+                storable.stored_form(rec.result),
+                rec.reason,
+                True,
+                rec.hash_version,
+            )
+            for i, rec in found.items()
+        }
+        return claimed, known | trusted
 
     def _reply(
         self,
@@ -467,8 +572,31 @@ class BatchProcessor:
             # the batch's outbox insert on every redelivery.
             log.warning("%s: reply-to %r is not a valid topic; no reply", msg.source, reply_to)
             return
+        if reply_to in _fed_by_replies(self.app):
+            # A reply there would be consumed by this app as a new message: a requester could
+            # feed the app its own results (a loop through every reply-to it can set) or forge
+            # dead letters that `consumer replay` re-drives.
+            log.warning(
+                "%s: reply-to %r is a topic this app consumes; no reply", msg.source, reply_to
+            )
+            return
         body = k.result if k.status == "done" else {"rejected": k.reason}
-        rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))
+        try:
+            rows.append(envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace))
+        except Exception as exc:
+            # Only a record stored before results were checked (runtime/invoke.py) can get
+            # here. Failing would fail the batch on every redelivery: no reply, and an error.
+            log.error(
+                "%s: the stored result of %s cannot be encoded as a reply (%s); no reply",
+                msg.source,
+                ident,
+                storable.describe(exc),
+            )
+
+
+def _fed_by_replies(app: App) -> set[str]:
+    """Topics a reply must never go to: the app's inputs and their dead-letter topics."""
+    return {t + suffix for t in app.topics for suffix in ("", DLQ_SUFFIX, CONFLICT_SUFFIX)}
 
 
 @contextlib.asynccontextmanager

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumer import faults, storable, tracing
+from consumer import codec, faults, storable, tracing
 from consumer.context import Context, to_jsonable
 from consumer.db.tx import BatchTx
 from consumer.dedup.identity import Identity
-from consumer.errors import Reject, Retry, is_retriable
+from consumer.errors import Reject, Retry, is_retriable, retry_delay
 from consumer.handler import Handler
 from consumer.message import Message
 from consumer.outbox import envelopes
@@ -48,6 +48,7 @@ class Run:
     trace: tuple[tuple[str, str], ...] | None = None  # the handling span, for later rows
     elapsed_s: float = 0.0
     counted: bool = True  # whether a "stop" used up one of the message's attempts
+    dead_reason: str = "failed"  # the x-reason of a "failed" run's dead letter
 
 
 def backoff_s(settings: Settings, attempt: int) -> float:
@@ -94,15 +95,30 @@ async def _call(
         # Everything that can fail because of this message's result happens before the
         # savepoint is released, so it takes the per-message (bounded) path below. Failing
         # later, at the batch's shared statements, would re-run the batch without limit.
-        result = to_jsonable(value)
-        if unstorable := storable.problem(result):
-            raise ValueError(f"the result contains {unstorable}, which PostgreSQL refuses")
+        # The result form (consumer/storable.py) is what is stored and what every copy's
+        # reply is encoded from; encoding it here proves the reply can be built.
+        result = storable.result_form(to_jsonable(value))
+        codec.encode(result)
         result_json = json.dumps(result)
         outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
+        for row in outgoing:  # too large, it would be refused by the relay on every tick
+            if (size := envelopes.row_size(row)) > envelopes.MAX_ROW_BYTES:
+                raise storable.Unstorable(
+                    f"a message published to {row.topic!r} is {size} bytes, more than the "
+                    f"relay can send ({envelopes.MAX_ROW_BYTES})"
+                )
         await tx.release_savepoint()
+    except storable.Unstorable as exc:
+        # Definite, and not the handler's doing to retry: the same code returns the same
+        # value. Dead-lettered at once as unstorable, nothing recorded (the key stays free
+        # for a fixed handler and a replay).
+        await tx.rollback_savepoint()
+        return Run("failed", reason=storable.reason_text(str(exc)), dead_reason="unstorable")
     except Reject as exc:
         await tx.rollback_savepoint()
-        return Run("rejected", reason=storable.safe_text(exc.reason))
+        # A subclass may skip Reject.__init__ or reassign .reason: made text again here, as
+        # a TypeError in this branch would fail the whole batch on every redelivery.
+        return Run("rejected", reason=storable.reason_text(getattr(exc, "reason", exc)))
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is None or task.cancelling():
@@ -128,7 +144,7 @@ def _cause(exc: Exception, tx: BatchTx) -> Exception:
 
 
 def _classify(exc: Exception, handler: Handler[Any, Any], attempt: int, settings: Settings) -> Run:
-    described = storable.safe_text(f"{type(exc).__name__}: {exc}")
+    described = storable.reason_text(exc)
     if getattr(exc, "sqlstate", None) in _CONTENTION_SQLSTATES:
         return Run("stop", reason=described, delay_s=backoff_s(settings, attempt), counted=False)
     retriable = is_retriable(exc, handler.retry_on)
@@ -143,5 +159,7 @@ def _classify(exc: Exception, handler: Handler[Any, Any], attempt: int, settings
         # unless the settings ask for DESIGN.md's original rule (recorded as rejected).
         reason = f"attempts_exhausted ({attempt}): {described}"
         return Run(settings.exhausted_outcome, reason=reason)
-    delay = exc.delay_s if isinstance(exc, Retry) else backoff_s(settings, attempt)
-    return Run("stop", reason=described, delay_s=delay)
+    delay = retry_delay(exc.delay_s) if isinstance(exc, Retry) else None
+    return Run(
+        "stop", reason=described, delay_s=backoff_s(settings, attempt) if delay is None else delay
+    )

@@ -49,3 +49,17 @@ def stored(group: str, tps: Sequence[tuple[str, int]]) -> Query:
         """,
         [group, [t for t, _ in tps], [p for _, p in tps]],
     )
+
+
+def reset(group: str, topic: str, positions: dict[int, int]) -> Query:
+    # The one statement that moves a position backwards (or forwards past records):
+    # `consumer reset-positions`, an operator's deliberate decision.
+    return (
+        """
+        INSERT INTO dedup.offsets AS o (group_id, topic, partition, next_offset)
+        SELECT $1, $2, p, n FROM unnest($3::int[], $4::bigint[]) AS t(p, n)
+        ON CONFLICT (group_id, topic, partition)
+        DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()
+        """,
+        [group, topic, list(positions), list(positions.values())],
+    )

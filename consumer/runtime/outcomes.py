@@ -34,7 +34,8 @@ class Handled:
 class BatchCounts:
     """Figures of one batch for the metrics (consumer/metrics.py); they decide nothing.
 
-    ``fast_path``: keys answered by a Redis done marker; ``pg_path``: keys sent to the inbox.
+    ``fast_path``: keys whose Redis done marker the inbox confirmed (no claim); ``pg_path``:
+    keys sent to the inbox.
     ``handler_s``: (handler name, seconds) of every handler call, including failed ones.
     """
 
@@ -63,6 +64,10 @@ class BatchResult:
     # The batch failed as a whole on a value one of its records carried (SQLSTATE class 22,
     # a client-side encoding error): the processor isolates the records (runtime/batch.py).
     poisoned: bool = False
+    # The stored position was behind the one this worker last committed or sought (only
+    # `reset-positions` or a restored / failed-over database moves it back): nothing was
+    # processed; the worker seeks to the stored position again (runtime/worker.py).
+    moved_back: bool = False
     redis_degraded: bool = False
     counts: BatchCounts = field(default_factory=BatchCounts)
     duration_s: float = 0.0
@@ -76,6 +81,7 @@ class BatchResult:
         self.next_offset = later.next_offset if later.next_offset is not None else self.next_offset
         self.retry_offset, self.retry_delay_s = later.retry_offset, later.retry_delay_s
         self.error, self.poisoned = later.error, later.poisoned
+        self.moved_back = later.moved_back
         self.redis_degraded = later.redis_degraded
         for f in fields(BatchCounts):
             setattr(

@@ -61,7 +61,7 @@ async def isolate(
         if result.poisoned:
             result = await give_up(item, result)
         merged.merge(result)
-        if result.retry_offset is not None:
+        if result.retry_offset is not None or result.moved_back:
             break
     return merged
 

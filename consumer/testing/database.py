@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -130,7 +130,7 @@ class PostgresBackend:
 
     @classmethod
     async def open(
-        cls, db: str | asyncpg.Connection, migrations: Sequence[Path] | None
+        cls, db: str | asyncpg.Connection, migrations: Mapping[str, Path] | None
     ) -> PostgresBackend:
         """Connect (or adopt ``db``), apply migrations unless None, start the outer transaction."""
         owned = isinstance(db, str)

@@ -42,7 +42,7 @@ from consumer.errors import TransientError
 from consumer.message import Message
 from consumer.runtime.batch import BatchProcessor
 from consumer.runtime.outcomes import BatchResult, Handled
-from consumer.settings import Settings
+from consumer.settings import Settings, load_settings
 from consumer.testing.database import Backend, Failures, HandlerDb, PostgresBackend
 from consumer.testing.encoding import as_sent
 from consumer.testing.kafka import MemoryKafka
@@ -111,7 +111,10 @@ class TestApp:
         self.app = app
         # The harness never waits for a lease held elsewhere: such a lease belongs to a
         # crashed worker, and "waiting" for it is modelled as letting it expire.
-        self.settings = (settings or app.settings).model_copy(update={"lease_wait_ms": 0})
+        # Nothing here connects (a database, if any, is the ``db`` argument), so connection
+        # settings are not required; unknown CONSUMER_* variables are still refused.
+        base = settings or app.given_settings or load_settings(require_connections=False)
+        self.settings = base.model_copy(update={"lease_wait_ms": 0})
         self.kafka = MemoryKafka()
         self.leases = MemoryLeases()
         self.group = f"{app.group}.testapp-{uuid.uuid4().hex[:8]}"
@@ -139,7 +142,7 @@ class TestApp:
             if self._db is None:
                 self._backend = MemoryStore()
             else:
-                folders = list(self.app.migrations) if self._migrate else None
+                folders = dict(self.app.migrations) if self._migrate else None
                 pg = await PostgresBackend.open(self._db, folders)
                 self._backend, self._conn = pg, pg.conn
             self._processor = self._new_processor()

@@ -16,7 +16,10 @@ from consumer import App, Context
 from handlers.app import SETTLED
 from schemas.payments import PaymentSettled
 
-app = App("chaos-downstream", migrations=[Path(__file__).parent / "chaos_downstream"])
+app = App(
+    "chaos-downstream",
+    migrations={"chaos-downstream": Path(__file__).parent / "chaos_downstream"},
+)
 
 
 @app.handler(SETTLED, schema=PaymentSettled, key="header")

@@ -285,3 +285,52 @@ async def test_replay_refuses_a_topic_that_is_not_a_dead_letter_topic(
     with pytest.raises(ConfigError, match="not a dead-letter topic"):
         await replay(app, settings, conflicts, reasons=("conflict",))
     assert len(await read_topic(settings, conflicts)) == 1
+
+
+async def test_events_published_for_a_long_key_are_applied_downstream_not_dead_lettered(
+    settings: Settings, producer: Any, pg: Any, unique: str
+) -> None:
+    """A key of 101 bytes (allowed) with 100 ``:`` escapes to 301: the published key
+    ``<ns>:<key>:0`` was longer than the 256 bytes a downstream consumer accepts, so every
+    event published for it became a ``bad_key`` dead letter downstream, never applied."""
+    up_topic, down_topic = f"up-{unique}", f"down-{unique}"
+    await create_topics(
+        settings, [t + s for t in (up_topic, down_topic) for s in ("", ".dlq", ".conflicts")], 1
+    )
+    table = f"down_{unique}"
+    await pg.execute(f"CREATE TABLE {table} (ik text, cents int)")
+    up = App(f"up-{unique}", settings=app_settings(settings))
+    down = App(f"down-{unique}", settings=app_settings(settings, relay_enabled=False))
+    long_key = ":" * 100 + "x"
+    outside: list[str] = []
+
+    @up.handler(up_topic, schema=Order)
+    async def order(p: Order, ctx: Context) -> None:
+        ctx.publish(down_topic, {"cents": p.cents})
+        outside.append(ctx.outside_key)
+
+    @down.handler(down_topic, schema=Order)
+    async def apply(p: Order, ctx: Context) -> None:
+        await ctx.db.execute(f"INSERT INTO {table} VALUES ($1, $2)", ctx.idempotency_key, p.cents)
+
+    try:
+        async with running(up), running(down) as downstream:
+            spy = Spy(downstream)
+            await send(
+                producer, up_topic, {"cents": 7}, headers={"idempotency-key": long_key.encode()}
+            )
+
+            async def seen() -> bool:
+                return bool(spy.handled)
+
+            await eventually(seen, timeout_s=60)
+        published = keys.published_key(up.handlers[0].name, long_key, 0)
+        assert [h.outcome for h in spy.handled] == [Outcome.APPLIED]
+        applied = await pg.fetch(f"SELECT ik, cents FROM {table}")
+        assert [(r["ik"], r["cents"]) for r in applied] == [(published, 7)]
+        assert len(published.encode()) <= keys.MAX_KEY_BYTES
+        # Outside systems cap keys too (a payment gateway's at 255 characters).
+        assert [len(k.encode()) <= keys.MAX_KEY_BYTES for k in outside] == [True]
+    finally:
+        await pg.execute(f"DROP TABLE IF EXISTS {table}")
+        await cleanup(pg, unique, settings.redis_url)

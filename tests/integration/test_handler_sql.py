@@ -89,6 +89,12 @@ REFUSED = [
     "DEALLOCATE ALL",
     "SELECT set_config('search_path', 'pg_catalog', false)",
     "SELECT 1; COMMIT",
+    # A typed literal of a type whose name ends in "e" is not an E'' string: the backslash
+    # does not escape the quote, so the COMMIT after it is a statement of its own.
+    "SELECT name'x\\'; COMMIT; SELECT 1 --'",
+    # Dollar-quoted bodies run set_config/SET just the same.
+    "DO $$ BEGIN PERFORM set_config('search_path', 'pg_catalog', false); END $$",
+    "DO $do$ BEGIN SET statement_timeout = '1ms'; END $do$",
 ]
 
 
@@ -170,3 +176,27 @@ async def test_a_transaction_ended_behind_the_guard_is_not_continued(env, pg):
     assert [h.outcome for r in results for h in r.handled] == [Outcome.APPLIED]
     assert await rows(pg, env["table"]) == ["k"]
     assert (await inbox(pg, f"{env['group']}.handle"))["k"]["status"] == "done"
+
+
+async def test_a_commit_behind_the_guard_answers_nothing_from_pending_records(env, pg):
+    """Past the guard (the raw connection), a COMMIT commits the batch so far, with the claims
+    of every key of the batch still ``pending``, including those whose handler never ran. A
+    pending record decides nothing: answered as a duplicate it would drop "z" (never applied)
+    and answer "a" with no result. The partition stops at the first one, with an error that
+    says what happened, until an operator (who can see the effects) evicts the keys."""
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def handle(p: Pay, ctx: Context) -> Any:
+        await ctx.db.execute(f"INSERT INTO {env['table']} VALUES ($1)", p.id)
+        if p.id == "k":
+            await ctx.db._conn.execute("COMMIT")  # type: ignore[attr-defined]
+        return {"ok": 1}
+
+    msgs = [record(env["topic"], i, {"id": k}) for i, k in enumerate(["a", "k", "z"])]
+    results = await drive(direct_processor(app, env), msgs, 3)
+    outcomes = [h.outcome for r in results for h in r.handled]
+    assert Outcome.DUPLICATE not in outcomes, outcomes
+    assert "TransactionEnded" in results[0].error, [r.error for r in results]
+    assert all("pending" in (r.error or "") for r in results[1:]), [r.error for r in results]
+    assert await rows(pg, env["table"]) == ["a", "k"]  # what the stray COMMIT kept

@@ -673,7 +673,9 @@ async def test_dead_letters_reach_kafka_with_original_bytes_and_reason_headers(
 
 
 async def test_unstorable_result_is_the_handlers_error_not_a_stuck_partition(env, producer):
-    # A result json cannot encode used to fail the whole batch at commit time, forever.
+    # A result json cannot encode used to fail the whole batch at commit time, forever. Now
+    # it is checked in the savepoint: dead-lettered at once as unstorable, whatever on_error
+    # says, and nothing recorded (a fixed handler and a replay apply it).
     app = env.app()
 
     @app.handler(env.topic, schema=Pay, key=lambda p: p.id, on_error="reject")
@@ -688,8 +690,11 @@ async def test_unstorable_result_is_the_handlers_error_not_a_stuck_partition(env
         c = await send(producer, env.topic, {"id": "k\x00"}, headers={"tenant": b"t\x00"})
         await wait_offset(env.pg, env.group, env.topic, 0, c + 1)
 
-    assert [spy.at(0, o) for o in (a, b, c)] == [[REJECTED], [REJECTED], [INVALID]]
+    assert [spy.at(0, o) for o in (a, b, c)] == [[FAILED], [FAILED], [INVALID]]
     assert await effects(env.pg, env.table) == []
+    assert await inbox(env.pg, env.ns()) == {}
+    dead = await outbox(env.pg, env.topic + ".dlq")
+    assert [d["headers"]["x-reason"] for d in dead] == ["unstorable", "unstorable", "bad_key"]
 
 
 # ---------------------------------------------------------------- in-process coalescing

@@ -1,6 +1,7 @@
 """Issue 13 #6 against real Kafka, Redis and PostgreSQL: the payload hash covers what the
 handler uses, JSON amounts are exact, a schema may gain defaulted fields, and records made
-before the canonical-form upgrade keep answering.
+before the canonical-form upgrade keep answering, and payloads the handler tells apart (digits
+past 28, an extra named like an aliased field, union members) never read alike.
 
 Each test runs a Worker on its own topic, group and effects table and asserts what was
 committed: effect rows (no unique constraint: a second apply shows as a second row), inbox
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from consumer import App, Context, Message
 from consumer.constants import done_key
@@ -231,3 +232,139 @@ async def test_a_record_of_an_unknown_hash_version_stops_the_partition(settings,
         assert all("canonical-form version" in (r.error or "") for r in results)
         assert calls == []
         assert (await inbox(pg, ns))["x"]["hash_version"] == 9
+
+
+# Review of the canonical form v2: payloads the handler tells apart never read alike.
+
+JSON = {"content-type": b"application/json"}
+
+
+async def test_amounts_past_28_significant_digits_are_told_apart(env, producer):
+    # Decimal.normalize() rounds to the context's 28 digits: .91 and .92 read alike.
+    first = b'{"id": "d1", "card": "4111", "amount": 1234567890123456789012345678.91}'
+    other = b'{"id": "d1", "card": "4111", "amount": 1234567890123456789012345678.92}'
+    async with running(charge_app(env)) as worker:
+        spy = Spy(worker)
+        o1 = await send(producer, env["topic"], value=first, headers=JSON)
+        o2 = await send(producer, env["topic"], value=other, headers=JSON)
+        o3 = await send(producer, env["topic"], value=first, headers=JSON)
+        await wait_offset(env["pg"], env["group"], env["topic"], 0, o3 + 1)
+    assert answers(spy, [o1, o2, o3]) == [[APPLIED], [CONFLICT], [DUPLICATE]]
+    [(_, used)] = await effects(env)
+    assert Decimal(used["amount"]) == Decimal("1234567890123456789012345678.91")
+
+
+class Ledger(BaseModel):
+    id: str
+    units: int  # big integers: a JSON number of 30 digits, or a digit string
+
+
+async def test_big_integers_past_28_digits_are_told_apart(env, producer):
+    async with running(charge_app(env, Ledger)) as worker:
+        spy = Spy(worker)
+        o1 = await send(producer, env["topic"], {"id": "i1", "units": str(10**30)})
+        o2 = await send(producer, env["topic"], {"id": "i1", "units": str(10**30 + 1)})
+        await wait_offset(env["pg"], env["group"], env["topic"], 0, o2 + 1)
+    assert answers(spy, [o1, o2]) == [[APPLIED], [CONFLICT]]
+    [(_, used)] = await effects(env)
+    assert used["units"] == 10**30
+
+
+async def test_a_decimal_past_the_context_exponent_is_applied_not_dead_lettered(env, producer):
+    # The schema accepts Decimal("1E+1000000"); the hash raised decimal.Overflow, and the
+    # record became an "invalid" dead letter the handler never saw.
+    async with running(charge_app(env)) as worker:
+        spy = Spy(worker)
+        o1 = await send(producer, env["topic"], {"id": "x1", "card": "4", "amount": "1e1000000"})
+        await wait_offset(env["pg"], env["group"], env["topic"], 0, o1 + 1)
+    assert answers(spy, [o1]) == [[APPLIED]]
+    [(_, used)] = await effects(env)
+    assert Decimal(used["amount"]) == Decimal("1e1000000")
+
+
+class Aliased(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    amount: int = Field(alias="amt")
+
+
+async def test_an_extra_field_named_like_a_field_is_not_that_field(env, producer):
+    # {"amt": 5, "amount": 7}: field amount=5, extra "amount"=7. Swapped, the handler is
+    # given amount=7: another payload.
+    async with running(charge_app(env, Aliased)) as worker:
+        spy = Spy(worker)
+        o1 = await send(producer, env["topic"], {"id": "a1", "amt": 5, "amount": 7})
+        o2 = await send(producer, env["topic"], {"id": "a1", "amt": 7, "amount": 5})
+        await wait_offset(env["pg"], env["group"], env["topic"], 0, o2 + 1)
+    assert answers(spy, [o1, o2]) == [[APPLIED], [CONFLICT]]
+    [(_, used)] = await effects(env)
+    assert used["amount"] == 5
+
+
+class Card(BaseModel):
+    number: str
+
+
+class Bank(BaseModel):
+    number: str
+    bic: str = ""
+
+
+class Payout(BaseModel):
+    id: str
+    method: Card | Bank  # pydantic picks the member that the payload sets most fields of
+
+
+def payout_app(env: dict[str, Any]) -> App:
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Payout, key=lambda p: p.id)
+    async def handle(p: Payout, ctx: Context) -> str:
+        how = "wire" if isinstance(p.method, Bank) else "card"
+        await ctx.db.execute(
+            f"INSERT INTO {env['table']} (k, v) VALUES ($1, $2)", p.id, json.dumps(how)
+        )
+        return how
+
+    return app
+
+
+async def test_union_members_with_the_same_values_are_told_apart(env, producer):
+    async with running(payout_app(env)) as worker:
+        spy = Spy(worker)
+        o1 = await send(producer, env["topic"], {"id": "p1", "method": {"number": "9"}})
+        o2 = await send(producer, env["topic"], {"id": "p1", "method": {"number": "9", "bic": ""}})
+        await wait_offset(env["pg"], env["group"], env["topic"], 0, o2 + 1)
+    assert answers(spy, [o1, o2]) == [[APPLIED], [CONFLICT]]
+    assert await effects(env) == [("p1", "card")]
+
+
+async def test_a_copy_version_1_cannot_hash_is_a_conflict_of_a_version_1_record(
+    settings, pg, unique
+):
+    # Version 1 raised decimal.Overflow on Decimal("1E+1000000") (so it never recorded such a
+    # payload); version 2 hashes it. Compared with a version-1 record of the same key, the
+    # version-1 digest raised inside the batch transaction: the partition retried forever.
+    async with direct_env(settings, pg, unique, "hash-v1x") as env:
+        app = App(env["group"], settings=env["settings"])
+        calls: list[str] = []
+
+        @app.handler(env["topic"], schema=Charge, key=lambda p: p.id)
+        async def handle(p: Charge, ctx: Context) -> None:
+            calls.append(p.id)
+
+        ns = f"{env['group']}.handle"
+        old = payload_hash(Charge.model_validate({"id": "x", "card": "4", "amount": 5}), version=1)
+        await pg.execute(
+            """INSERT INTO dedup.inbox (namespace, key, payload_hash, hash_alg, status, result,
+                   topic, partition, "offset", completed_at)
+               VALUES ($1, 'x', $2, 'blake2b-128', 'done', '"old"', $3, 0, 0, now())""",
+            ns,
+            old,
+            env["topic"],
+        )
+        msgs = [record(env["topic"], 0, {"id": "x", "card": "4", "amount": "1e1000000"})]
+        results = await drive(direct_processor(app, env), msgs, rounds=2)
+        assert [r.retry_offset for r in results] == [None]
+        assert [h.outcome for h in results[0].handled] == [CONFLICT]
+        assert calls == []

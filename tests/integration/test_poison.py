@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import msgpack
 import pytest
 
 from consumer import App, Context
@@ -86,6 +87,32 @@ async def test_header_with_nul_does_not_stall_the_partition(env, pg, headers, pu
     await _assert_progress(pg, env, results, 1)
     handled = [h.outcome for r in results for h in r.handled]
     assert Outcome.APPLIED in handled
+
+
+@pytest.mark.parametrize("suffix", ["", ".dlq", ".conflicts"])
+async def test_a_reply_to_a_topic_the_app_consumes_is_refused(env, pg, suffix):
+    # The requester sets reply-to to the app's own input (or its dead-letter topic): the
+    # reply would come back in as a new message (or a forged dead letter for replay).
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def handle(p: Pay, ctx: Context) -> Any:
+        return {"id": p.id, "ok": 1}
+
+    topic = env["topic"]
+    loop = (topic + suffix).encode()
+    replies = f"{topic}-replies"
+    msgs = [
+        record(topic, 0, {"id": "loop"}, headers={"reply-to": loop}),
+        record(topic, 1, {"id": "fine"}, headers={"reply-to": replies.encode()}),
+    ]
+    results = await _drive(direct_processor(app, env), msgs)
+    await _assert_progress(pg, env, results, 1)
+    assert [h.outcome for r in results for h in r.handled] == [Outcome.APPLIED] * 2
+    assert await outbox(pg, topic + suffix) == []
+    assert [msgpack.unpackb(r["value"]) for r in await outbox(pg, replies)] == [
+        {"id": "fine", "ok": 1}
+    ]
 
 
 @pytest.mark.parametrize("how", ["result", "reject"])

@@ -26,7 +26,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 
-from consumer import App, Context, Settings, faults
+from consumer import App, Context, Settings, faults, keys, metrics
 from consumer.constants import CONTENT_MSGPACK
 from consumer.context import Outgoing
 from consumer.db.migrate import migrate_dsn
@@ -437,6 +437,72 @@ async def test_a_refused_row_holds_back_only_its_own_key(
     assert await count(db, topic) == 3
 
 
+# ---------------------------------------------------------------- a topic that stays missing
+
+
+def _given_up_total() -> float:
+    # The counter object itself: render() merges other processes' files when an earlier test
+    # in this process switched metrics to multiprocess mode.
+    counter = metrics._m().outbox_given_up
+    for family in counter.collect():
+        for s in family.samples:
+            if s.name == "consumer_outbox_abandoned_total" and s.labels == {
+                "reason": "reply_topic_missing"
+            }:
+                return float(s.value)
+    return 0.0
+
+
+async def test_replies_to_a_missing_topic_are_given_up_after_the_bound_and_nothing_else_is(
+    db: Settings, pool: Any, topics: Any, unique: str
+) -> None:
+    # The local broker runs with auto.create.topics.enable=false (scripts/services.sh): a
+    # requester's reply-to naming no topic stays missing. Before, such a reply stayed pending
+    # forever (held, re-checked, never deleted by retention).
+    topic = await topics("flowing")
+    missing = f"no-such-replies-{unique}"
+    s = db.model_copy(update={"reply_topic_missing_s": 600, "outbox_retention_s": 0})
+    old_reply = row(missing, "k1", {"n": 1}, keys.reply_key("ns", "old"))
+    young_reply = row(missing, "k2", {"n": 2}, keys.reply_key("ns", "young"))
+    event = row(missing, "k3", {"n": 3}, keys.published_key("ns", "ev", 0))
+    dead_letter = row(f"{missing}.dlq", "k4", {"n": 4}, f"dlq:{topic}/0/1")
+    await insert(pool, [old_reply, young_reply, event, dead_letter, row(topic, "k5", {}, "ok")])
+    # Written an hour ago (past the bound), except the young reply.
+    await pool.execute(
+        "UPDATE dedup.outbox SET created_at = now() - interval '1 hour'"
+        " WHERE idempotency_key <> $1",
+        young_reply.idempotency_key,
+    )
+    before = _given_up_total()
+    relay = Relay(s, pool=pool, shards_per_tick=64)
+    async with producer_of(relay) as kafka:
+        assert await relay.tick(kafka) == 1  # the row to the existing topic went out
+
+    pending_left = await pool.fetch(
+        "SELECT idempotency_key FROM dedup.outbox WHERE published_at IS NULL ORDER BY id"
+    )
+    # The old reply left the outbox; the young reply, the event and the dead letter wait for
+    # their topics (losing an event or a dead letter would lose data).
+    assert [r[0] for r in pending_left] == [
+        young_reply.idempotency_key,
+        event.idempotency_key,
+        dead_letter.idempotency_key,
+    ]
+    given_up = await pool.fetch(
+        "SELECT idempotency_key, given_up FROM dedup.outbox WHERE given_up IS NOT NULL"
+    )
+    assert [tuple(r) for r in given_up] == [(old_reply.idempotency_key, "reply_topic_missing")]
+    assert [header_map(r)["idempotency-key"] for r in await read_topic(db, topic, 1)] == ["ok"]
+    assert relay.given_up == {"reply_topic_missing": 1}
+    metrics.record_relay(relay)
+    assert _given_up_total() - before == 1
+
+    # Retention deletes the given-up reply with the published row; the pending ones stay.
+    await relay.housekeeping()
+    left = await pool.fetch("SELECT idempotency_key FROM dedup.outbox ORDER BY id")
+    assert [r[0] for r in left] == [r[0] for r in pending_left]
+
+
 # ---------------------------------------------------------------- replies
 
 
@@ -556,3 +622,64 @@ async def test_retention_never_waits_on_rows_another_cleaner_holds(db: Settings,
     assert purged.outbox == 2
     left = await pool.fetch("SELECT idempotency_key FROM dedup.outbox ORDER BY 1")
     assert [r[0] for r in left] == ["r1", "r2"]
+
+
+async def test_a_dead_letter_too_large_to_publish_goes_out_without_its_value(
+    db: Settings, pool: Any, topics: Any
+) -> None:
+    """A record that fitted in Kafka plus the envelope's headers can exceed the producer's
+    max_request_size: the dead letter stayed pending forever and held back every later dead
+    letter of its key. Now it is published without its value, saying so (x-truncated)."""
+    topic = await topics("bigdlq", partitions=1)
+    dlq = topic + ".dlq"
+    big = Message(topic, 0, 7, None, b"x" * (1024 * 1024 - 200), (("trace", b"t"),))
+    later = Message(topic, 0, 8, None, b"\xc1", ())
+    letters = [envelopes.dead_letter(m, "undecodable", "not valid msgpack") for m in (big, later)]
+    await insert(pool, letters)
+    relay = Relay(db, pool=pool)
+    async with producer_of(relay) as kafka:
+        for _ in range(2):
+            await relay.tick(kafka)
+    assert await pending(pool) == 0
+    first, second = await read_topic(db, dlq)
+    headers = header_map(first)
+    assert first.value == b"" and "too large" in headers["x-truncated"]
+    assert (headers["x-source"], headers["trace"], headers["x-reason"]) == (
+        f"{topic}/0/7",
+        "t",
+        "undecodable",
+    )
+    assert "x-original-headers" not in headers
+    assert second.value == b"\xc1" and "x-truncated" not in header_map(second)
+    assert relay.truncated == 1
+
+
+async def test_a_dead_letter_whose_headers_alone_are_too_large_goes_out_without_them(
+    db: Settings, pool: Any, topics: Any
+) -> None:
+    """A record with ~600 KB of binary headers fits in Kafka, but its dead letter shows them
+    as hex (1.2 MB) besides x-original-headers: sent without its value it was still too large,
+    refused on every tick, and held back every later dead letter of its key forever. Now the
+    headers too large to keep are left out as well, named in x-truncated."""
+    topic = await topics("bighdr", partitions=1)
+    dlq = topic + ".dlq"
+    blob = b"\xff" * (600 * 1024)
+    big = Message(topic, 0, 7, b"k", b"\xc1", (("blob", blob), ("trace", b"t")))
+    later = Message(topic, 0, 8, b"k", b"\xc1", ())
+    letters = [envelopes.dead_letter(m, "undecodable", "not valid msgpack") for m in (big, later)]
+    await insert(pool, letters)
+    relay = Relay(db, pool=pool)
+    async with producer_of(relay) as kafka:
+        for _ in range(2):
+            await relay.tick(kafka)
+    assert await pending(pool) == 0
+    first, second = await read_topic(db, dlq)
+    headers = header_map(first)
+    assert first.value == b"" and "blob.hex" in headers["x-truncated"]
+    assert "blob.hex" not in headers and "x-original-headers" not in headers
+    assert (headers["x-source"], headers["trace"], headers["x-reason"]) == (
+        f"{topic}/0/7",
+        "t",
+        "undecodable",
+    )
+    assert "x-truncated" not in header_map(second)

@@ -13,6 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 import consumer.replay
@@ -21,7 +22,7 @@ from consumer.cli import cli
 from consumer.replay import TopicMissing, replay
 from schemas.payments import PaymentRequested
 from tests.conftest import app_settings, eventually, read_topic, running
-from tests.integration.dedup_support import cleanup
+from tests.integration.dedup_support import cleanup, wait_offset
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +170,65 @@ async def test_dead_letters_older_than_the_dedup_window_are_not_replayed(
     assert (dry.read, dict(dry.replayed), dict(dry.expired)) == (2, {"failed": 1}, {"failed": 1})
     forced = await replay(app, app.settings, topic + ".dlq", dry_run=True, force=True)
     assert dict(forced.replayed) == {"failed": 2}
+
+
+async def test_invalid_schema_dead_letter_of_a_header_keyed_message_replays_once(
+    settings, topics, producer, pg, unique
+):
+    """Issue 13 #4: the dead letter replaced the idempotency-key header and recorded an empty
+    x-idempotency-key (the key is derived after validation), so a replay after the schema was
+    fixed sent a copy without a key: missing_key, lost. Now every dead letter keeps the
+    original headers exactly and the replay restores them."""
+    topic = await topics("replay-schema", partitions=1)
+    dlq = topic + ".dlq"
+    group = f"g-{unique}"
+    table = f"replay_schema_{unique}"
+    await pg.execute(f"CREATE TABLE {table} (k text, cents text)")
+    original = [
+        ("idempotency-key", b"pay-7"),
+        ("trace-me", b"\xff\x00binary"),  # not text: kept as bytes, not as "trace-me.hex"
+        ("x-source", b"upstream/3/9"),  # a name the envelope also sets
+    ]
+    value = msgpack.packb({"payment_id": "p", "account": "a", "cents": "12.50"})
+
+    class StrictPay(BaseModel):
+        payment_id: str
+        cents: int
+
+    class LooserPay(BaseModel):  # the fixed schema, deployed as the same handler
+        payment_id: str
+        cents: int | str
+
+    def version(schema: type[BaseModel]) -> App:
+        app = App(group, settings=app_settings(settings))
+
+        @app.handler(topic, schema=schema)
+        async def settle(p: Any, ctx: Context) -> str:
+            await ctx.db.execute(
+                f"INSERT INTO {table} VALUES ($1, $2)", ctx.idempotency_key, str(p.cents)
+            )
+            return "settled"
+
+        return app
+
+    await producer.send_and_wait(topic, value, partition=0, headers=original)
+    async with running(version(StrictPay)):
+        (letter,) = await read_topic(settings, dlq, expect=1)
+    assert dict(letter.headers)["x-reason"] == b"invalid_schema"
+
+    fixed = version(LooserPay)
+    summary = await replay(fixed, fixed.settings, dlq, reasons=("invalid_schema",))
+    assert dict(summary.replayed) == {"invalid_schema": 1}
+    assert (await replay(fixed, fixed.settings, dlq, reasons=("invalid_schema",))).read == 0
+    async with running(fixed) as worker:
+        await wait_offset(pg, group, topic, 0, 2)  # the replayed copy is decided
+
+    rows = await pg.fetch(f"SELECT k, cents FROM {table}")
+    assert [(r["k"], r["cents"]) for r in rows] == [("pay-7", "12.50")]
+    assert (worker.stats.by_outcome["applied"], worker.stats.by_outcome["invalid"]) == (1, 0)
+    sent = await read_topic(settings, topic)
+    assert len(sent) == 2
+    assert list(sent[1].headers) == [*original, ("x-replayed-from", f"{dlq}/0/0".encode())]
+    assert (sent[1].value, sent[1].key) == (value, None)
+    await pg.execute(f"DROP TABLE {table}")
+    await cleanup(pg, unique, settings.redis_url)

@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from consumer import App, Context, metrics, tracing
+from consumer import App, ConfigError, Context, metrics, tracing
 from consumer.context import Outgoing
 from consumer.dedup.identity import Identity
 from consumer.message import Message
@@ -232,3 +232,16 @@ def test_rows_written_in_the_handling_span_carry_it_and_the_relay_continues_it(e
     assert [v for n, v in wire if n == "traceparent"] == [
         f"00-{TRACE_ID}-{sent.context.span_id:016x}-01".encode()
     ]
+
+
+def test_a_metrics_dir_holding_other_db_files_is_refused_and_left_alone(tmp_path, monkeypatch):
+    """CONSUMER_METRICS_DIR is the user's choice: their own app.db there must survive."""
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    (tmp_path / "app.db").write_bytes(b"SQLite format 3\0")
+    (tmp_path / "counter_123.db").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"app\.db"):
+        metrics.prepare_multiprocess(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["app.db", "counter_123.db"]
+    (tmp_path / "app.db").unlink()
+    metrics.prepare_multiprocess(str(tmp_path))  # prometheus_client's own files only
+    assert not os.listdir(tmp_path)

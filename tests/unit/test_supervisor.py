@@ -31,7 +31,7 @@ n = len(starts.read_text()) if starts.exists() else 0
 starts.write_text("x" * (n + 1))
 (d / f"pid-{slot}").write_text(str(os.getpid()))
 if mode == "crash_once" and slot == "0" and n == 0:
-    sys.exit(9)
+    sys.exit(42)  # no named code: an ordinary crash
 if mode == "fatal" and slot == "1":
     sys.exit(3)
 if mode == "stubborn":
@@ -144,7 +144,7 @@ def test_a_crashed_worker_is_restarted_and_the_log_says_why(driver, tmp_path):
     until(ready(tmp_path, 0, 1), "slot 0 restarted after its crash")
     until(ready(tmp_path, 1, 0), "slot 1 up")
     assert d.starts(0) == 2 and d.starts(1) == 1
-    assert "worker 0 (pid " in d.log() and "exited with code 9 after" in d.log()
+    assert "worker 0 (pid " in d.log() and "exited with code 42 after" in d.log()
     assert "restarting in 0.1s" in d.log()
     victim = d.child_pid(1)
     os.kill(victim, signal.SIGKILL)
