@@ -231,6 +231,10 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
             random_points.update(proc.fault_lines())
     try:
         evidence = await collect.collect(inst.bootstrap, dsn, topics, injector.extra.unparseable)
+        evidence.db_rewound = any(
+            e.took and e.kind in ("postgres_restore", "postgres_failover_async")
+            for e in injector.events
+        )
     finally:
         if failovers is not None:
             await failovers.proxy.close()
@@ -244,9 +248,13 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     result = checker.check(truth, evidence, names)
     if evidence.outbox_pending:
         result.counts["outbox_pending"] = evidence.outbox_pending
+    counts = wl.counts()
+    # The keys the faults produced (aborted_transactions, unparseable_record) take effect too;
+    # the keys only ever sent in aborted transactions must not.
+    counts["unique_keys"] = sum(1 for k in truth["keys"].values() if k["outcome"] != "never")
     return RunResult(
         cfg,
-        wl.counts(),
+        counts,
         result,
         injector.counts(random_points),
         describe(injector.events),

@@ -41,6 +41,10 @@ class Evidence:
     downstream: list[dict[str, Any]] = field(default_factory=list)
     # generation -> partition -> stored position when that incarnation was deleted
     retired_consumed: dict[int, dict[int, int]] = field(default_factory=dict)
+    # PostgreSQL lost committed transactions (postgres_restore, postgres_failover_async): a
+    # rejection it forgot is decided again, maybe at another copy of the key, which is
+    # dead-lettered too. The first dead letter is out in Kafka already (at least once).
+    db_rewound: bool = False
 
 
 def _headers(raw: Any) -> dict[str, str]:

@@ -60,6 +60,7 @@ def summary(main: RunResult, broken: RunResult | None, seconds: float) -> dict[s
         "aborted_applied": c["aborted_applied"],
         "aborted_offsets": c["aborted_offsets"],
         "lost_by_operator": c["lost_by_operator"],
+        "rejections_repeated": c["rejections_repeated"],
         "drained": main.drained,
         "checker_caught_broken_build": int(caught(broken)),
         "broken_build_violations": broken.check.violations if broken else None,
@@ -109,6 +110,7 @@ def render(main: RunResult, broken: RunResult | None, s: dict[str, Any]) -> None
         "relay_republished",
         "aborted_offsets",
         "lost_by_operator",
+        "rejections_repeated",
         *INVARIANTS,
     ]
     for k in shown:

@@ -9,8 +9,10 @@ The fault plays the operator:
 1. production pauses (after the burst in flight); the whole topic is read (the *retired
    generation*, kept as evidence);
 2. the topic is deleted and created again, empty, with the same partitions;
-3. the workers are given time to meet the re-created topic and halt (a line matching
-   ``HALTED`` in their logs is awaited, at most ``HALT_WAIT_S``);
+3. the workers are given time to meet the re-created topic and halt (a ``HALTED`` line for
+   every partition is awaited in their logs, at most ``HALT_WAIT_S``: a worker may still be
+   committing a batch of the old topic it had fetched before the deletion, and the positions
+   read next must include it);
 4. the stored positions the retired generation reached are read: records at or beyond them
    were never consumed, and only the deletion destroyed them (the operator's loss, not the
    framework's; the checker counts them as ``lost_by_operator``);
@@ -33,6 +35,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +48,8 @@ from scripts.chaos.collect import Rec
 from scripts.chaos.producer import Producer
 from scripts.chaos.workload import Record
 
-HALT = re.compile(rb"HALTED")  # the worker's error line (consumer/runtime/worker.py)
+# The worker's error line (consumer/runtime/worker.py): "partition <topic>/<n> HALTED: ..."
+HALT = re.compile(rb"partition (\S+)/(\d+) HALTED")
 HALT_WAIT_S = 45.0
 RESET_TIMEOUT_S = 60
 
@@ -59,11 +63,14 @@ class Retired:
     consumed: dict[int, int] = field(default_factory=dict)  # partition -> stored position
 
 
-def _halts(logs: list[Path]) -> int:
-    n = 0
+def _halts(logs: list[Path], topic: str) -> Counter[int]:
+    """How many HALTED lines each partition of ``topic`` has in the logs so far."""
+    n: Counter[int] = Counter()
     for path in logs:
         with contextlib.suppress(OSError):
-            n += len(HALT.findall(path.read_bytes()))
+            for t, part in HALT.findall(path.read_bytes()):
+                if t.decode() == topic:
+                    n[int(part)] += 1
     return n
 
 
@@ -118,11 +125,14 @@ async def recreate(
         retired = Retired(
             topic, await collect.read_topic(bootstrap, topic, partitions, unparseable)
         )
-        halts_before = _halts(logs)
+        halts_before = _halts(logs, topic)
         seconds = await _recreate(bootstrap, topic, partitions)
         halted = False
         for _ in range(int(HALT_WAIT_S / 0.5)):  # a log file to watch: no event to await
-            if halted := _halts(logs) > halts_before:
+            # Every partition, not the first: the stored positions are read next, and a
+            # partition not yet halted may have a batch of the deleted topic in flight.
+            now = _halts(logs, topic)
+            if halted := all(now[p] > halts_before[p] for p in range(partitions)):
                 break
             await asyncio.sleep(0.5)
         conn = await asyncpg.connect(dsn, timeout=10)
@@ -143,9 +153,10 @@ async def recreate(
         await producer.send_burst(again)
     finally:
         producer.resume()
+    halts = "every partition" if halted else "NOT every partition"
     detail = (
-        f"deleted and re-created in {seconds:.1f}s; halt {'seen' if halted else 'NOT seen'} "
-        f"in {HALT_WAIT_S:.0f}s; reset-positions exit {code} ({last[:80]}); "
+        f"deleted and re-created in {seconds:.1f}s; {halts} halted in {HALT_WAIT_S:.0f}s; "
+        f"reset-positions exit {code} ({last[:80]}); "
         f"{len(lost)} never consumed, {len(again)} re-produced"
     )
     # The fault took: the topic was re-created. Whether the framework halted, and whether

@@ -1,7 +1,7 @@
 """The chaos campaign, small: exactly once under real faults, and a checker that bites.
 
 Runs ``python -m scripts.chaos`` on its own services instance (``.services/chaos-test``, ports
-30092/27379/26432: never the shared one, which it kills and restarts), with 3,000 records, six
+30092/27379/26432: never the shared one, which it kills and restarts), with 3,000 records, eight
 kinds of scheduled faults plus random crashes at the fault points, then the broken build.
 The campaign's last stdout line is its JSON summary; the assertions read that.
 """
@@ -38,6 +38,10 @@ KINDS = (
     "broker_restart",
     "point_after_commit",
     "relay_kill_after_ack",
+    # cheap ones of issue 13 (a few records each; the restore, failovers and topic
+    # re-creation are left to `make chaos`, which is slower)
+    "aborted_transactions",
+    "unparseable_record",
 )
 
 

@@ -205,3 +205,51 @@ def test_a_dead_letter_without_the_records_headers_counts_by_its_source() -> Non
     res = check(TRUTH, ev, N)
     assert res.ok, res.violations
     assert res.counts["dead_lettered:undecodable"] == 1
+
+
+# ---------------------------------------------------------------- PostgreSQL rewound
+
+REJECTED: dict[str, Any] = {
+    "records": {
+        "0": {"kind": "original", "tenant": "acme", "pid": "r1", "expect": "key"},
+        "1": {"kind": "duplicate", "tenant": "acme", "pid": "r1", "expect": "key"},
+    },
+    "keys": {"acme|r1": {"outcome": "rejected", "account": "rej-1", "cents": -5}},
+}
+
+
+def _rejected_twice(rewound: bool) -> Evidence:
+    """The original rejected (its dead letter sent), PostgreSQL forgot it, the copy decided."""
+    ev = Evidence()
+    ev.topics = {
+        "req": [_rec(0, chaos_id="0"), _rec(1, chaos_id="1")],
+        "req.dlq": [
+            _rec(0, x_source="req/0/0", x_reason="rejected", chaos_id="0"),
+            _rec(1, x_source="req/0/1", x_reason="rejected", chaos_id="1"),
+        ],
+        "req.conflicts": [],
+        "settled": [],
+        "settled.dlq": [],
+    }
+    ev.inbox = {
+        ("payments.settle@acme", "r1"): {
+            "status": "rejected",
+            "topic": "req",
+            "partition": 0,
+            "offset": 1,
+        }
+    }
+    ev.offsets = {("payments", "req", 0): 2}
+    ev.db_rewound = rewound
+    return ev
+
+
+def test_a_rejection_repeated_after_postgres_lost_the_first_is_counted_not_reported() -> None:
+    res = check(REJECTED, _rejected_twice(rewound=True), N)
+    assert res.ok, res.violations
+    assert res.counts["rejections_repeated"] == 1 and res.counts["rejected"] == 1
+
+
+def test_a_rejection_repeated_without_a_lost_database_is_reported() -> None:
+    res = check(REJECTED, _rejected_twice(rewound=False), N)
+    assert res.violations.get("unexpected_dead_letters") == 1, res.violations
