@@ -29,7 +29,7 @@ DEFAULT_RANDOM_FAULTS = (
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.chaos", description=__doc__)
     p.add_argument("--records", type=int, default=20_000, help="records on the input topic")
-    p.add_argument("--faults", type=int, default=14, help="scheduled faults in the main run")
+    p.add_argument("--faults", type=int, default=20, help="scheduled faults in the main run")
     p.add_argument(
         "--kinds", default="", help="comma-separated scheduled faults (overrides --faults)"
     )
@@ -62,6 +62,13 @@ def _kinds(spec: str) -> list[str] | None:
 async def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     inst = Instance(args.instance, args.port_base)
+    if clash := inst.ephemeral_ports():
+        logging.getLogger("chaos").warning(
+            "ports %s are in net.ipv4.ip_local_port_range: any outgoing connection may hold "
+            "one, and a service restart then fails to bind; pick a --port-base whose ports "
+            "are outside it (the default 20000 is)",
+            clash,
+        )
     out = args.out or ROOT / "out" / "chaos" / f"seed-{args.seed}"
     duration = args.duration or max(20.0, args.records / 20_000 * 150)
     main_cfg = campaign.RunConfig(

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ import asyncpg
 from scripts.chaos import checker, collect, workload
 from scripts.chaos.faults import ONE_OFF, Injector, describe, schedule
 from scripts.chaos.fleet import ROOT, Fleet, reap_leftovers
+from scripts.chaos.pg_failover import Cluster, Failovers
+from scripts.chaos.pg_proxy import PgProxy
 from scripts.chaos.producer import Producer, create_topics
 from scripts.chaos.services import Instance
 
@@ -106,11 +108,11 @@ def _migrate(env: dict[str, str], app_spec: str) -> None:
     )
 
 
-async def _drained(inst: Instance, names: checker.Names) -> bool:
+async def _drained(inst: Instance, dsn: str, names: checker.Names) -> bool:
     """Everything produced is consumed, relayed, and consumed downstream."""
     topics = {names.requested: PARTITIONS, names.settled: SETTLED_PARTITIONS}
     ends = await collect.end_offsets(inst.bootstrap, topics)
-    conn = await asyncpg.connect(inst.dsn, timeout=5)
+    conn = await asyncpg.connect(dsn, timeout=5)
     try:
         stored = await collect.stored_offsets(conn)
         pending = await collect.outbox_pending(conn)
@@ -120,17 +122,19 @@ async def _drained(inst: Instance, names: checker.Names) -> bool:
         return False
     for (topic, part), end in ends.items():
         group = names.group if topic == names.requested else names.downstream_group
-        if end and stored.get((group, topic, part), 0) < end:
+        # Beyond the end is not drained either: a position a deleted incarnation of the topic
+        # reached, that nothing has consumed the re-created topic up to (topic_recreate).
+        if stored.get((group, topic, part), 0) != end:
             return False
     return True
 
 
-async def _wait_drained(inst: Instance, names: checker.Names, timeout_s: float) -> bool:
+async def _wait_drained(inst: Instance, dsn: str, names: checker.Names, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     streak = 0
     while time.monotonic() < deadline:
         try:
-            streak = streak + 1 if await _drained(inst, names) else 0
+            streak = streak + 1 if await _drained(inst, dsn, names) else 0
         except Exception as exc:  # a service still coming back after the last fault
             log.info("drain check: %s: %s", type(exc).__name__, exc)
             streak = 0
@@ -168,6 +172,16 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
         topics[base + ".dlq"] = topics[base + ".conflicts"] = 3
     await create_topics(inst.bootstrap, topics)
     env = process_env(inst, cfg)
+    kinds = cfg.kinds or schedule(cfg.faults, rng)
+    # With a failover scheduled, every DSN of the run names the campaign's proxy, which the
+    # failover switches to the promoted standby.
+    dsn, failovers = inst.dsn, None
+    if any(k.startswith("postgres_failover") for k in kinds):
+        proxy = PgProxy(inst.port_base + 5431, inst.ports["pg"])
+        await proxy.start()
+        dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/consumer"
+        env["CONSUMER_POSTGRES_DSN"] = dsn
+        failovers = Failovers(inst, proxy, Cluster(inst.ports["pg"], _pg_data(inst)))
     await asyncio.to_thread(_migrate, env, PAYMENTS_APP)
     await asyncio.to_thread(_migrate, env, DOWNSTREAM_APP)
 
@@ -176,10 +190,21 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     log.info("[%s] workload: %s", cfg.name, wl.counts())
 
     fleet = Fleet(cfg.out / "logs", env, pidfile)
-    injector = Injector(
-        fleet, inst, PAYMENTS_APP, pause_s=_pause_s(), rng=random.Random(cfg.seed + 1)
-    )
     producer = Producer(inst.bootstrap, {"requested": names.requested, "settled": names.settled})
+    injector = Injector(
+        fleet,
+        inst,
+        PAYMENTS_APP,
+        pause_s=_pause_s(),
+        rng=random.Random(cfg.seed + 1),
+        topic=names.requested,
+        partitions=PARTITIONS,
+        producer=producer,
+        group=names.group,
+        originals={str(r.id): r for r in wl.records if r.target == "requested"},
+        failovers=failovers,
+        dsn=dsn,
+    )
     drained = False
     try:
         fleet.start("payments", ["run", PAYMENTS_APP, "--workers", str(cfg.workers)])
@@ -189,10 +214,10 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
         chunk = workload.chunk_size(cfg.records)
         await asyncio.gather(
             producer.run(wl, chunk, cfg.duration_s),
-            injector.run(cfg.kinds or schedule(cfg.faults, rng), cfg.duration_s),
+            injector.run(kinds, cfg.duration_s),
         )
         log.info("[%s] produced %d records; draining", cfg.name, producer.sent)
-        drained = await _wait_drained(inst, names, cfg.drain_timeout_s)
+        drained = await _wait_drained(inst, dsn, names, cfg.drain_timeout_s)
         if not drained:
             log.warning("[%s] not drained after %.0fs", cfg.name, cfg.drain_timeout_s)
         await fleet.stop_all()
@@ -204,14 +229,32 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     for proc in fleet.procs.values():
         if not proc.name.startswith(ONE_OFF):  # those crash on purpose, counted as scheduled
             random_points.update(proc.fault_lines())
-    evidence = await collect.collect(inst.bootstrap, inst.dsn, topics)
+    try:
+        evidence = await collect.collect(inst.bootstrap, dsn, topics, injector.extra.unparseable)
+        evidence.db_rewound = any(
+            e.took and e.kind in ("postgres_restore", "postgres_failover_async")
+            for e in injector.events
+        )
+    finally:
+        if failovers is not None:
+            await failovers.proxy.close()
+            await failovers.stop()
+    for gen, retired in enumerate(injector.retired, start=1):
+        evidence.topics[names.requested] += [replace(r, generation=gen) for r in retired.records]
+        evidence.retired_consumed[gen] = retired.consumed
     truth = json.loads((cfg.out / "truth.json").read_text())
+    injector.extra.merge(truth)  # the records the faults produced themselves
+    (cfg.out / "truth.json").write_text(json.dumps(truth, separators=(",", ":")))
     result = checker.check(truth, evidence, names)
     if evidence.outbox_pending:
         result.counts["outbox_pending"] = evidence.outbox_pending
+    counts = wl.counts()
+    # The keys the faults produced (aborted_transactions, unparseable_record) take effect too;
+    # the keys only ever sent in aborted transactions must not.
+    counts["unique_keys"] = sum(1 for k in truth["keys"].values() if k["outcome"] != "never")
     return RunResult(
         cfg,
-        wl.counts(),
+        counts,
         result,
         injector.counts(random_points),
         describe(injector.events),
@@ -220,6 +263,11 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
         {"sent": producer.sent, "resent": producer.resent},
         {n: p.exits for n, p in fleet.procs.items()},
     )
+
+
+def _pg_data(inst: Instance) -> Path:
+    # services.sh may keep the cluster in /var/tmp behind a symlink (see pg_prepare_dir).
+    return (inst.dir / "pg").resolve() / "data"
 
 
 def _pause_s() -> float:

@@ -11,6 +11,9 @@ generator wrote. Two levels:
   with the expected reason. Anything else, including an offset never consumed, is
   *unclassified*.
 
+Records of aborted upstream transactions (the ``aborted_transactions`` fault) take no effect:
+no ledger row, no inbox row, no dead letter; a key only ever aborted stays unknown.
+
 Downstream: every applied payment reaches the downstream table exactly once, however many
 times the relay published it; strays without a key are dead-lettered with ``missing_key``.
 """
@@ -34,6 +37,7 @@ INVARIANTS = (
     "inbox_mismatch",
     "downstream_duplicates",
     "downstream_lost",
+    "aborted_applied",
 )
 
 
@@ -68,17 +72,24 @@ class Result:
         return not self.violations
 
 
-def _by_source(recs: list[Rec]) -> dict[str, set[str]]:
+def _src(r: Rec, with_id: bool) -> str:
+    # With the chaos-id (dead letters and conflict reports keep the original headers): a
+    # re-created topic reuses offsets, so "topic/partition/offset" alone is ambiguous.
+    src = r.headers.get("x-source", "")
+    return f"{src}#{r.headers.get('chaos-id', '')}" if with_id else src
+
+
+def _by_source(recs: list[Rec], with_id: bool = False) -> dict[str, set[str]]:
     out: dict[str, set[str]] = defaultdict(set)
     for r in recs:
-        out[r.headers.get("x-source", "")].add(r.headers.get("x-reason", ""))
+        out[_src(r, with_id)].add(r.headers.get("x-reason", ""))
     return out
 
 
 def _with_both_hashes(recs: list[Rec]) -> set[str]:
     # A conflict report must name both payload hashes (the new one and the stored one).
     return {
-        r.headers.get("x-source", "")
+        _src(r, True)
         for r in recs
         if r.headers.get("x-payload-hash")
         and r.headers.get("x-stored-hash")
@@ -91,8 +102,9 @@ def check(truth: dict[str, Any], ev: Evidence, names: Names) -> Result:
     records: dict[str, dict[str, Any]] = truth["records"]
     keys: dict[str, dict[str, Any]] = truth["keys"]
     topics = ev.topics
-    dlq = _by_source(topics.get(names.requested + ".dlq", []))
-    conflicts = _by_source(topics.get(names.requested + ".conflicts", []))
+    dlq_plain = _by_source(topics.get(names.requested + ".dlq", []))
+    dlq = _by_source(topics.get(names.requested + ".dlq", []), with_id=True)
+    conflicts = _by_source(topics.get(names.requested + ".conflicts", []), with_id=True)
 
     ledger: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for tenant, pid, account, cents in ev.ledger:
@@ -104,6 +116,12 @@ def check(truth: dict[str, Any], ev: Evidence, names: Names) -> Result:
         tenant, _, pid = kid.partition("|")
         rows = ledger.get(kid, [])
         rec = ev.inbox.get((names.ns(tenant), pid))
+        if exp["outcome"] == "never":  # only ever produced in aborted transactions
+            if rows or rec is not None:
+                res.bad("aborted_applied", f"{kid}: aborted only; ledger {rows}, inbox {rec}")
+            else:
+                res.counts["aborted_keys_untouched"] += 1
+            continue
         if exp["outcome"] == "applied":
             if not rows:
                 res.bad("lost", f"{kid}: expected applied, no ledger row (inbox: {rec})")
@@ -124,7 +142,7 @@ def check(truth: dict[str, Any], ev: Evidence, names: Names) -> Result:
                 continue
             res.counts["rejected"] += 1
             src = f"{rec['topic']}/{rec['partition']}/{rec['offset']}"
-            if "rejected" not in dlq.get(src, set()):
+            if "rejected" not in dlq_plain.get(src, set()):
                 res.bad("lost", f"{kid}: rejected at {src} but no dead letter")
     for kid, rows in ledger.items():
         if kid not in keys:
@@ -152,24 +170,47 @@ def _offsets(
     conflict_hashes = _with_both_hashes(ev.topics.get(topic + ".conflicts", []))
     expected_dead: set[str] = set()
     conflict_sources: set[str] = set()
+    rejected_copies: set[str] = set()  # consumed copies of a rejected key, not the deciding one
     seen_ids: Counter[str] = Counter()
     for r in ev.topics.get(topic, []):
-        src = r.source(topic)
         cid = r.headers.get("chaos-id")
+        plain = r.source(topic)
+        src = f"{plain}#{cid or ''}"
         t = records.get(cid or "")
         if t is None:
             res.bad("unclassified", f"{src}: no ground truth (chaos-id {cid!r})")
             continue
-        seen_ids[cid or ""] += 1
-        if r.offset >= ev.offsets.get((names.group, topic, r.partition), 0):
+        expect: str = t["expect"]
+        kid = f"{t.get('tenant')}|{t.get('pid')}"
+        rec = ev.inbox.get((names.ns(t.get("tenant")), t.get("pid", "")))
+        first = rec is not None and (rec["topic"], rec["partition"], rec["offset"]) == (
+            topic,
+            r.partition,
+            r.offset,
+        )
+        if expect == "aborted":  # a read_committed consumer never sees it
+            if src in dlq or src in conflicts or first:
+                res.bad("aborted_applied", f"{src}: record of an aborted transaction consumed")
+            else:
+                res.counts["aborted_offsets"] += 1
+            continue
+        if r.generation:  # a deleted incarnation of the topic (topic_recreate)
+            if r.offset >= ev.retired_consumed[r.generation].get(r.partition, 0):
+                # Destroyed by the deletion before anyone read it: the operator's loss, and
+                # the operator re-produced it into the new topic (counted there).
+                res.counts["lost_by_operator"] += 1
+                continue
+        elif r.offset >= ev.offsets.get((names.group, topic, r.partition), 0):
             res.bad("unclassified", f"{src}: never consumed")
             continue
+        seen_ids[cid or ""] += 1
         res.counts["consumed"] += 1
-        expect: str = t["expect"]
         if expect.startswith("dead:"):
-            expected_dead.add(src)
+            # An unparseable record's dead letter carries its raw bytes, not its headers: no
+            # chaos-id to match, only the source.
+            expected_dead.update((src, f"{plain}#"))
             reason = expect[5:]
-            got = dlq.get(src, set())
+            got = dlq.get(src, set()) | dlq.get(f"{plain}#", set())
             if reason in got:
                 res.counts["dead_lettered"] += 1
                 res.counts[f"dead_lettered:{reason}"] += 1
@@ -185,13 +226,6 @@ def _offsets(
             else:
                 res.bad("unclassified", f"{src}: conflicting copy of {t['pid']} not on .conflicts")
             continue
-        kid = f"{t['tenant']}|{t['pid']}"
-        rec = ev.inbox.get((names.ns(t["tenant"]), t["pid"]))
-        first = rec is not None and (rec["topic"], rec["partition"], rec["offset"]) == (
-            topic,
-            r.partition,
-            r.offset,
-        )
         if keys[kid]["outcome"] == "applied":
             if kid not in applied_keys:
                 res.bad("unclassified", f"{src}: key {kid} never applied")
@@ -207,9 +241,16 @@ def _offsets(
             else:
                 res.bad("unclassified", f"{src}: rejected here but no dead letter")
         else:
+            rejected_copies.add(src)
             res.counts["duplicate_offsets"] += 1
     for src, reasons in dlq.items():
-        if src not in expected_dead:
+        if src in expected_dead:
+            continue
+        if ev.db_rewound and src in rejected_copies and reasons == {"rejected"}:
+            # Rejected before PostgreSQL lost the rejection, rejected again after it at
+            # another copy (which the inbox now names): the same verdict, sent twice.
+            res.counts["rejections_repeated"] += 1
+        else:
             res.bad("unexpected_dead_letters", f"{src}: dead-lettered ({sorted(reasons)})")
     for src in conflicts:
         if src not in conflict_sources:

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,7 @@ class Rec:
     key: bytes | None
     value: bytes | None
     headers: dict[str, str]
+    generation: int = 0  # 0: the topic as it is now; k: its k-th deleted incarnation
 
     def source(self, topic: str) -> str:
         return f"{topic}/{self.partition}/{self.offset}"
@@ -37,6 +39,12 @@ class Evidence:
     offsets: dict[tuple[str, str, int], int] = field(default_factory=dict)
     outbox_pending: int = 0
     downstream: list[dict[str, Any]] = field(default_factory=list)
+    # generation -> partition -> stored position when that incarnation was deleted
+    retired_consumed: dict[int, dict[int, int]] = field(default_factory=dict)
+    # PostgreSQL lost committed transactions (postgres_restore, postgres_failover_async): a
+    # rejection it forgot is decided again, maybe at another copy of the key, which is
+    # dead-lettered too. The first dead letter is out in Kafka already (at least once).
+    db_rewound: bool = False
 
 
 def _headers(raw: Any) -> dict[str, str]:
@@ -58,30 +66,92 @@ async def end_offsets(bootstrap: str, topics: dict[str, int]) -> dict[tuple[str,
         await consumer.stop()
 
 
-async def read_topic(bootstrap: str, topic: str, partitions: int) -> list[Rec]:
-    """Every record of ``topic``, from offset 0 to the current end of each partition."""
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    unparseable: dict[tuple[int, int], dict[str, str]] | None = None,
+) -> list[Rec]:
+    """Every record of ``topic``, from offset 0 to the current end of each partition.
+
+    ``unparseable`` names records aiokafka cannot parse (a header name that is not UTF-8,
+    put there by the ``unparseable_record`` fault), by ``(partition, offset)``, with the
+    headers to report for them. aiokafka raises on a fetch that contains one, without
+    returning the records before it, so around them the partition is read one record batch
+    per fetch until the fetch that raises is the unparseable record's alone.
+    """
+    unparseable = unparseable or {}
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
     )
+    # One batch per fetch (the broker always returns at least one whole batch).
+    careful = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=1,
+    )
     await consumer.start()
+    await careful.start()
     out: list[Rec] = []
     try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        left = {tp for tp in tps if ends[tp] > 0}
-        while left:
-            batch = await consumer.getmany(*left, timeout_ms=1000, max_records=5000)
-            for recs in batch.values():
-                for r in recs:
-                    out.append(Rec(r.partition, r.offset, r.key, r.value, _headers(r.headers)))
-            for tp in list(left):
-                if await consumer.position(tp) >= ends[tp]:
-                    left.discard(tp)
+        for p in range(partitions):
+            tp = TopicPartition(topic, p)
+            end = (await consumer.end_offsets([tp]))[tp]
+            pos = 0
+            while pos < end:
+                pos = await _read_from(consumer, tp, pos, end, out)
+                if pos < end:  # a fetch at pos raised: find the record that cannot be parsed
+                    pos = await _read_around(careful, tp, pos, end, out, unparseable)
     finally:
         await consumer.stop()
+        await careful.stop()
     return out
+
+
+async def _read_from(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, pos: int, end: int, out: list[Rec]
+) -> int:
+    """Read ``tp`` from ``pos`` towards ``end``; the position reached (short of ``end`` if a
+    fetch raised)."""
+    consumer.assign([tp])
+    consumer.seek(tp, pos)
+    while pos < end:
+        try:
+            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+        except (UnicodeDecodeError, KafkaError):
+            return pos
+        for r in batch.get(tp, []):
+            out.append(Rec(r.partition, r.offset, r.key, r.value, _headers(r.headers)))
+        pos = await consumer.position(tp)
+    return pos
+
+
+async def _read_around(
+    careful: AIOKafkaConsumer,
+    tp: TopicPartition,
+    pos: int,
+    end: int,
+    out: list[Rec],
+    unparseable: dict[tuple[int, int], dict[str, str]],
+) -> int:
+    careful.assign([tp])
+    careful.seek(tp, pos)
+    while True:
+        try:
+            batch = await careful.getmany(tp, timeout_ms=1000, max_records=5000)
+        except (UnicodeDecodeError, KafkaError) as exc:
+            at = await careful.position(tp)
+            headers = unparseable.get((tp.partition, at))
+            if headers is None:
+                raise RuntimeError(f"{tp.topic}/{tp.partition}/{at}: cannot parse ({exc})") from exc
+            out.append(Rec(tp.partition, at, None, None, headers))
+            return at + 1
+        for r in batch.get(tp, []):
+            out.append(Rec(r.partition, r.offset, r.key, r.value, _headers(r.headers)))
+        pos = await careful.position(tp)
+        if pos >= end:
+            return pos
 
 
 async def stored_offsets(conn: asyncpg.Connection) -> dict[tuple[str, str, int], int]:
@@ -93,11 +163,17 @@ async def outbox_pending(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM dedup.outbox WHERE published_at IS NULL"))
 
 
-async def collect(bootstrap: str, dsn: str, topics: dict[str, int]) -> Evidence:
-    """Read ``{topic: partitions}`` and the tables."""
+async def collect(
+    bootstrap: str,
+    dsn: str,
+    topics: dict[str, int],
+    unparseable: dict[tuple[str, int, int], dict[str, str]] | None = None,
+) -> Evidence:
+    """Read ``{topic: partitions}`` and the tables (``unparseable``: see :func:`read_topic`)."""
     ev = Evidence()
     for t, n in topics.items():
-        ev.topics[t] = await read_topic(bootstrap, t, n)
+        known = {(p, o): h for (tt, p, o), h in (unparseable or {}).items() if tt == t}
+        ev.topics[t] = await read_topic(bootstrap, t, n, known)
     conn = await asyncpg.connect(dsn)
     try:
         ev.ledger = [

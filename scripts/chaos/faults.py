@@ -19,48 +19,66 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from scripts.chaos.fleet import Fleet, Proc
+from scripts.chaos import kafka_faults, pg_faults, topic_recreate
+from scripts.chaos.fleet import ROOT, Fleet, Proc
+from scripts.chaos.pg_failover import Failovers
+from scripts.chaos.producer import Producer
 from scripts.chaos.services import Instance
+from scripts.chaos.topic_recreate import Retired
+from scripts.chaos.workload import Extra, Record
 
 log = logging.getLogger("chaos.faults")
 
-# The default run's 14, in an order that spreads the heavy ones (broker, database) apart.
+# The default run's 20, in an order that spreads the heavy ones (broker, database) apart.
+# The database faults that replace the database (restore, failovers) come after the plain
+# restart: after a failover the services' own PostgreSQL is gone.
 DEFAULT_ORDER = (
     "worker_kill",
     "broker_restart",
+    "aborted_transactions",
     "point_after_commit",
     "redis_restart",
     "rebalance_add",
     "worker_pause",
     "postgres_restart",
+    "unparseable_record",
     "point_before_commit",
     "relay_kill_after_ack",
+    "topic_recreate",
     "redis_flushall",
+    "postgres_restore",
     "rebalance_remove",
     "point_mid_handler",
+    "postgres_failover_sync",
     "downstream_kill",
     "worker_kill",
+    "postgres_failover_async",
 )
 KINDS = tuple(dict.fromkeys(DEFAULT_ORDER))
+# Replace the services' database: after the first failover, restarts and restores are moot.
+PG_REPLACING = ("postgres_restore", "postgres_failover_sync", "postgres_failover_async")
 # Names of the processes started to crash at a fault point (their crashes are scheduled ones).
 ONE_OFF = ("crash-", "relay-crash")
 
 
 def schedule(n: int, rng: random.Random) -> list[str]:
-    """``n`` fault kinds: every kind once before any repeats (the default order for 14)."""
+    """``n`` fault kinds: every kind once before any repeats (the default order for 20)."""
     if n == len(DEFAULT_ORDER):
         return list(DEFAULT_ORDER)
     kinds = list(KINDS)
     rng.shuffle(kinds)
     out = kinds[:n]
     while len(out) < n:
-        out.append(rng.choice([k for k in KINDS if not k.startswith("rebalance")]))
+        again = [k for k in KINDS if not k.startswith("rebalance") and k not in PG_REPLACING]
+        out.append(rng.choice(again))
     # An added worker must exist before one is removed.
     if "rebalance_remove" in out and "rebalance_add" in out:
         a, r = out.index("rebalance_add"), out.index("rebalance_remove")
         if r < a:
             out[a], out[r] = out[r], out[a]
-    return out
+    # Plain PostgreSQL restarts before anything replaces the database, failovers last.
+    plain = [k for k in out if k not in PG_REPLACING]
+    return plain + [k for k in PG_REPLACING if k in out]
 
 
 @dataclass
@@ -78,6 +96,15 @@ class Injector:
     app_spec: str
     pause_s: float
     rng: random.Random
+    topic: str = ""  # the input topic, for the faults that produce records themselves
+    partitions: int = 6
+    extra: Extra = field(default_factory=Extra)  # their ground truth
+    producer: Producer | None = None  # paused by topic_recreate
+    group: str = ""
+    originals: dict[str, Record] = field(default_factory=dict)  # chaos-id -> what was sent
+    retired: list[Retired] = field(default_factory=list)  # deleted incarnations of the topic
+    failovers: Failovers | None = None  # set when a failover is scheduled (the DSN is a proxy)
+    dsn: str = ""  # the DSN of the run (the proxy's, with a failover scheduled)
     t0: float = field(default_factory=time.monotonic)
     events: list[Event] = field(default_factory=list)
     _extra: list[str] = field(default_factory=list)
@@ -170,6 +197,8 @@ class Injector:
         return "FLUSHALL", True
 
     async def _postgres_restart(self) -> tuple[str, bool]:
+        if why := self._after_failover():
+            return why, False
         s = await self.instance.script("restart-pg-immediate")
         return f"PostgreSQL restarted in immediate mode in {s:.1f}s", True
 
@@ -210,6 +239,64 @@ class Injector:
     async def _relay_kill_after_ack(self) -> tuple[str, bool]:
         name = self._name("relay-crash")
         return await self._one_off(name, ["relay", self.app_spec], "relay_after_ack=1")
+
+    async def _aborted_transactions(self) -> tuple[str, bool]:
+        tag = self._name("txn")
+        bootstrap = self.instance.bootstrap
+        detail = await kafka_faults.aborted_transactions(
+            bootstrap, self.topic, self.extra, tag, self.partitions
+        )
+        return detail, True
+
+    async def _unparseable_record(self) -> tuple[str, bool]:
+        tag = self._name("raw")
+        bootstrap = self.instance.bootstrap
+        detail = await kafka_faults.unparseable_record(
+            bootstrap, self.topic, self.extra, tag, self.partitions
+        )
+        return detail, True
+
+    async def _topic_recreate(self) -> tuple[str, bool]:
+        assert self.producer is not None
+        originals = {**self.originals, **self.extra.resendable}
+        retired, detail, took = await topic_recreate.recreate(
+            bootstrap=self.instance.bootstrap,
+            dsn=self.dsn or self.instance.dsn,
+            topic=self.topic,
+            partitions=self.partitions,
+            group=self.group,
+            producer=self.producer,
+            originals=originals,
+            unparseable={(p, o): h for (t, p, o), h in self.extra.unparseable.items()},
+            logs=[p.log for p in self.fleet.procs.values()],
+            app_spec=self.app_spec,
+            env=self.fleet.env,
+            cwd=ROOT,
+        )
+        self.retired.append(retired)
+        # The retired generation's unparseable records are evidence of that generation only.
+        self.extra.unparseable = {}
+        return detail, took
+
+    def _after_failover(self) -> str | None:
+        if self.failovers is not None and self.failovers.started:
+            return "after a failover the services' PostgreSQL is gone: not injected"
+        return None
+
+    async def _postgres_restore(self) -> tuple[str, bool]:
+        if why := self._after_failover():
+            return why, False
+        return await pg_faults.restore(self.instance), True
+
+    async def _postgres_failover_sync(self) -> tuple[str, bool]:
+        if self.failovers is None:
+            return "no proxy in front of PostgreSQL", False
+        return await self.failovers.failover(synchronous=True), True
+
+    async def _postgres_failover_async(self) -> tuple[str, bool]:
+        if self.failovers is None:
+            return "no proxy in front of PostgreSQL", False
+        return await self.failovers.failover(synchronous=False), True
 
 
 def describe(events: list[Event]) -> list[dict[str, Any]]:

@@ -44,6 +44,11 @@ class Producer:
         self.sent = 0
         self.resent = 0
         self._producer: AIOKafkaProducer | None = None
+        # Cleared by a fault that needs the topic quiet (re-creating it); bursts wait for it.
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.idle = asyncio.Event()  # set between bursts
+        self.idle.set()
 
     async def _client(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -80,6 +85,14 @@ class Producer:
         results = await asyncio.gather(*futures, return_exceptions=True)
         return [r for r, res in zip(records, results, strict=True) if isinstance(res, Exception)]
 
+    async def pause(self) -> None:
+        """Hold production after the burst in flight; :meth:`resume` lets it go on."""
+        self.gate.clear()
+        await self.idle.wait()
+
+    def resume(self) -> None:
+        self.gate.set()
+
     async def send_burst(self, records: Sequence[Record], deadline_s: float = 300) -> None:
         pending = list(records)
         give_up = time.monotonic() + deadline_s
@@ -111,7 +124,12 @@ class Producer:
         for n, burst in enumerate(bursts):
             due = t0 + duration_s * n / max(len(bursts), 1)
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            await self.send_burst(burst)
+            await self.gate.wait()
+            self.idle.clear()
+            try:
+                await self.send_burst(burst)
+            finally:
+                self.idle.set()
             if progress is not None:
                 progress((n + 1) / len(bursts))
         await self.close()

@@ -57,6 +57,10 @@ def summary(main: RunResult, broken: RunResult | None, seconds: float) -> dict[s
         "downstream_lost": c["downstream_lost"],
         "relay_republished": c["relay_republished"],
         "producer_copies": c["producer_copies"],
+        "aborted_applied": c["aborted_applied"],
+        "aborted_offsets": c["aborted_offsets"],
+        "lost_by_operator": c["lost_by_operator"],
+        "rejections_repeated": c["rejections_repeated"],
         "drained": main.drained,
         "checker_caught_broken_build": int(caught(broken)),
         "broken_build_violations": broken.check.violations if broken else None,
@@ -104,6 +108,9 @@ def render(main: RunResult, broken: RunResult | None, s: dict[str, Any]) -> None
         "conflict_offsets",
         "dead_lettered",
         "relay_republished",
+        "aborted_offsets",
+        "lost_by_operator",
+        "rejections_repeated",
         *INVARIANTS,
     ]
     for k in shown:

@@ -325,3 +325,65 @@ def chunk_size(total: int) -> int:
 def build(seed: int, total: int, partitions: int = 6, shares: Shares | None = None) -> Workload:
     """The workload for ``total`` records on the requested topic (plus a few downstream)."""
     return _Builder(seed, total, partitions, shares or Shares()).build()
+
+
+@dataclass
+class Extra:
+    """Ground truth added while the run goes, for the records the faults produce themselves.
+
+    Ids are strings that cannot collide with the workload's numeric ``chaos-id``s.
+    """
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (topic, partition, offset) -> headers, of records the Kafka client cannot parse
+    unparseable: dict[tuple[str, int, int], dict[str, str]] = field(default_factory=dict)
+    # chaos-id -> the record as sent, for those an operator may send again as they are
+    # (not the aborted ones, nor the unparseable one: a plain copy would be another record)
+    resendable: dict[str, Record] = field(default_factory=dict)
+
+    def payment(
+        self,
+        cid: str,
+        pid: str,
+        cents: int,
+        partitions: int,
+        truth: dict[str, Any],
+        outcome: str | None = "applied",
+        tenant: str = TENANTS[0],
+        account: str = "acc-7",
+    ) -> Record:
+        """A msgpack payment on ``pid``'s partition; ``outcome`` None leaves the key's truth."""
+        body = {
+            "schema_version": 1,
+            "payment_id": pid,
+            "account": account,
+            "cents": cents,
+            "currency": "EUR",
+            "memo": "",
+            "sent_at": "2025-01-01T00:00:00+00:00",
+            "trace_id": "0" * 16,
+        }
+        headers = [
+            ("tenant", tenant.encode()),
+            ("content-type", CONTENT_MSGPACK.encode()),
+            ("chaos-id", cid.encode()),
+        ]
+        part = partition_of(pid, partitions)
+        self.records[cid] = {"target": "requested", "tenant": tenant, "pid": pid, **truth}
+        if outcome is not None:
+            self.keys[key_id(tenant, pid)] = {
+                "outcome": outcome,
+                "account": account,
+                "cents": cents,
+                "twin": False,
+            }
+        value = msgpack.packb(body, use_bin_type=True)
+        rec = Record(0, "requested", part, pid.encode(), value, headers, self.records[cid])
+        if truth["expect"] == "key":
+            self.resendable[cid] = rec
+        return rec
+
+    def merge(self, truth: dict[str, Any]) -> None:
+        truth["records"].update(self.records)
+        truth["keys"].update(self.keys)

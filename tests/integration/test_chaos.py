@@ -1,7 +1,7 @@
 """The chaos campaign, small: exactly once under real faults, and a checker that bites.
 
 Runs ``python -m scripts.chaos`` on its own services instance (``.services/chaos-test``, ports
-39092/36379/35432: never the shared one, which it kills and restarts), with 3,000 records, six
+30092/27379/26432: never the shared one, which it kills and restarts), with 3,000 records, eight
 kinds of scheduled faults plus random crashes at the fault points, then the broken build.
 The campaign's last stdout line is its JSON summary; the assertions read that.
 """
@@ -21,6 +21,13 @@ from scripts.chaos.checker import INVARIANTS
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+# Ports 30092/30093/27379/26432: below net.ipv4.ip_local_port_range (32768-60999 by default).
+# Ports inside it (base 30000 gave 39092 and 35432) can be any outgoing connection's local
+# port, or its TIME_WAIT's for 60 s, and the campaign's restarts then fail to bind them: the
+# CI flake of issue 13 (Instance.ephemeral_ports). Overridable so that two checkouts can run
+# this test at the same time on different ports.
+DEFAULT_PORT_BASE = "21000"
+PORT_BASE = os.environ.get("CHAOS_TEST_PORT_BASE") or DEFAULT_PORT_BASE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,6 +38,10 @@ KINDS = (
     "broker_restart",
     "point_after_commit",
     "relay_kill_after_ack",
+    # cheap ones of issue 13 (a few records each; the restore, failovers and topic
+    # re-creation are left to `make chaos`, which is slower)
+    "aborted_transactions",
+    "unparseable_record",
 )
 
 
@@ -52,7 +63,7 @@ def test_exactly_once_under_faults_and_the_broken_build_is_caught(tmp_path: Path
         pytest.skip(msg)
     argv = [sys.executable, "-m", "scripts.chaos", "--records", "3000", "--workers", "2"]
     argv += ["--kinds", ",".join(KINDS), "--seed", "11", "--duration", "30"]
-    argv += ["--broken-records", "1000", "--instance", "chaos-test", "--port-base", "30000"]
+    argv += ["--broken-records", "1000", "--instance", "chaos-test", "--port-base", PORT_BASE]
     argv += ["--out", str(tmp_path)]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=840)
     lines = proc.stdout.strip().splitlines()

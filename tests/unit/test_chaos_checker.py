@@ -33,9 +33,17 @@ def evidence() -> Evidence:
     ev = Evidence()
     ev.topics = {
         "req": [_rec(i, chaos_id=str(i)) for i in range(4)],
-        "req.dlq": [_rec(0, x_source="req/0/3", x_reason="undecodable")],
+        # Dead letters and conflict reports keep the original headers, chaos-id included.
+        "req.dlq": [_rec(0, x_source="req/0/3", x_reason="undecodable", chaos_id="3")],
         "req.conflicts": [
-            _rec(0, x_source="req/0/2", x_reason="conflict", x_payload_hash="b", x_stored_hash="a")
+            _rec(
+                0,
+                x_source="req/0/2",
+                x_reason="conflict",
+                x_payload_hash="b",
+                x_stored_hash="a",
+                chaos_id="2",
+            )
         ],
         "settled": [_rec(0, idempotency_key=IK), _rec(1, idempotency_key=IK)],  # relay re-send
         "settled.dlq": [],
@@ -83,7 +91,7 @@ def _no_dead_letter(ev: Evidence) -> None:
 
 
 def _conflict_without_hashes(ev: Evidence) -> None:
-    ev.topics["req.conflicts"] = [_rec(0, x_source="req/0/2", x_reason="conflict")]
+    ev.topics["req.conflicts"] = [_rec(0, x_source="req/0/2", x_reason="conflict", chaos_id="2")]
 
 
 def _downstream_twice(ev: Evidence) -> None:
@@ -91,7 +99,7 @@ def _downstream_twice(ev: Evidence) -> None:
 
 
 def _wrongly_dead_lettered(ev: Evidence) -> None:
-    ev.topics["req.dlq"].append(_rec(1, x_source="req/0/1", x_reason="rejected"))
+    ev.topics["req.dlq"].append(_rec(1, x_source="req/0/1", x_reason="rejected", chaos_id="1"))
 
 
 @pytest.mark.parametrize(
@@ -113,3 +121,135 @@ def test_each_violation_is_reported(breakage: Callable[[Evidence], None], violat
     res = check(TRUTH, ev, N)
     assert not res.ok
     assert res.violations.get(violation, 0) >= 1, res.violations
+
+
+# ---------------------------------------------------------------- aborted transactions
+
+ABORTED: dict[str, Any] = {
+    "records": {
+        **TRUTH["records"],
+        "t-a0": {"kind": "aborted", "tenant": "acme", "pid": "t0", "expect": "aborted"},
+    },
+    "keys": {**TRUTH["keys"], "acme|t0": {"outcome": "never", "account": "a", "cents": 1}},
+}
+
+
+def _with_aborted(ev: Evidence) -> Evidence:
+    # The aborted record sits at offset 4; a read_committed consumer goes past it.
+    ev.topics["req"].append(_rec(4, chaos_id="t-a0"))
+    ev.offsets[("payments", "req", 0)] = 6  # past the abort marker at 5
+    return ev
+
+
+def test_aborted_records_left_alone_are_counted_not_reported() -> None:
+    res = check(ABORTED, _with_aborted(evidence()), N)
+    assert res.ok, res.violations
+    assert res.counts["aborted_offsets"] == 1 and res.counts["aborted_keys_untouched"] == 1
+
+
+def test_an_applied_aborted_record_is_reported() -> None:
+    ev = _with_aborted(evidence())
+    ev.ledger.append(("acme", "t0", "a", 1))
+    ev.inbox[("payments.settle@acme", "t0")] = {
+        "status": "done",
+        "topic": "req",
+        "partition": 0,
+        "offset": 4,
+    }
+    res = check(ABORTED, ev, N)
+    assert res.violations.get("aborted_applied", 0) == 2, res.violations
+
+
+# ---------------------------------------------------------------- a re-created topic
+
+
+def _recreated(ev: Evidence) -> Evidence:
+    """Offsets 0-3 are the retired generation (consumed up to 2: records 2 and 3 were
+    destroyed unread); the re-created topic holds 2 and 3 again, re-produced at 0 and 1."""
+    old = ev.topics["req"]
+    ev.topics["req"] = [_rec(0, chaos_id="2"), _rec(1, chaos_id="3")]
+    ev.topics["req"] += [Rec(r.partition, r.offset, None, b"", r.headers, 1) for r in old]
+    ev.retired_consumed = {1: {0: 2}}
+    ev.topics["req.dlq"] = [_rec(0, x_source="req/0/1", x_reason="undecodable", chaos_id="3")]
+    ev.topics["req.conflicts"][0] = _rec(
+        0,
+        x_source="req/0/0",
+        x_reason="conflict",
+        x_payload_hash="b",
+        x_stored_hash="a",
+        chaos_id="2",
+    )
+    ev.offsets[("payments", "req", 0)] = 2
+    return ev
+
+
+def test_records_destroyed_by_a_deletion_and_reproduced_are_the_operators() -> None:
+    res = check(TRUTH, _recreated(evidence()), N)
+    assert res.ok, res.violations
+    assert res.counts["lost_by_operator"] == 2 and res.counts["consumed"] == 4
+
+
+def test_a_reused_offset_does_not_stand_for_another_records_dead_letter() -> None:
+    ev = _recreated(evidence())
+    # The new generation's record at offset 1 skipped; the retired generation's offset 1
+    # (record 1, a duplicate) has no dead letter: it must not count for record 3.
+    ev.topics["req.dlq"] = [_rec(0, x_source="req/0/1", x_reason="undecodable", chaos_id="1")]
+    res = check(TRUTH, ev, N)
+    assert res.violations.get("unclassified", 0) >= 1, res.violations
+
+
+def test_a_dead_letter_without_the_records_headers_counts_by_its_source() -> None:
+    # An unparseable record is dead-lettered with its raw bytes: no chaos-id header.
+    ev = evidence()
+    ev.topics["req.dlq"] = [_rec(0, x_source="req/0/3", x_reason="undecodable")]
+    res = check(TRUTH, ev, N)
+    assert res.ok, res.violations
+    assert res.counts["dead_lettered:undecodable"] == 1
+
+
+# ---------------------------------------------------------------- PostgreSQL rewound
+
+REJECTED: dict[str, Any] = {
+    "records": {
+        "0": {"kind": "original", "tenant": "acme", "pid": "r1", "expect": "key"},
+        "1": {"kind": "duplicate", "tenant": "acme", "pid": "r1", "expect": "key"},
+    },
+    "keys": {"acme|r1": {"outcome": "rejected", "account": "rej-1", "cents": -5}},
+}
+
+
+def _rejected_twice(rewound: bool) -> Evidence:
+    """The original rejected (its dead letter sent), PostgreSQL forgot it, the copy decided."""
+    ev = Evidence()
+    ev.topics = {
+        "req": [_rec(0, chaos_id="0"), _rec(1, chaos_id="1")],
+        "req.dlq": [
+            _rec(0, x_source="req/0/0", x_reason="rejected", chaos_id="0"),
+            _rec(1, x_source="req/0/1", x_reason="rejected", chaos_id="1"),
+        ],
+        "req.conflicts": [],
+        "settled": [],
+        "settled.dlq": [],
+    }
+    ev.inbox = {
+        ("payments.settle@acme", "r1"): {
+            "status": "rejected",
+            "topic": "req",
+            "partition": 0,
+            "offset": 1,
+        }
+    }
+    ev.offsets = {("payments", "req", 0): 2}
+    ev.db_rewound = rewound
+    return ev
+
+
+def test_a_rejection_repeated_after_postgres_lost_the_first_is_counted_not_reported() -> None:
+    res = check(REJECTED, _rejected_twice(rewound=True), N)
+    assert res.ok, res.violations
+    assert res.counts["rejections_repeated"] == 1 and res.counts["rejected"] == 1
+
+
+def test_a_rejection_repeated_without_a_lost_database_is_reported() -> None:
+    res = check(REJECTED, _rejected_twice(rewound=False), N)
+    assert res.violations.get("unexpected_dead_letters") == 1, res.violations
