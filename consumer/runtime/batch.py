@@ -125,8 +125,25 @@ class BatchProcessor:
         for it in items:
             if it.ident is not None:
                 leaders.setdefault(it.ident.ident, it)
+        mine, busy = await self._coalesce(leaders)
+        try:
+            result = await self._route(items, leaders, busy)
+        finally:
+            for ident, fut in mine.items():
+                fut.set_result(None)
+                del self.inflight[ident]
+        result.duration_s = time.monotonic() - started
+        for h_ in result.handled:
+            self.unstorable.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
+        if any(h_.outcome is not Outcome.FAILED for h_ in result.handled):
+            self.refused_in_a_row.pop((records[0].topic, records[0].partition), None)
+        return result
 
-        # Copies of a key being handled by another batch of this process: await that result.
+    async def _coalesce(
+        self, leaders: dict[Ident, Item]
+    ) -> tuple[dict[Ident, asyncio.Future[None]], set[Ident]]:
+        """Copies of a key another batch of this process is handling: await that result
+        (bounded). Returns the keys this batch now handles, and those still busy."""
         deadline = time.monotonic() + self.settings.lease_wait_ms / 1000
         while others := [self.inflight[i] for i in leaders if i in self.inflight]:
             remaining = deadline - time.monotonic()
@@ -140,34 +157,28 @@ class BatchProcessor:
                 busy.add(ident)
             else:
                 mine[ident] = self.inflight[ident] = asyncio.get_running_loop().create_future()
+        return mine, busy
+
+    async def _route(
+        self, items: list[Item], leaders: dict[Ident, Item], busy: set[Ident]
+    ) -> BatchResult:
+        """The batch as one transaction, or record by record when a value of one of them
+        was refused by a statement they share (runtime/poison.py)."""
 
         def alone(it: Item) -> Awaitable[BatchResult]:
             one = {it.ident.ident: it} if it.ident else {}
             return self._process([it], one, {i for i in busy if i in one})
 
         first = items[0].msg
-        try:
-            if (first.topic, first.partition, first.offset) in self.unstorable:
-                # Its last batch was refused on this record's value: it goes alone first.
-                result = await poison.isolate(items, alone, self._give_up)
-            else:
-                result = await self._process(items, leaders, busy)
-                if result.poisoned:  # refused on a record's value: find it (runtime/poison.py)
-                    result = await (
-                        self._give_up(items[0], result)
-                        if len(items) == 1
-                        else poison.isolate(items, alone, self._give_up)
-                    )
-        finally:
-            for ident, fut in mine.items():
-                fut.set_result(None)
-                del self.inflight[ident]
-        result.duration_s = time.monotonic() - started
-        for h_ in result.handled:
-            self.unstorable.pop((h_.message.topic, h_.message.partition, h_.message.offset), None)
-        if any(h_.outcome is not Outcome.FAILED for h_ in result.handled):
-            self.refused_in_a_row.pop((first.topic, first.partition), None)
-        return result
+        if (first.topic, first.partition, first.offset) in self.unstorable:
+            # Its last batch was refused on this record's value: it goes alone first.
+            return await poison.isolate(items, alone, self._give_up)
+        result = await self._process(items, leaders, busy)
+        if not result.poisoned:
+            return result
+        if len(items) == 1:
+            return await self._give_up(items[0], result)
+        return await poison.isolate(items, alone, self._give_up)
 
     async def _process(
         self, items: list[Item], leaders: dict[Ident, Item], busy: set[Ident]
