@@ -169,7 +169,10 @@ def run_worker(
     )
 
     async def main() -> None:
-        worker = Worker(app, settings, worker_id)
+        from consumer.telemetry import standard_observers
+
+        observer = standard_observers(app, settings.hash_keys_in_logs)
+        worker = Worker(app, settings, worker_id, observer=observer)
         loop = asyncio.get_running_loop()
 
         def stop(reason: str) -> None:

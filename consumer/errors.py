@@ -209,8 +209,7 @@ def _retriable_class(exc: BaseException) -> bool:
         # ctx.db's UnsafeStatement): the handler's bug, never a glitch.
         return False
     return any(
-        c.__name__ in _RETRIABLE_NAMES or c.__name__.endswith("Timeout")
-        for c in type(exc).__mro__
+        c.__name__ in _RETRIABLE_NAMES or c.__name__.endswith("Timeout") for c in type(exc).__mro__
     )
 
 

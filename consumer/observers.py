@@ -26,11 +26,8 @@ log = logging.getLogger("consumer.observers")
 class Partition(Protocol):
     """A Kafka topic-partition, as aiokafka's ``TopicPartition`` has it."""
 
-    @property
-    def topic(self) -> str: ...
-
-    @property
-    def partition(self) -> int: ...
+    topic: str
+    partition: int
 
 
 class RelayFigures(Protocol):
@@ -57,6 +54,9 @@ class Tick:
 
 class Observer:
     """Subscribe by overriding any of these; every method defaults to doing nothing."""
+
+    def committed(self, result: BatchResult) -> None:
+        """A batch transaction committed (before done markers, lease release, Kafka commit)."""
 
     def tick(self, tick: Tick) -> None:
         """Batches of one fetch-loop iteration committed (or stopped)."""
@@ -86,6 +86,9 @@ class Observers(Observer):
                 getattr(m, event)(*args)
             except Exception:
                 log.exception("observer %s failed on %s; ignored", type(m).__name__, event)
+
+    def committed(self, result: BatchResult) -> None:
+        self._each("committed", result)
 
     def tick(self, tick: Tick) -> None:
         self._each("tick", tick)

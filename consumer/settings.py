@@ -95,12 +95,6 @@ class Settings(BaseSettings):
     # CONSUMER_REDIS_URL names one node of a Redis Cluster; calls are split per namespace
     # (one hash slot each), see consumer/dedup/cluster.py.
     redis_cluster: bool = False
-    faults: str = ""  # test-only: see consumer/faults.py
-    # TEST-ONLY deliberately broken build, so the chaos checker (scripts/chaos) can show it
-    # bites: "done_before_commit" writes the Redis done markers before the database commit
-    # and trusts a marker without an inbox record (the fence the real build never gives
-    # Redis), so a crash at the before_commit fault point loses the batch. Never set it.
-    unsafe_broken: Literal["", "done_before_commit"] = ""
 
     @model_validator(mode="before")
     @classmethod

@@ -232,11 +232,21 @@ class Supervisor:
         return RET_OK
 
 
+def entry_module() -> str:
+    """The module ``python -m`` ran to start this process; ``consumer`` otherwise."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None) or "consumer"
+    name = name.removesuffix(".__main__")
+    return name if name == "consumer" or name.startswith("consumer.") else "consumer"
+
+
 def worker_command(
     app_spec: str, index: int, *, relay: bool, log_json: bool, parent_pid: int
 ) -> list[str]:
-    """The command line of worker ``index``: this interpreter, the hidden ``worker`` command."""
-    argv = [sys.executable, "-m", "consumer", "worker", app_spec, "--id", str(index)]
+    """The command line of worker ``index``: this interpreter, the hidden ``worker`` command,
+    run from the entry module this process was (``consumer``, or a test entry point such as
+    ``consumer.testing.faulty`` that installs fault points before the CLI runs)."""
+    argv = [sys.executable, "-m", entry_module(), "worker", app_spec, "--id", str(index)]
     argv += ["--relay" if relay else "--no-relay", "--supervisor-pid", str(parent_pid)]
     if log_json:
         argv.append("--log-json")

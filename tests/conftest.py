@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from consumer import App, ConfigError, Settings, load_settings
 from consumer.db.migrate import migrate_dsn
 from consumer.runtime.worker import Worker
+from consumer.telemetry import standard_observers
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_MIGRATIONS = {"payments": ROOT / "handlers" / "migrations"}  # as handlers/app.py
@@ -187,7 +188,9 @@ async def running(
     app: App, settings: Settings | None = None, worker_id: int = 0
 ) -> AsyncIterator[Worker]:
     """Run a Worker in this event loop; stop and drain it on exit."""
-    worker = Worker(app, settings or app.settings, worker_id)
+    s = settings or app.settings
+    observer = standard_observers(app, s.hash_keys_in_logs)
+    worker = Worker(app, s, worker_id, observer=observer)
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(worker.started.wait(), 30)

@@ -39,11 +39,12 @@ from aiokafka.errors import (
     RecordListTooLargeError,
 )
 
-from consumer import faults, keys, metrics, tracing
+from consumer import keys, metrics, tracing
 from consumer.constants import HEADER_TRUNCATED, NOTIFY_CHANNEL, OUTBOX_SHARDS
 from consumer.db.pool import create_pool
 from consumer.outbox import envelopes, retention, store
 from consumer.outbox.store import Destination
+from consumer.probe import installed
 from consumer.settings import Settings
 
 log = logging.getLogger("consumer.relay")
@@ -156,8 +157,6 @@ class Relay:
         """Relay until ``stop`` is set. Survives broker and database outages by retrying."""
         s = self.settings
         if self._own_pool:
-            # Its own process (``consumer relay``): fault points apply here as in a worker.
-            faults.configure(s.faults)
             self.pool = await create_pool(s.require_connections().postgres_dsn, max_size=3)
         producer: AIOKafkaProducer | None = None
         listener: Any = None
@@ -282,7 +281,7 @@ class Relay:
                 return 0
             self._absent = set()
             acked = await self._publish(producer, rows)
-            await faults.point("relay_after_ack")
+            await installed().point("relay_after_ack")
             if acked:
                 text, args = store.mark_published(acked)
                 await conn.execute(text, *args)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumer import codec, faults, storable, tracing
+from consumer import codec, storable, tracing
 from consumer.context import Context, to_jsonable
 from consumer.db.tx import BatchTx
 from consumer.dedup.identity import Identity
@@ -28,9 +28,10 @@ from consumer.handler import Handler
 from consumer.message import Message
 from consumer.outbox import envelopes
 from consumer.outbox.store import OutboxRow
+from consumer.probe import Probe
 from consumer.settings import Settings
 
-log = logging.getLogger("consumer.batch")
+log = logging.getLogger("consumer.invoke")
 
 # serialization_failure, deadlock_detected: contention between transactions, not a property
 # of the message.
@@ -65,12 +66,12 @@ async def run_handler(
     attempt: int,
     group: str,
     settings: Settings,
-    fault: faults.Hook,
+    probe: Probe,
 ) -> Run:
     """Run one handler in its own span (consumer/tracing.py), timed for the metrics."""
     started = time.monotonic()
     with tracing.handling(msg, group, handler, ident, settings.hash_keys_in_logs) as span:
-        run = await _call(tx, handler, ident, msg, attempt, settings, fault)
+        run = await _call(tx, handler, ident, msg, attempt, settings, probe)
         span.finish(run.status, run.reason)
         run.trace = span.headers()
     run.elapsed_s = time.monotonic() - started
@@ -84,13 +85,13 @@ async def _call(
     msg: Message,
     attempt: int,
     settings: Settings,
-    fault: faults.Hook,
+    probe: Probe,
 ) -> Run:
     ctx = Context(tx.db, ident.namespace, ident.key, msg, ident.hash, attempt)
     timeout_s = handler.timeout_s or settings.handler_timeout_s
     await tx.savepoint()
     try:
-        await fault("mid_handler")
+        await probe.point("mid_handler")
         value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
         # Everything that can fail because of this message's result happens before the
         # savepoint is released, so it takes the per-message (bounded) path below. Failing

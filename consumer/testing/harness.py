@@ -40,7 +40,10 @@ from consumer.dedup.inbox import InboxRecord
 from consumer.dedup.leases import MemoryLeases
 from consumer.errors import TransientError
 from consumer.message import Message
+from consumer.observers import Observer
+from consumer.probe import Probe
 from consumer.runtime.batch import BatchProcessor
+from consumer.runtime.cursor import next_position, process_partition
 from consumer.runtime.outcomes import BatchResult, Handled
 from consumer.settings import Settings, load_settings
 from consumer.testing.database import Backend, Failures, HandlerDb, PostgresBackend
@@ -59,25 +62,32 @@ class _Crash(BaseException):
         self.point = point
 
 
-class _Processor(BatchProcessor):
-    """The runtime's processor, keeping what each committed transaction decided.
+class _Recorder(Observer):
+    """Keeps what each committed transaction decided.
 
     A crash after the commit loses the BatchResult ``process`` would have returned; what the
     database committed is known all the same, and the harness reports it.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.committed: list[Handled] = []
+    def __init__(self) -> None:
+        self.handled: list[Handled] = []
 
-    async def _transact(self, *args: Any, **kwargs: Any) -> BatchResult:
-        result = await super()._transact(*args, **kwargs)
-        self.committed += result.handled
-        return result
+    def committed(self, result: BatchResult) -> None:
+        self.handled += result.handled
 
-    def take_committed(self) -> list[Handled]:
-        handled, self.committed = self.committed, []
+    def take(self) -> list[Handled]:
+        handled, self.handled = self.handled, []
         return handled
+
+
+class _Faults(Probe):
+    """The harness's own fault points: counts handler calls, raises a simulated crash."""
+
+    def __init__(self, harness: TestApp) -> None:
+        self.harness = harness
+
+    async def point(self, name: str) -> None:
+        await self.harness._at(name)
 
 
 def _encode(payload: BaseModel | Mapping[str, Any] | list[Any] | bytes, content_type: str) -> bytes:
@@ -125,7 +135,8 @@ class TestApp:
         self._max_rounds = max_rounds
         self._backend: Backend | None = None
         self._conn: asyncpg.Connection | None = None
-        self._processor: _Processor | None = None
+        self._processor: BatchProcessor | None = None
+        self._recorder = _Recorder()
         self._failures = Failures()
         self._crash_at: str | None = None
         self._positions: dict[tuple[str, int], int] = {}
@@ -165,17 +176,18 @@ class TestApp:
     ) -> None:
         await self.close()
 
-    def _new_processor(self) -> _Processor:
+    def _new_processor(self) -> BatchProcessor:
         backend = self._backend
         assert backend is not None
         conn = self._conn
-        return _Processor(
+        return BatchProcessor(
             self._app,
             self.settings,
             self.leases,
             f"testapp-{uuid.uuid4().hex[:12]}",
             lambda: backend.begin(HandlerDb(conn, self._failures)),
-            fault=self._fault,
+            probe=_Faults(self),
+            observer=self._recorder,
         )
 
     # ---------------------------------------------------------------- sending
@@ -263,20 +275,21 @@ class TestApp:
             processor = self._processor
             assert processor is not None
             try:
-                batch = await processor.process(records)
+                # The worker's own batching rule (runtime/cursor.py), in one transaction here.
+                (batch,) = await process_partition(processor, records, len(records))
             except _Crash as crash:
                 out.crashed = crash.point
                 await self._restart()
                 continue
             finally:
-                out.handled += processor.take_committed()
+                out.handled += self._recorder.take()
                 self._relay(out)
             if batch.next_offset is not None:
                 self._kafka_committed[tp] = batch.next_offset
+            nxt = next_position(batch, records[-1].offset)
+            self._positions[tp] = nxt.offset if nxt.offset is not None else self._positions[tp]
             if batch.retry_offset is None:
-                self._positions[tp] = records[-1].offset + 1
                 continue
-            self._positions[tp] = batch.retry_offset
             error = batch.error
             out.retry_delays_s.append(batch.retry_delay_s)
             self._expire_foreign_leases()
@@ -308,7 +321,7 @@ class TestApp:
             stored = await self._backend.stored_offset(self.group, *tp)
             self._positions[tp] = stored if stored is not None else self._kafka_committed.get(tp, 0)
 
-    async def _fault(self, point: str) -> None:
+    async def _at(self, point: str) -> None:
         if point == "mid_handler":  # the handler is about to run
             self.handler_calls += 1
         if self._crash_at == point:

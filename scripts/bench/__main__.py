@@ -62,7 +62,7 @@ def parse(argv: list[str]) -> runner.Config:
     p.add_argument(
         "--experiment",
         default="",
-        choices=["", "no-savepoints"],
+        choices=[""],  # none at the moment; "no-savepoints" became the optimistic path (issue 15)
         help="what-if for the framework legs (not a framework mode; implies --no-doc)",
     )
     p.add_argument("--keep-topics", action="store_true")

@@ -2,9 +2,10 @@
 
 Started by the orchestrator (legs.py), one per worker of a leg; the stdin/stdout protocol and
 the meter are in harness.py. Modes: ``raw`` and ``naive`` (baselines.py), and ``framework``:
-the real ``Worker`` with the bench app and the relay disabled, instrumented from the outside
-(nothing in ``consumer/`` knows about the benchmark). Its commit latency is taken right after
-``BatchProcessor._transact`` returns, which is after the batch's COMMIT.
+the real ``Worker`` with the bench app and the relay disabled, instrumented through the
+framework's public seams (nothing in ``consumer/`` knows about the benchmark): an observer
+(consumer/observers.py) meters every committed transaction (right after its COMMIT) and every
+fetch-loop iteration, and a probe (consumer/probe.py) holds the first fetch at the start line.
 """
 
 from __future__ import annotations
@@ -13,19 +14,54 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from aiokafka import TopicPartition
 
 from consumer import load_settings
-from consumer.message import Message
-from consumer.runtime.batch import BatchProcessor
+from consumer.observers import Observer, Tick
+from consumer.probe import Probe
 from consumer.runtime.outcomes import BatchResult, Outcome
 from consumer.runtime.worker import Worker
 from scripts.bench.benchapp import build_app
 from scripts.bench.harness import Control, Meter, emit, watch_assignment
+
+
+class _Meter(Observer):
+    def __init__(self, meter: Meter, latency: bool) -> None:
+        self.meter = meter
+        self.latency = latency
+
+    def committed(self, result: BatchResult) -> None:
+        if self.latency:
+            self.meter.committed(
+                [h.message for h in result.handled if h.outcome != Outcome.SKIPPED]
+            )
+
+    def tick(self, tick: Tick) -> None:
+        self.meter.done(sum(len(r.handled) for r in tick.results))
+
+
+class _StartLine(Probe):
+    """Holds the first fetch until ``go``: every worker of the leg is a member by then."""
+
+    def __init__(self, worker: BenchWorker) -> None:
+        self.worker = worker
+        self.passed = False
+
+    async def point(self, name: str) -> None:
+        if name != "before_fetch" or self.passed:
+            return
+        w = self.worker
+        # The group join and the rebalances happen in aiokafka's background task; only the
+        # fetching waits, so every worker of the leg is a member before any record is read.
+        if not await w.control.wait_go():
+            return
+        self.passed = True
+        w.meter.started()
+        assert w.consumer is not None
+        w.consumer.resume(*w.consumer.assignment())
 
 
 class BenchWorker(Worker):
@@ -34,11 +70,15 @@ class BenchWorker(Worker):
     def __init__(self, spec: dict[str, Any], control: Control, meter: Meter) -> None:
         settings = load_settings(**spec["settings"])
         app = build_app(spec["group"], spec["topic"], spec["out_topic"], settings)
-        super().__init__(app, settings, spec.get("worker_id", 0))
         self.control = control
         self.meter = meter
-        self.latency = bool(spec.get("latency"))
-        self._hooked = False
+        super().__init__(
+            app,
+            settings,
+            spec.get("worker_id", 0),
+            observer=_Meter(meter, bool(spec.get("latency"))),
+            probe=_StartLine(self),
+        )
 
     async def seek_to_stored(self, tps: list[TopicPartition]) -> None:
         await super().seek_to_stored(tps)
@@ -46,57 +86,8 @@ class BenchWorker(Worker):
             # Nothing is fetched ahead of the start line (aiokafka prefetches otherwise).
             self.consumer.pause(*tps)
 
-    async def _tick(self) -> None:
-        if not self._hooked:
-            # The group join and the rebalances happen in aiokafka's background task; only the
-            # fetching waits, so every worker of the leg is a member before any record is read.
-            if not await self.control.wait_go():
-                return
-            assert self.processor is not None and self.consumer is not None
-            self._instrument(self.processor)
-            self._hooked = True
-            self.meter.started()
-            self.consumer.resume(*self.consumer.assignment())
-        await super()._tick()
-
-    def _instrument(self, proc: BatchProcessor) -> None:
-        meter = self.meter
-        process, transact = proc.process, proc._transact
-
-        async def timed_process(records: Sequence[Message]) -> BatchResult:
-            result = await process(records)
-            meter.done(len(result.handled))
-            return result
-
-        async def timed_transact(*args: Any) -> BatchResult:
-            result = await transact(*args)
-            # _transact returns after its transaction committed: this is the commit time.
-            meter.committed([h.message for h in result.handled if h.outcome != Outcome.SKIPPED])
-            return result
-
-        proc.process = timed_process  # type: ignore[method-assign]
-        if self.latency:
-            proc._transact = timed_transact  # type: ignore[method-assign,assignment]
-
-
-def _experiment(name: str) -> None:
-    """What-if measurements, never a framework mode: see docs/benchmarks.md."""
-    if name == "no-savepoints":
-        # Handlers run without a savepoint: what the per-message SAVEPOINT/RELEASE round trips
-        # cost. Unsafe when a handler fails (its partial writes would stay); the benchmark's
-        # handler never fails, and the exactly-once check still runs.
-        from consumer.db.tx import PgTx
-
-        async def nothing(self: PgTx) -> None:
-            return None
-
-        PgTx.savepoint = PgTx.release_savepoint = nothing  # type: ignore[method-assign]
-    elif name:
-        raise ValueError(f"unknown experiment {name!r}")
-
 
 async def run_framework(spec: dict[str, Any], control: Control, meter: Meter) -> dict[str, Any]:
-    _experiment(spec.get("experiment", ""))
     worker = BenchWorker(spec, control, meter)
     control.on_stop.append(worker.stop.set)
 

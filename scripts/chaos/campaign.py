@@ -68,8 +68,8 @@ class RunConfig:
     workers: int
     duration_s: float
     out: Path
-    random_faults: str = ""  # CONSUMER_FAULTS of every process of the fleet
-    broken: str = ""  # CONSUMER_UNSAFE_BROKEN: the deliberately broken build
+    random_faults: str = ""  # DEDUP_TEST_FAULTS of every process of the fleet
+    broken: str = ""  # DEDUP_TEST_BROKEN: the deliberately broken build
     drain_timeout_s: float = 240.0
     kinds: list[str] | None = None  # the scheduled faults; default: ``faults`` seeded kinds
 
@@ -148,8 +148,8 @@ def process_env(inst: Instance, cfg: RunConfig) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUMER_")}
     env.update(inst.consumer_env())
     env.update(TUNING)
-    env["CONSUMER_FAULTS"] = cfg.random_faults
-    env["CONSUMER_UNSAFE_BROKEN"] = cfg.broken
+    env["DEDUP_TEST_FAULTS"] = cfg.random_faults
+    env["DEDUP_TEST_BROKEN"] = cfg.broken
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -3,7 +3,7 @@
 Scheduled faults happen on real processes and services at seeded times while the workload is
 being produced; each is recorded with whether it actually took effect (a deterministic fault
 point that was never reached does not count). On top of them, every process runs with
-``CONSUMER_FAULTS`` (random crashes at the named points); those are counted afterwards from
+``DEDUP_TEST_FAULTS`` (random crashes at the named points); those are counted afterwards from
 the ``consumer fault point`` lines in the logs.
 """
 
@@ -153,7 +153,7 @@ class Injector:
 
     async def _one_off(self, name: str, args: list[str], spec: str) -> tuple[str, bool]:
         """A process that must crash at a fault point by itself (probability 1)."""
-        proc: Proc = self.fleet.start(name, args, CONSUMER_FAULTS=spec)
+        proc: Proc = self.fleet.start(name, args, DEDUP_TEST_FAULTS=spec)
         code = await self.fleet.wait_exit(proc, 45)
         if code is None:
             await self.fleet.stop(name, 20)

@@ -83,7 +83,7 @@ def reap_leftovers(pidfile: Path, bootstrap: str) -> list[int]:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"-m" in cmdline and b"consumer" in cmdline and mine in environ:
+        if b"-m" in cmdline and any(a.startswith(b"consumer") for a in cmdline) and mine in environ:
             Fleet.signal_pid(pid, signal.SIGCONT)
             if Fleet.signal_pid(pid, signal.SIGKILL):
                 killed.append(pid)
@@ -123,7 +123,8 @@ class Fleet:
 
     def start(self, name: str, args: list[str], *, restart: bool = False, **env: str) -> Proc:
         """Start ``python -m consumer <args>`` as process ``name`` with extra env vars."""
-        argv = [sys.executable, "-m", "consumer", *args]
+        # The CLI from the test entry point: it installs DEDUP_TEST_FAULTS / _BROKEN.
+        argv = [sys.executable, "-m", "consumer.testing.faulty", *args]
         proc = Proc(name, argv, {**self.env, **env}, self.logs / f"{name}.log", restart)
         self.procs[name] = proc
         self._spawn(proc)

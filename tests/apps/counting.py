@@ -20,12 +20,11 @@ import asyncio
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
-from consumer import App, Context
-from consumer.runtime.batch import BatchProcessor
+from consumer import App, Context, probe
+from consumer.probe import Probe
 
 TOPIC = os.environ.get("COUNTING_TOPIC", "counting")
 RUN = os.environ.get("COUNTING_RUN", "local")
@@ -77,31 +76,34 @@ async def count(p: Count, ctx: Context) -> int:
     if p.hold_s > 0 and _claim("held", ctx.idempotency_key):
         await asyncio.sleep(p.hold_s)
     elif p.freeze and _claim("frozen", ctx.idempotency_key):
-        _freeze["armed"] = True
+        _freeze.armed = True
     elif WORK_MS:
         await asyncio.sleep(WORK_MS / 1000)
     return p.n
 
 
-# ---- the freeze trap: wraps the batch transaction (test-only; the framework has no such hook)
-
-_freeze = {"armed": False, "in_tx": 0}
-_transact = BatchProcessor._transact
+# ---- the freeze trap: at the probe's transaction points (consumer/probe.py), test-only
 
 
-async def _transact_after_maybe_freezing(self: BatchProcessor, *args: Any, **kwargs: Any) -> Any:
-    if _freeze["armed"]:
-        _freeze["armed"] = False
-        # Wait until no other batch of this process holds a transaction open, then stop with
-        # no await in between, so that none can begin one.
-        while _freeze["in_tx"]:  # noqa: ASYNC110  (a counter, polled for a few ms, once)
-            await asyncio.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGSTOP)
-    _freeze["in_tx"] += 1
-    try:
-        return await _transact(self, *args, **kwargs)
-    finally:
-        _freeze["in_tx"] -= 1
+class _FreezeTrap(Probe):
+    def __init__(self) -> None:
+        self.armed = False
+        self.in_tx = 0
+
+    async def point(self, name: str) -> None:
+        if name == "before_transaction":
+            if self.armed:
+                self.armed = False
+                # Wait until no other batch of this process holds a transaction open, then
+                # stop with no await in between, so that none can begin one.
+                while self.in_tx:  # noqa: ASYNC110  (a counter, polled for a few ms, once)
+                    await asyncio.sleep(0.001)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            self.in_tx += 1
+        elif name == "after_transaction":
+            self.in_tx -= 1
 
 
-BatchProcessor._transact = _transact_after_maybe_freezing  # type: ignore[method-assign]
+_freeze = _FreezeTrap()
+if HOLD_DIR:  # a worker process of a trap test (never the pytest process importing Count)
+    probe.install(_freeze)

@@ -26,14 +26,14 @@ import msgpack
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from consumer import App, Outcome, Settings, faults
+from consumer import App, Outcome, Settings
 from consumer.db.pool import _init as init_connection
 from consumer.dedup import inbox
 from consumer.dedup.inbox import InboxRecord
 from consumer.runtime.outcomes import BatchResult, Handled
 from consumer.runtime.stats import Stats
 from consumer.runtime.worker import Worker
-from consumer.testing import TestApp
+from consumer.testing import TestApp, faults
 from tests.conftest import eventually
 
 

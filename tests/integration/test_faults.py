@@ -18,7 +18,7 @@ import msgpack
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer import App, Context, Settings, faults
+from consumer import App, Context, Settings
 from consumer.constants import done_key
 from consumer.db.pool import create_pool
 from consumer.dedup.leases import RedisLeases
@@ -26,6 +26,7 @@ from consumer.message import Message
 from consumer.runtime import offsets
 from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.outcomes import Outcome
+from consumer.testing import faults
 from tests.conftest import ROOT, app_settings, eventually, running
 from tests.integration.crash_app import build_app
 from tests.integration.dedup_support import (
@@ -119,7 +120,7 @@ async def test_sigkill_between_db_commit_and_kafka_commit_has_no_second_effect(
 
     env = {
         **os.environ,
-        "CONSUMER_FAULTS": "after_commit=1",
+        "DEDUP_TEST_FAULTS": "after_commit=1",
         "CONSUMER_RELAY_ENABLED": "false",
         "CONSUMER_FETCH_TIMEOUT_MS": "50",
         "CONSUMER_SESSION_TIMEOUT_MS": "6000",

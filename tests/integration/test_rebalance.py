@@ -16,7 +16,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from consumer import App, Context
-from consumer.runtime.worker import _Listener
+from consumer.runtime.rebalance import RebalanceListener as _Listener
 from tests.apps.counting import Count
 from tests.conftest import app_settings, running
 from tests.integration.fleet import eventually, headers_for, true

@@ -26,7 +26,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 
-from consumer import App, Context, Settings, faults, keys, metrics
+from consumer import App, Context, Settings, keys, metrics
 from consumer.constants import CONTENT_MSGPACK
 from consumer.context import Outgoing
 from consumer.db.migrate import migrate_dsn
@@ -35,6 +35,7 @@ from consumer.message import Message
 from consumer.outbox import envelopes, store
 from consumer.outbox.relay import Relay
 from consumer.outbox.store import OutboxRow
+from consumer.testing import faults
 from tests.conftest import app_settings, eventually, header_map, read_topic, running
 
 pytestmark = pytest.mark.integration
@@ -158,7 +159,7 @@ async def relay_process(db: Settings, log: Path, **env: str) -> asyncio.subproce
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "consumer",
+            "consumer.testing.faulty",  # the CLI, with DEDUP_TEST_FAULTS installed
             "relay",
             "handlers.app:app",
             cwd=ROOT,
@@ -203,7 +204,7 @@ async def test_relay_killed_after_ack_sends_twice_and_downstream_applies_once(
     await insert(pool, envelopes.published(source, "up.settle", f"req-{unique}", items))
 
     # The relay process dies (os._exit) right after the broker acked its first batch.
-    proc = await relay_process(db, tmp_path / "relay.log", CONSUMER_FAULTS="relay_after_ack=1")
+    proc = await relay_process(db, tmp_path / "relay.log", DEDUP_TEST_FAULTS="relay_after_ack=1")
     assert await asyncio.wait_for(proc.wait(), 60) == 137, (tmp_path / "relay.log").read_text()
     assert await pending(pool) == 3, "rows were marked although the relay died before marking"
     assert await count(db, topic) == 3

@@ -46,6 +46,7 @@ from consumer.dedup.leases import RedisLeases
 from consumer.message import Message
 from consumer.runtime.batch import BatchProcessor
 from consumer.runtime.outcomes import Outcome
+from consumer.testing.faults import Calling
 from tests.conftest import app_settings
 from tests.integration.dedup_support import redis_keys
 
@@ -147,7 +148,7 @@ class StoreMachine(RuleBasedStateMachine):
             self.leases,
             f"w-{uuid.uuid4().hex[:8]}",
             begin,
-            fault=self._fault,
+            probe=Calling(self._fault),
         )
 
     async def _fault(self, point: str) -> None:

@@ -28,6 +28,7 @@ from consumer.db.migrate import migrate_dsn
 from consumer.dedup.leases import RedisLeases
 from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.outcomes import Outcome
+from consumer.testing.faults import Calling
 from tests.conftest import APP_MIGRATIONS, app_settings, eventually, running
 from tests.integration.dedup_support import (
     Pay,
@@ -189,9 +190,8 @@ async def _epoch_of(dsn: str) -> str:
 
 
 def _processor(app: App, env: dict[str, Any], leases: RedisLeases, fault: Any) -> BatchProcessor:
-    return BatchProcessor(
-        app, env["settings"], leases, "tok", lambda: pg_transaction(env["pool"]), fault=fault
-    )
+    begin = lambda: pg_transaction(env["pool"])  # noqa: E731
+    return BatchProcessor(app, env["settings"], leases, "tok", begin, probe=Calling(fault))
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pydantic import BaseModel
 
 import consumer
 import consumer.testing
-from consumer import App, Context, Outcome, Reject, Settings, TransientError, faults
-from consumer.testing import DatabaseRequired, HarnessError, TestApp, payload
+from consumer import App, Context, Outcome, Reject, Settings, TransientError
+from consumer.testing import DatabaseRequired, HarnessError, TestApp, faults, payload
 
 pytestmark = pytest.mark.unit
 
