@@ -270,7 +270,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
         )
         ax2.set_ylabel("ms (dashed: p99 target)")
         ax2.legend()
-        ax2.set_title("Latency to commit, each path at half its rate")
+        ax2.set_title("Latency to commit (half each path's rate)")
     else:
         ax2.set_axis_off()
     fig.suptitle(
