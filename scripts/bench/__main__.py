@@ -45,13 +45,14 @@ def parse(argv: list[str]) -> runner.Config:
     p.add_argument("--latency-batches", type=_ints, default=(500, 100))
     p.add_argument("--latency-s", type=float, default=15.0, help="seconds of offered load")
     p.add_argument(
-        "--latency-rate", type=float, default=None, help="offered msgs/s (default: half the "
-        "framework's measured median)",
+        "--latency-rate", type=float, default=None, help="offered msgs/s for every path "
+        "(default: half of each path's measured median)",
     )  # fmt: skip
     p.add_argument(
         "--legs",
         default="",
-        help="comma-separated subset: raw,framework,pg_only,naive,workers2,workers4,latency",
+        help="comma-separated subset: raw,framework,competent,limit,pg_only,naive,workers2,"
+        "competent_workers2,limit_workers2 (likewise for each --workers count),latency",
     )
     p.add_argument(
         "--quick",

@@ -24,21 +24,26 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 
-from scripts.bench import dataset, store, sysstat
+from scripts.bench import dataset, handwritten, store, sysstat
 from scripts.bench.dataset import Dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTLED_SUFFIX = ".settled"
+# Modes whose positions live in the framework's dedup.offsets; ``framework_batch`` (the
+# batch-handler path) is planned out by runner.plan while it is in PENDING_MODES.
+FRAMEWORK_MODES = ("framework", "framework_batch")
+PENDING_MODES = frozenset({"framework_batch"})
 
 
 @dataclass(frozen=True)
 class Leg:
     key: str  # short name, used in group names and in the JSON summary
     label: str  # what the table shows
-    mode: str  # "raw" | "naive" | "framework"
+    mode: str  # "raw" | "naive" | "framework" | "framework_batch" | "competent" | "limit"
     workers: int = 1
     redis: bool = True
     limit: int | None = None  # consume only this many records (the naive leg is slow)
+    batch: int | None = None  # a latency leg's batch size
 
 
 @dataclass
@@ -69,6 +74,7 @@ class LegRun:
     ok: bool = False
     error: str = ""
     latency: dict[str, Any] = field(default_factory=dict)
+    offered_msgs_s: float = 0.0  # a latency leg's paced rate
 
     @property
     def msgs_s(self) -> float:
@@ -101,10 +107,14 @@ class Proc:
     @classmethod
     async def start(cls, spec: dict[str, Any], log_path: Path) -> Proc:
         log = _open_log(log_path)
+        # The hand-written peers have a process of their own (handwritten.py).
+        module = "scripts.bench." + (
+            "handwritten" if spec["mode"] in handwritten.MODES else "worker"
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "scripts.bench.worker",
+            module,
             json.dumps(spec),
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
@@ -161,16 +171,23 @@ async def _lined_up(procs: list[Proc], partitions: int, timeout_s: float) -> Non
     raise TimeoutError(f"workers did not join the group within {timeout_s:.0f}s")
 
 
+async def positions_of(conn: asyncpg.Connection, mode: str, group: str) -> dict[int, int]:
+    """A leg's stored positions: dedup.offsets for the framework, its own table for a peer."""
+    if mode in handwritten.MODES:
+        return await handwritten.stored_positions(conn, group)
+    return await store.stored_positions(conn, group)
+
+
 async def _caught_up(
-    env: Env, group: str, ends: dict[int, int], procs: list[Proc], deadline: float
+    env: Env, mode: str, group: str, ends: dict[int, int], procs: list[Proc], deadline: float
 ) -> None:
-    """Poll the framework's stored positions until they reach the ends of the topic."""
+    """Poll the leg's stored positions until they reach the ends of the topic."""
     conn = await asyncpg.connect(env.dsn)
     next_say = time.monotonic() + 10
     total = sum(ends.values())
     try:
         while True:
-            pos = await store.stored_positions(conn, group)
+            pos = await positions_of(conn, mode, group)
             if all(pos.get(p, 0) >= end for p, end in ends.items()):
                 return
             if time.monotonic() > deadline:
@@ -259,6 +276,8 @@ async def run_leg(
     group = f"{env.run_id}-{leg.key}-{repeat}"
     out = LegRun(leg.key, repeat)
     await store.reset(env.dsn)
+    if leg.mode in handwritten.MODES:
+        await handwritten.reset(env.dsn)
     spec = worker_spec(env, leg, group, data.topic, data)
     spec.update(latency=latency, **(extra or {}))
     procs: list[Proc] = []
@@ -275,8 +294,8 @@ async def run_leg(
             data = await offer()
         expected_records = leg.limit or data.total
         deadline = time.monotonic() + 60 + expected_records / 150
-        if leg.mode == "framework":
-            await _caught_up(env, group, data.ends, procs, deadline)
+        if leg.mode in FRAMEWORK_MODES or leg.mode in handwritten.MODES:
+            await _caught_up(env, leg.mode, group, data.ends, procs, deadline)
         else:
             await asyncio.wait_for(
                 asyncio.gather(*(p.proc.wait() for p in procs)), deadline - time.monotonic()
@@ -325,7 +344,11 @@ async def _verify(
             out.check = f"committed {sum(positions.values())} records, consumed {out.records}"
             return
     else:
-        positions = await store.stored_positions_dsn(env.dsn, group)
+        conn = await asyncpg.connect(env.dsn)
+        try:
+            positions = await positions_of(conn, leg.mode, group)
+        finally:
+            await conn.close()
         if positions != data.ends:
             out.check = f"stored positions {positions} are not the topic's ends {data.ends}"
             return

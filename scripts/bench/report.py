@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.table import Table
 
+from scripts.bench import peers
 from scripts.bench.legs import LegRun
 from scripts.bench.runner import Results
 
@@ -76,6 +77,11 @@ def summarize(res: Results) -> dict[str, Any]:
             entry["p99_ms"] = _spread([r.latency["p99_ms"] for r in runs])
             entry["max_ms"] = _spread([r.latency["max_ms"] for r in runs])
             entry["samples"] = sum(r.latency["count"] for r in runs)
+        if leg.key.startswith("latency"):
+            entry["path"], entry["batch"] = leg.mode, leg.batch
+            entry["offered_msgs_s"] = (
+                round(statistics.median(r.offered_msgs_s for r in runs), 1) if runs else 0.0
+            )
         legs[leg.key] = entry
 
     def rate(key: str) -> float | None:
@@ -120,7 +126,8 @@ def summarize(res: Results) -> dict[str, Any]:
         "pg_only_msgs_s": rate("pg_only"),
         "framework_msgs_s_by_workers": by_workers,
         "ratio_vs_raw": round(fw / raw, 3) if fw and raw else None,
-        "ratio_vs_naive": round(fw / naive, 2) if fw and naive else None,
+        # ratio_vs_naive/competent/limit, batch_ratio_vs_..., ..._by_workers, p99_ms_by_batch
+        **peers.figures(legs, cfg.workers, cfg.latency_batches),
         "p50_ms": round(main_lat["p50_ms"], 1) if main_lat else None,
         "p99_ms": round(main_lat["p99_ms"], 1) if main_lat else None,
         "latency_by_batch": latency_by_batch,
@@ -176,8 +183,8 @@ HEADERS = [
     "load 1m",
     "exactly once",
 ]
-LAT_HEADERS = ["batch", "offered msgs/s", "consumed msgs/s", "p50 ms", "p50 min-max", "p99 ms",
-               "p99 min-max", "samples", "exactly once"]  # fmt: skip
+LAT_HEADERS = ["path", "batch", "offered msgs/s", "consumed msgs/s", "p50 ms", "p50 min-max",
+               "p99 ms", "p99 min-max", "samples", "exactly once"]  # fmt: skip
 
 
 def latency_rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -188,10 +195,12 @@ def latency_rows(summary: dict[str, Any]) -> list[list[str]]:
         p50, r50 = _fmt(leg.get("p50_ms"), 1)
         p99, r99 = _fmt(leg.get("p99_ms"), 1)
         consumed, _ = _fmt(leg["msgs_s"])
+        offered = leg.get("offered_msgs_s", summary["offered_msgs_s"])  # older summaries
         out.append(
             [
-                key.removeprefix("latency"),
-                f"{summary['offered_msgs_s']:,.0f}",
+                peers.PATHS.get(leg.get("path", "framework"), ""),
+                str(leg.get("batch") or key.removeprefix("latency")),
+                f"{offered:,.0f}",
                 consumed,
                 p50,
                 r50,
@@ -225,7 +234,11 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     legs = [(k, v) for k, v in summary["legs"].items() if not k.startswith("latency")]
-    lat = [(k.removeprefix("latency"), v) for k, v in summary["legs"].items() if "p50_ms" in v]
+    lat = [
+        (f"{v.get('batch') or k.removeprefix('latency')}", v)
+        for k, v in summary["legs"].items()
+        if "p50_ms" in v
+    ]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(3, 2))
     names = [v["label"] for _, v in legs]
     med = [v["msgs_s"]["median"] if v["msgs_s"] else 0 for _, v in legs]
@@ -252,10 +265,12 @@ def chart(summary: dict[str, Any], path: Path) -> None:
             ax2.hlines(target, i - 0.45, i + 0.45, colors="black", linestyles="dashed")
             ax2.text(i - 0.2, p50[i], f"{p50[i]:.0f}", ha="center", va="bottom", fontsize=8)
             ax2.text(i + 0.2, p99[i], f"{p99[i]:.0f}", ha="center", va="bottom", fontsize=8)
-        ax2.set_xticks(list(x), [f"batch {b}" for b, _ in lat])
+        ax2.set_xticks(
+            list(x), [f"{v.get('path', 'framework')}\nbatch {b}" for b, v in lat], fontsize=7
+        )
         ax2.set_ylabel("ms (dashed: p99 target)")
         ax2.legend()
-        ax2.set_title(f"Latency to commit at {summary['offered_msgs_s']:,.0f} msgs/s offered")
+        ax2.set_title("Latency to commit (half each path's rate)")
     else:
         ax2.set_axis_off()
     fig.suptitle(
@@ -280,6 +295,7 @@ def targets(summary: dict[str, Any]) -> list[str]:
     checks: list[tuple[str, float | None, float, bool]] = [
         ("`ratio_vs_naive` >= 10", summary["ratio_vs_naive"], 10, True),
         ("`ratio_vs_raw` >= 0.25", summary["ratio_vs_raw"], 0.25, True),
+        *peers.targets(summary),
     ]
     for batch, figures in lat.items():
         limit = 120.0 if int(batch) > 100 else 25.0
@@ -297,8 +313,20 @@ def targets(summary: dict[str, Any]) -> list[str]:
 def markdown(summary: dict[str, Any], chart_rel: str) -> str:
     s = summary
     fw = s["framework_msgs_s_by_workers"]
-    keys = ("ratio_vs_raw", "ratio_vs_naive", "p50_ms", "p99_ms")
+    keys = ("ratio_vs_raw", "ratio_vs_naive", "ratio_vs_competent", "ratio_vs_limit",
+            "batch_ratio_vs_competent", "batch_ratio_vs_limit", "p50_ms", "p99_ms")  # fmt: skip
     failures = "".join(f"\n- FAILED: {f}" for f in s["failures"]) or "\n- none"
+    by_workers = "\n".join(
+        f"{label} by workers (msgs/s): "
+        + ", ".join(f"{n}: {v:,.0f}" if v else f"{n}: -" for n, v in rates.items())
+        + "."
+        for label, rates in (
+            ("Framework", fw),
+            ("Framework, batch handler", s.get("framework_batch_msgs_s_by_workers") or {}),
+            ("Competent", s.get("competent_msgs_s_by_workers") or {}),
+            ("Limit", s.get("limit_msgs_s_by_workers") or {}),
+        )
+    )
     return f"""{BEGIN}
 _Generated by `{s["command"]}` on {s["date"]} (run `{s["run_id"]}`, {s["seconds"]:.0f} s).
 Machine: {s["cpus"]} CPUs, Python {s["python"]}, PostgreSQL fsync={s["postgres"].get("fsync")}
@@ -311,7 +339,7 @@ the naive leg consumed the first {s["naive_records"]:,}. Relay: {s["relay"]}._
 
 {_md_table(LAT_HEADERS, latency_rows(s))}
 
-Framework by workers (msgs/s): {", ".join(f"{n}: {v:,.0f}" if v else f"{n}: -" for n, v in fw.items())}.
+{by_workers}
 {", ".join(f"`{k}` = {s[k]}" for k in keys)}.
 
 Targets (see "The targets" above):
@@ -320,7 +348,7 @@ Targets (see "The targets" above):
 Failures:{failures}
 
 ![throughput and latency]({chart_rel})
-{END}"""  # noqa: E501
+{END}"""
 
 
 def write_doc(summary: dict[str, Any], doc: Path, chart_path: Path) -> None:

@@ -21,9 +21,10 @@ from typing import Any
 import asyncpg
 
 from consumer import load_settings
-from scripts.bench import dataset, legs, store, sysstat
+from scripts.bench import dataset, legs, peers, store, sysstat
 from scripts.bench.dataset import Dataset, Payloads
 from scripts.bench.legs import ROOT, Env, Leg, LegRun
+from scripts.bench.peers import PATHS
 
 
 @dataclass
@@ -63,16 +64,19 @@ class Results:
 
 def plan(cfg: Config) -> list[Leg]:
     naive_limit = min(cfg.naive_records, cfg.records)
+
+    def path(key: str, n: int) -> Leg:
+        label = f"{PATHS[key]}, " + ("1 worker" if n == 1 else f"{n} workers")
+        return Leg(peers.leg_key(key, n), label, key, workers=n)
+
     all_legs = [
         Leg("raw", "raw aiokafka (no decode)", "raw"),
-        Leg("framework", "framework, 1 worker", "framework"),
+        *(path(key, 1) for key in PATHS),
         Leg("pg_only", "framework, Redis off", "framework", redis=False),
         Leg("naive", "naive per-message", "naive", limit=naive_limit),
-        *(
-            Leg(f"workers{n}", f"framework, {n} workers", "framework", workers=n)
-            for n in cfg.workers
-        ),
+        *(path(key, n) for n in cfg.workers for key in PATHS),
     ]
+    all_legs = [leg for leg in all_legs if leg.mode not in legs.PENDING_MODES]
     if cfg.only:
         all_legs = [leg for leg in all_legs if leg.key in cfg.only]
     return all_legs
@@ -160,22 +164,35 @@ async def run(cfg: Config, say: Any) -> Results:
     return res
 
 
-def framework_rate(res: Results) -> float | None:
-    ok = [r.msgs_s for r in res.runs.get("framework", []) if r.ok]
+def median_rate(res: Results, key: str = "framework") -> float | None:
+    ok = [r.msgs_s for r in res.runs.get(key, []) if r.ok]
     return statistics.median(ok) if ok else None
 
 
 async def _latency(env: Env, cfg: Config, res: Results, topics: list[str]) -> None:
-    rate = cfg.latency_rate or ((framework_rate(res) or 0) / 2)
-    if rate <= 0:
-        env.say("latency: skipped (no framework rate measured; pass --latency-rate)")
-        return
-    res.offered_msgs_s = rate
+    """Each path's latency at half its own measured rate (or at ``--latency-rate``)."""
+    measured = [key for key in PATHS if key in res.runs]
+    for key in measured or ["framework"]:
+        if key in legs.PENDING_MODES:
+            continue
+        rate = cfg.latency_rate or ((median_rate(res, key) or 0) / 2)
+        if rate <= 0:
+            env.say(f"latency: {key} skipped (no rate measured; pass --latency-rate)")
+            continue
+        if key == "framework":
+            res.offered_msgs_s = rate
+        await _latency_path(env, cfg, res, topics, key, rate)
+
+
+async def _latency_path(
+    env: Env, cfg: Config, res: Results, topics: list[str], path: str, rate: float
+) -> None:
     for batch in cfg.latency_batches:
-        leg = Leg(f"latency{batch}", f"latency, batch {batch}", "framework")
+        label = f"latency, batch {batch}" + ("" if path == "framework" else f", {PATHS[path]}")
+        leg = Leg(peers.latency_key(path, batch), label, path, batch=batch)
         res.legs.append(leg)
         for repeat in range(1, cfg.repeats + 1):
-            topic = f"{env.run_id}-lat{batch}-{repeat}"
+            topic = f"{env.run_id}-lat{batch}-{path}-{repeat}"
             await legs.make_topics(env, topic, cfg.partitions)
             topics += [topic, topic + legs.SETTLED_SUFFIX]
             payloads = Payloads(f"{topic}", cfg.dup_ratio, seed=batch + repeat)
@@ -185,7 +202,7 @@ async def _latency(env: Env, cfg: Config, res: Results, topics: list[str]) -> No
                     env.bootstrap, topic, cfg.partitions, rate, cfg.latency_s, payloads
                 )
 
-            env.say(f"[latency] batch {batch} #{repeat}: offering {rate:,.0f} msg/s")
+            env.say(f"[latency] {path}, batch {batch} #{repeat}: offering {rate:,.0f} msg/s")
             empty = Dataset(topic, cfg.partitions, {p: [] for p in range(cfg.partitions)})
             result = await legs.run_leg(
                 dataclasses.replace(env, batch=batch),
@@ -195,6 +212,7 @@ async def _latency(env: Env, cfg: Config, res: Results, topics: list[str]) -> No
                 offer=offer,
                 latency=True,
             )
+            result.offered_msgs_s = rate
             res.runs.setdefault(leg.key, []).append(result)
             lat = result.latency
             env.say(
