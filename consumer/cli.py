@@ -224,14 +224,19 @@ def relay_cmd(
     """Run the outbox relay alone in this process, until SIGTERM."""
     app = load(app_spec)
     logs.setup(log_json or app.settings.log_json)
+    from consumer import faults, tracing
+    from consumer.metrics import MetricsObserver
     from consumer.outbox.relay import Relay
+
+    faults.configure(app.settings.faults)  # test-only fault points, as in a worker process
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Relay(app.settings).run(stop)
+        relay = Relay(app.settings, observers=MetricsObserver(), publish_span=tracing.publishing)
+        await relay.run(stop)
 
     endpoint = None
     if app.settings.metrics_port:  # its own endpoint: this process is nobody's worker

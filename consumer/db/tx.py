@@ -15,13 +15,12 @@ from typing import Any, Protocol
 import asyncpg
 
 from consumer.context import Database
-from consumer.db import guard
+from consumer.db import guard, offsets
 from consumer.dedup import inbox
 from consumer.dedup.inbox import Claim, Completion, InboxRecord
 from consumer.errors import TransactionEnded
 from consumer.outbox import store as outbox
 from consumer.outbox.store import OutboxRow
-from consumer.runtime import offsets
 
 
 class BatchTx(Protocol):
