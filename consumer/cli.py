@@ -171,7 +171,7 @@ def run_worker(
     async def main() -> None:
         from consumer.telemetry import standard_observers
 
-        observer = standard_observers(app, settings.hash_keys_in_logs)
+        observer = standard_observers(settings.hash_keys_in_logs)
         worker = Worker(app, settings, worker_id, observer=observer)
         loop = asyncio.get_running_loop()
 
@@ -227,6 +227,8 @@ def relay_cmd(
     """Run the outbox relay alone in this process, until SIGTERM."""
     app = load(app_spec)
     logs.setup(log_json or app.settings.log_json)
+    from consumer import tracing
+    from consumer.metrics import MetricsObserver
     from consumer.outbox.relay import Relay
 
     async def main() -> None:
@@ -234,7 +236,8 @@ def relay_cmd(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Relay(app.settings).run(stop)
+        relay = Relay(app.settings, observers=MetricsObserver(), publish_span=tracing.publishing)
+        await relay.run(stop)
 
     endpoint = None
     if app.settings.metrics_port:  # its own endpoint: this process is nobody's worker

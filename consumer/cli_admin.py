@@ -30,6 +30,7 @@ from consumer.constants import (
     done_key,
     lease_key,
 )
+from consumer.db import offsets
 from consumer.dedup import inbox
 from consumer.exitcodes import (
     RET_ABORTED,
@@ -40,7 +41,6 @@ from consumer.exitcodes import (
     RET_UNCONFIRMED,
 )
 from consumer.outbox import store
-from consumer.runtime import offsets
 
 if TYPE_CHECKING:
     from consumer.app import App

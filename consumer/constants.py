@@ -28,7 +28,7 @@ HEADER_OUTCOME = "x-outcome"
 # consumer/outbox/envelopes.py: a dead letter's original headers, exactly (replay restores them)
 HEADER_ORIGINAL_HEADERS = "x-original-headers"
 HEADER_REPLAYED_FROM = "x-replayed-from"
-# consumer/outbox/relay.py: a dead letter sent without its value (too large for the producer)
+# consumer/outbox/sending.py: a dead letter sent without its value (too large for the producer)
 HEADER_TRUNCATED = "x-truncated"  # consumer/replay.py: the dead letter a copy came from
 TRACEPARENT = "traceparent"
 

@@ -2,7 +2,8 @@
 
 Responsible for defining the metrics, feeding them from the runtime's own figures
 (:class:`~consumer.runtime.outcomes.BatchResult`, the rebalance listener, the relay's
-counters) and exposing them. It never decides anything and is never read back by the runtime.
+counters) as an observer (:class:`MetricsObserver`, consumer/observers.py), and exposing
+them. It never decides anything and is never read back by the runtime.
 
 Two modes, chosen by prometheus_client when it is first imported:
 
@@ -25,11 +26,12 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter as Tally
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from consumer.errors import ConfigError
+from consumer.observers import Observer, Partition, RelayFigures, Tick
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -60,11 +62,6 @@ _DURATION_BUCKETS_S = (
     10.0,
     30.0,
 )
-
-
-class _Partition(Protocol):
-    topic: str
-    partition: int
 
 
 class _Metrics:
@@ -178,12 +175,21 @@ def handler_name(app: App, topic: str) -> str:
 
 
 def record_tick(
-    app: App, partitions: Sequence[_Partition], results: Sequence[BatchResult], stats: Stats
+    app: App, partitions: Sequence[Partition], results: Sequence[BatchResult], stats: Stats
 ) -> None:
     """Everything one fetch loop iteration tells: one result per partition batch, in order."""
+    _record_tick(lambda topic: handler_name(app, topic), partitions, results, stats)
+
+
+def _record_tick(
+    name_of: Callable[[str], str],
+    partitions: Sequence[Partition],
+    results: Sequence[BatchResult],
+    stats: Stats,
+) -> None:
     m = _m()
     for tp, result in zip(partitions, results, strict=True):
-        name = handler_name(app, tp.topic)
+        name = name_of(tp.topic)
         tally = Tally(h.outcome.value for h in result.handled)
         if result.retry_offset is not None:
             tally[RETRIED] += 1
@@ -205,7 +211,7 @@ def record_tick(
         m.redis_degraded.set(1 if results[-1].redis_degraded else 0)
 
 
-def record_revoked(partitions: Iterable[_Partition]) -> None:
+def record_revoked(partitions: Iterable[Partition]) -> None:
     """A rebalance took these partitions away: count it, stop reporting their lag."""
     m = _m()
     m.rebalances.inc()
@@ -247,6 +253,29 @@ def record_relay(relay: Any) -> None:
 def _inc(counter: Any, n: int) -> None:
     if n > 0:
         counter.inc(n)
+
+
+class MetricsObserver(Observer):
+    """The metrics as an observer of the worker and the relay (consumer/observers.py).
+
+    The ``record_*`` functions above are its bodies; they stay callable directly until every
+    emitter goes through observers.
+    """
+
+    def tick(self, tick: Tick) -> None:
+        names = tick.handler_names
+        _record_tick(
+            lambda topic: names.get(topic, NO_HANDLER), tick.partitions, tick.results, tick.stats
+        )
+
+    def revoked(self, partitions: Sequence[Partition]) -> None:
+        record_revoked(partitions)
+
+    def halted(self, topic: str, partition: int, reason: str, halted: bool) -> None:
+        record_halted(topic, partition, reason, halted)
+
+    def relay_pass(self, relay: RelayFigures) -> None:
+        record_relay(relay)
 
 
 # ---------------------------------------------------------------- exposing

@@ -205,7 +205,7 @@ async def replay(
                     own = own_headers(rec.headers or ())
                     reason = _text(own.get(HEADER_REASON))
                     if HEADER_TRUNCATED in own:
-                        # Sent without its value (outbox/relay.py): nothing to replay.
+                        # Sent without its value (outbox/sending.py): nothing to replay.
                         summary.skipped["truncated"] += 1
                     elif reason not in reasons:
                         summary.skipped[reason or "(none)"] += 1

@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1)
     # What transient failures past max_attempts become. "failed" (default): a dead letter and
     # no record, so the key is not burned and `consumer replay` re-drives it. "rejected": also
-    # recorded as rejected (DESIGN.md's original rule), so every later copy gets that answer.
+    # recorded as rejected (the first design note's rule, docs/design.md), so every later
+    # copy gets that answer.
     exhausted_outcome: Literal["failed", "rejected"] = "failed"
     retry_backoff_ms: int = Field(default=200, ge=0)
     retry_backoff_max_ms: int = Field(default=10_000, ge=0)

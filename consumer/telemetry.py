@@ -7,31 +7,9 @@ metrics or logs itself. The CLI and the test fixtures build workers with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from consumer import logs, metrics
-from consumer.app import App
-from consumer.observers import Observer, Observers, Partition, RelayFigures, Tick
-
-
-class MetricsObserver(Observer):
-    """consumer/metrics.py, fed from the events."""
-
-    def __init__(self, app: App | None = None) -> None:
-        self.app = app
-
-    def tick(self, tick: Tick) -> None:
-        if self.app is not None:
-            metrics.record_tick(self.app, tick.partitions, tick.results, tick.stats)
-
-    def revoked(self, partitions: Sequence[Partition]) -> None:
-        metrics.record_revoked(partitions)
-
-    def halted(self, topic: str, partition: int, reason: str, halted: bool) -> None:
-        metrics.record_halted(topic, partition, reason, halted)
-
-    def relay_pass(self, relay: RelayFigures) -> None:
-        metrics.record_relay(relay)
+from consumer import logs
+from consumer.metrics import MetricsObserver
+from consumer.observers import Observer, Observers, Tick
 
 
 class LogObserver(Observer):
@@ -44,6 +22,6 @@ class LogObserver(Observer):
         logs.log_outcomes(tick.results, self.hash_keys)
 
 
-def standard_observers(app: App | None = None, hash_keys: bool = False) -> Observers:
+def standard_observers(hash_keys: bool = False) -> Observers:
     """Metrics and outcome logs: what ``consumer run`` and ``consumer relay`` subscribe."""
-    return Observers([MetricsObserver(app), LogObserver(hash_keys)])
+    return Observers([MetricsObserver(), LogObserver(hash_keys)])

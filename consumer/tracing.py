@@ -6,7 +6,8 @@ Responsible for three things:
   context taken from the message headers (W3C ``traceparent`` by default; whatever the global
   propagator reads);
 * the trace headers of every outbox row written while that span is current, so the message
-  the relay publishes belongs to the same trace;
+  the relay publishes belongs to the same trace (the header part is consumer/propagation.py,
+  which the outbox uses without depending on this module);
 * a span per relayed row (kind PRODUCER, ``<topic> publish``), a child of the row's context,
   whose own context replaces the row's trace headers on the wire.
 
@@ -26,34 +27,27 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from consumer.constants import TRACEPARENT
+from consumer import propagation
 from consumer.logs import key_for_logs
 from consumer.message import Message
+
+# The header-only half lives below the layers that write rows (consumer/propagation.py);
+# re-exported for callers that know it as tracing's.
+from consumer.propagation import TRACE_HEADERS as TRACE_HEADERS
+from consumer.propagation import enabled as enabled
+from consumer.propagation import outgoing as outgoing
+from consumer.propagation import passthrough as passthrough
+from consumer.propagation import use_provider as use_provider
 
 if TYPE_CHECKING:
     from consumer.dedup.identity import Identity
     from consumer.handler import Handler
 
-TRACE_HEADERS = (TRACEPARENT, "tracestate")  # what passes through when nothing is recorded
 _SCOPE = "consumer"
-_NOT_INSTALLED = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
-_provider: trace.TracerProvider | None = None
-
-
-def use_provider(provider: trace.TracerProvider | None) -> None:
-    """Record with ``provider`` instead of the global one (tests, embedding); None to undo."""
-    global _provider
-    _provider = provider
-
-
-def enabled() -> bool:
-    """True once a real tracer provider is installed: spans are then recorded."""
-    provider = _provider or trace.get_tracer_provider()
-    return not isinstance(provider, _NOT_INSTALLED)
 
 
 def _tracer() -> trace.Tracer:
-    return trace.get_tracer(_SCOPE, tracer_provider=_provider)
+    return trace.get_tracer(_SCOPE, tracer_provider=propagation.provider())
 
 
 class _MessageHeaders(Getter[Message]):
@@ -77,31 +71,6 @@ class _ByteHeaders(Getter[Sequence[tuple[str, bytes]]]):
 
 _MESSAGE_HEADERS = _MessageHeaders()
 _BYTE_HEADERS = _ByteHeaders()
-
-
-def passthrough(msg: Message) -> list[tuple[str, str]]:
-    """The consumed message's own trace headers (what an outgoing row carries without a span)."""
-    out = []
-    for name in TRACE_HEADERS:
-        value = msg.header_str(name)
-        # W3C trace headers are printable ASCII. Anything else (a NUL, say) is dropped: it is
-        # the producer's, and copied into outbox rows it would fail the batch's insert.
-        if value and value.isascii() and value.isprintable() and len(value) <= 8192:
-            out.append((name, value))
-    return out
-
-
-def outgoing(msg: Message) -> list[tuple[str, str]]:
-    """Trace headers for a row written now on behalf of ``msg``.
-
-    The current span's context when one is recorded (the handling span), else ``msg``'s own.
-    """
-    if enabled() and trace.get_current_span().get_span_context().is_valid:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        if carrier:
-            return list(carrier.items())
-    return passthrough(msg)
 
 
 # ---------------------------------------------------------------- handling

@@ -189,7 +189,7 @@ async def running(
 ) -> AsyncIterator[Worker]:
     """Run a Worker in this event loop; stop and drain it on exit."""
     s = settings or app.settings
-    observer = standard_observers(app, s.hash_keys_in_logs)
+    observer = standard_observers(s.hash_keys_in_logs)
     worker = Worker(app, s, worker_id, observer=observer)
     task = asyncio.create_task(worker.run())
     try:

@@ -42,6 +42,45 @@ _PLPGSQL_STARTS = frozenset({"$BODY", ";", "BEGIN", "THEN", "ELSE", "LOOP", "EXC
 _WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9$]*")
 
 
+def _after_block_comment(query: str, i: int) -> int:
+    """The index after the ``/* ... */`` starting at ``i`` (they nest in PostgreSQL)."""
+    depth, i, n = 1, i + 2, len(query)
+    while i < n and depth:
+        if query.startswith("/*", i):
+            depth, i = depth + 1, i + 2
+        elif query.startswith("*/", i):
+            depth, i = depth - 1, i + 2
+        else:
+            i += 1
+    return i
+
+
+def _after_quoted(query: str, i: int) -> int:
+    """The index after the string or quoted identifier whose quote is at ``i``."""
+    c, n = query[i], len(query)
+    # '' (or "") inside doubles the quote; E'...' also escapes with a backslash, but
+    # only an E that starts a token: in name'x\' (a typed literal) the E ends a word,
+    # the backslash is a plain character and the quote after it closes the string.
+    escapes = (
+        c == "'"
+        and i > 0
+        and query[i - 1] in "eE"
+        and (i < 2 or not (query[i - 2].isalnum() or query[i - 2] in "_$"))
+    )
+    i += 1
+    while i < n:
+        if escapes and query[i] == "\\":
+            i += 2
+        elif query[i] == c:
+            if query.startswith(c * 2, i):
+                i += 2
+            else:
+                return i + 1
+        else:
+            i += 1
+    return i
+
+
 def _statements(query: str) -> list[list[str]]:
     """The top-level statements of ``query``, each as its upper-cased words, with comments,
     string and identifier literals and dollar-quoted bodies left out."""
@@ -53,36 +92,9 @@ def _statements(query: str) -> list[list[str]]:
             j = query.find("\n", i)
             i = n if j < 0 else j + 1
         elif c == "/" and query.startswith("/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if query.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif query.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
+            i = _after_block_comment(query, i)
         elif c in "'\"":
-            # '' (or "") inside doubles the quote; E'...' also escapes with a backslash, but
-            # only an E that starts a token: in name'x\' (a typed literal) the E ends a word,
-            # the backslash is a plain character and the quote after it closes the string.
-            escapes = (
-                c == "'"
-                and i > 0
-                and query[i - 1] in "eE"
-                and (i < 2 or not (query[i - 2].isalnum() or query[i - 2] in "_$"))
-            )
-            i += 1
-            while i < n:
-                if escapes and query[i] == "\\":
-                    i += 2
-                elif query[i] == c:
-                    if query.startswith(c * 2, i):
-                        i += 2
-                    else:
-                        i += 1
-                        break
-                else:
-                    i += 1
+            i = _after_quoted(query, i)
         elif c == "$" and (m := re.match(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$", query[i:])):
             tag = m.group(0)
             j = query.find(tag, i + len(tag))

@@ -42,7 +42,7 @@ _LOCK_ID = 0x6465647570  # "dedup"
 _NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 _SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-log = logging.getLogger("consumer.migrate")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

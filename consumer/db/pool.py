@@ -7,7 +7,7 @@ import logging
 
 import asyncpg
 
-log = logging.getLogger("consumer.db")
+log = logging.getLogger(__name__)
 
 _IDLE = "idle_in_transaction_session_timeout"
 

@@ -15,32 +15,74 @@ from typing import Any, Protocol
 import asyncpg
 
 from consumer.context import Database
-from consumer.db import guard
+from consumer.db import guard, offsets
 from consumer.dedup import inbox
 from consumer.dedup.inbox import Claim, Completion, InboxRecord
 from consumer.errors import TransactionEnded
 from consumer.outbox import store as outbox
 from consumer.outbox.store import OutboxRow
-from consumer.runtime import offsets
+from consumer.types import Ident, Query
 
 
 class BatchTx(Protocol):
-    db: Database
+    """The store operations of one batch, all inside ONE database transaction.
 
-    async def lock_offset(self, group: str, topic: str, partition: int) -> int: ...
-    async def claim(self, rows: Sequence[Claim]) -> set[tuple[str, str]]: ...
-    async def records(
-        self, idents: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], InboxRecord]: ...
-    async def savepoint(self) -> None: ...
-    async def rollback_savepoint(self) -> None: ...
-    async def release_savepoint(self) -> None: ...
-    async def complete(self, rows: Sequence[Completion]) -> None: ...
-    async def unclaim(self, idents: Sequence[tuple[str, str]]) -> None: ...
-    async def outbox(self, rows: Sequence[OutboxRow]) -> None: ...
+    The runtime calls them in this order (docs/design.md, "The protocol"): ``lock_offset``,
+    ``claim`` and ``records``; per handler call ``savepoint`` then ``release_savepoint`` or
+    ``rollback_savepoint``; then ``complete``, ``unclaim``, ``outbox`` and ``advance_offset``;
+    then the caller commits. Nothing is visible to anyone else before that commit.
+    """
+
+    db: Database
+    """The connection as a handler sees it (``ctx.db``): queries checked, failures noted."""
+
+    async def lock_offset(self, group: str, topic: str, partition: int) -> int:
+        """Lock the partition's stored position for the rest of the transaction and return
+        it (-1 if none): a zombie owner waits here, then sees the records already done."""
+        ...
+
+    async def claim(self, rows: Sequence[Claim]) -> set[Ident]:
+        """Insert a ``pending`` inbox row per key not stored yet; returns the keys claimed.
+        A key another open transaction claimed blocks here until that one ends."""
+        ...
+
+    async def records(self, idents: Sequence[Ident]) -> dict[Ident, InboxRecord]:
+        """The inbox rows of these keys as this transaction sees them (claimed ones too)."""
+        ...
+
+    async def savepoint(self) -> None:
+        """Open the savepoint of one handler call (the previous one's release may ride
+        along)."""
+        ...
+
+    async def rollback_savepoint(self) -> None:
+        """Undo everything since :meth:`savepoint`: a failed or retried handler call.
+        Raises TransactionEnded if the handler ended the transaction itself."""
+        ...
+
+    async def release_savepoint(self) -> None:
+        """Keep the handler call's writes (possibly deferred to the next savepoint when no
+        statement of it failed). Raises TransactionEnded as :meth:`rollback_savepoint`."""
+        ...
+
+    async def complete(self, rows: Sequence[Completion]) -> None:
+        """Turn claimed (``pending``) rows into ``done`` or ``rejected`` with their result."""
+        ...
+
+    async def unclaim(self, idents: Sequence[Ident]) -> None:
+        """Delete claimed rows the batch stopped before: read again later, they leave no trace."""
+        ...
+
+    async def outbox(self, rows: Sequence[OutboxRow]) -> None:
+        """Write outbox rows (published messages, replies, dead letters, conflicts); the
+        relay publishes them after the commit."""
+        ...
+
     async def advance_offset(
         self, group: str, topic: str, partition: int, next_offset: int
-    ) -> None: ...
+    ) -> None:
+        """Move the stored position forward to ``next_offset`` (never backwards)."""
+        ...
 
 
 # Connection methods that take a query as their first argument: checked like execute().
@@ -137,7 +179,7 @@ class PgTx:
                 "raw connection?); the batch is retried from its first record"
             )
 
-    async def _exec(self, q: tuple[str, list[Any]]) -> None:
+    async def _exec(self, q: Query) -> None:
         await self.conn.execute(q[0], *q[1])
 
     async def lock_offset(self, group: str, topic: str, partition: int) -> int:
@@ -145,15 +187,13 @@ class PgTx:
         value = await self.conn.fetchval(text, *args)
         return int(value)
 
-    async def claim(self, rows: Sequence[Claim]) -> set[tuple[str, str]]:
+    async def claim(self, rows: Sequence[Claim]) -> set[Ident]:
         if not rows:
             return set()
         text, args = inbox.claim(rows)
         return {(r[0], r[1]) for r in await self.conn.fetch(text, *args)}
 
-    async def records(
-        self, idents: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], InboxRecord]:
+    async def records(self, idents: Sequence[Ident]) -> dict[Ident, InboxRecord]:
         if not idents:
             return {}
         text, args = inbox.records(idents)
@@ -194,7 +234,7 @@ class PgTx:
         if rows:
             await self._exec(inbox.complete(rows))
 
-    async def unclaim(self, idents: Sequence[tuple[str, str]]) -> None:
+    async def unclaim(self, idents: Sequence[Ident]) -> None:
         if idents:
             await self._exec(inbox.unclaim(idents))
 

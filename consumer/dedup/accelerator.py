@@ -17,10 +17,9 @@ from typing import Any
 
 from consumer.dedup.leases import DoneMarker, LeaseResult, LeaseStore
 from consumer.settings import Settings
+from consumer.types import Ident
 
-log = logging.getLogger("consumer.batch")
-
-Ident = tuple[str, str]
+log = logging.getLogger(__name__)
 
 
 class Accelerator:

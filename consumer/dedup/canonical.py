@@ -116,6 +116,14 @@ def _model(model: BaseModel, exclude: Set[str] = frozenset(), tag: str = "") -> 
 
 
 def _encode(obj: Any) -> str:
+    # Two halves only to keep each readable; the order of the checks is the canonical form's
+    # (bool before int, Enum before its value's type, ...) and must not change.
+    scalar = _scalar(obj)
+    return scalar if scalar is not None else _compound(obj)
+
+
+def _scalar(obj: Any) -> str | None:
+    """The form of a scalar (None, bool, Enum, number, text, bytes, secret), else None."""
     if obj is None:
         return "null"
     if isinstance(obj, bool):
@@ -132,6 +140,11 @@ def _encode(obj: Any) -> str:
         return "s" + _text(obj.get_secret_value())
     if isinstance(obj, SecretBytes):
         return "s" + _encode(obj.get_secret_value())
+    return None
+
+
+def _compound(obj: Any) -> str:
+    """The form of anything :func:`_scalar` does not take: models, containers, times, ..."""
     if isinstance(obj, BaseModel):
         # A nested model by its class too: in a union ``Card | Bank`` where Bank adds
         # ``bic: str = ""``, {"number": "x"} is a Card and {"number": "x", "bic": ""} a Bank

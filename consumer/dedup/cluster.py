@@ -20,8 +20,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from consumer.dedup.leases import DoneMarker, LeaseResult, RedisLeases
-
-Ident = tuple[str, str]
+from consumer.types import Ident
 
 
 def _groups(namespaces: Sequence[str]) -> dict[str, list[int]]:

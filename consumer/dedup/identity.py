@@ -18,6 +18,7 @@ from consumer.dedup.hashing import HASH_VERSION, HASH_VERSIONS, payload_hash
 from consumer.errors import BadKey, DecodeError, MissingKey, SchemaError
 from consumer.handler import Handler
 from consumer.message import Message
+from consumer.types import Ident
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,8 @@ class Identity:
     older: Callable[[int], str | None] = field(default=lambda _v: None, compare=False)
 
     @property
-    def ident(self) -> tuple[str, str]:
+    def ident(self) -> Ident:
+        """What the record is stored under: ``(namespace, key)``."""
         return (self.namespace, self.key)
 
     def same_payload(self, stored_hash: str, stored_version: int) -> bool | None:

@@ -13,8 +13,7 @@ from typing import Any
 
 from consumer.constants import HASH_ALG
 from consumer.dedup.hashing import HASH_VERSION
-
-Query = tuple[str, list[Any]]
+from consumer.types import Ident, Query, RecordStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +31,7 @@ class InboxRecord:
     namespace: str
     key: str
     hash: str
-    status: str
+    status: RecordStatus
     result: Any
     reason: str | None
     hash_version: int  # the canonical-form version ``hash`` was made with
@@ -42,7 +41,9 @@ class InboxRecord:
 class Completion:
     namespace: str
     key: str
-    status: str  # "done" | "rejected"
+    # "done" | "rejected". A RecordStatus once the runtime's outcome of a call is typed as
+    # one (runtime/invoke.py); until then any other value is refused by the SQL's CHECK.
+    status: str
     result_json: str | None
     reason: str | None
 
@@ -78,7 +79,7 @@ def claim(rows: Sequence[Claim]) -> Query:
     )
 
 
-def records(idents: Sequence[tuple[str, str]]) -> Query:
+def records(idents: Sequence[Ident]) -> Query:
     return (
         """
         SELECT i.namespace, i.key, i.payload_hash, i.status, i.result, i.reason,
@@ -110,7 +111,7 @@ def complete(rows: Sequence[Completion]) -> Query:
     )
 
 
-def unclaim(idents: Sequence[tuple[str, str]]) -> Query:
+def unclaim(idents: Sequence[Ident]) -> Query:
     # Claimed but not processed (the batch stopped before them): nothing may be recorded.
     return (
         """

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import redis.asyncio as aioredis
 
 from consumer.constants import done_key, lease_key
+from consumer.types import Ident
 
 LeaseState = Literal["acquired", "held", "done"]
 
@@ -93,23 +94,37 @@ class DoneMarker:
 
 
 class LeaseStore(Protocol):
-    """What the runtime needs from the accelerator. Implementations: Redis, memory."""
+    """What the runtime needs from the accelerator. Implementations: Redis, memory, none.
 
-    async def acquire(
-        self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int
-    ) -> list[LeaseResult]: ...
+    Every method is one round trip for the whole batch. Nothing here is a fence: a lease only
+    keeps two workers from running one key at the same time, and a done marker only spares a
+    duplicate its inbox claim; the PostgreSQL inbox decides (docs/design.md, "Why").
+    """
 
-    async def renew(self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int) -> int: ...
+    async def acquire(self, idents: Sequence[Ident], token: str, ttl_ms: int) -> list[LeaseResult]:
+        """For each key, in order: its done marker if one is set (``done``); else take or
+        extend its lease for ``token`` for ``ttl_ms`` (``acquired``); else ``held`` (another
+        token holds it)."""
+        ...
+
+    async def renew(self, idents: Sequence[Ident], token: str, ttl_ms: int) -> int:
+        """Extend to ``ttl_ms`` the leases that still carry ``token``; returns how many did."""
+        ...
 
     async def finish(
         self,
         done: Sequence[DoneMarker],
-        release: Sequence[tuple[str, str]],
+        release: Sequence[Ident],
         token: str,
         done_ttl_s: int,
-    ) -> None: ...
+    ) -> None:
+        """After the database commit only: set ``done`` markers for ``done_ttl_s``, then
+        release the leases of ``release`` that still carry ``token`` (compare-and-delete)."""
+        ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Close the connection (if any)."""
+        ...
 
 
 def _parse(flat: Sequence[bytes | str]) -> list[LeaseResult]:
@@ -143,9 +158,7 @@ class RedisLeases:
         self._finish = self.redis.register_script(_FINISH_LUA)
         self._renew = self.redis.register_script(_RENEW_LUA)
 
-    async def acquire(
-        self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int
-    ) -> list[LeaseResult]:
+    async def acquire(self, idents: Sequence[Ident], token: str, ttl_ms: int) -> list[LeaseResult]:
         if not idents:
             return []
         keys: list[str] = []
@@ -154,7 +167,7 @@ class RedisLeases:
         flat = await self._acquire(keys=keys, args=[token, ttl_ms])
         return _parse(flat)
 
-    async def renew(self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int) -> int:
+    async def renew(self, idents: Sequence[Ident], token: str, ttl_ms: int) -> int:
         if not idents:
             return 0
         n = await self._renew(keys=[lease_key(ns, k) for ns, k in idents], args=[token, ttl_ms])
@@ -163,7 +176,7 @@ class RedisLeases:
     async def finish(
         self,
         done: Sequence[DoneMarker],
-        release: Sequence[tuple[str, str]],
+        release: Sequence[Ident],
         token: str,
         done_ttl_s: int,
     ) -> None:
@@ -188,8 +201,8 @@ class MemoryLeases:
     """
 
     def __init__(self) -> None:
-        self.leases: dict[tuple[str, str], tuple[str, float]] = {}
-        self.done: dict[tuple[str, str], tuple[str, str, float]] = {}
+        self.leases: dict[Ident, tuple[str, float]] = {}
+        self.done: dict[Ident, tuple[str, str, float]] = {}
 
     def flush(self) -> None:
         self.leases.clear()
@@ -198,9 +211,7 @@ class MemoryLeases:
     def expire_leases(self) -> None:
         self.leases.clear()
 
-    async def acquire(
-        self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int
-    ) -> list[LeaseResult]:
+    async def acquire(self, idents: Sequence[Ident], token: str, ttl_ms: int) -> list[LeaseResult]:
         now = time.monotonic()
         out: list[LeaseResult] = []
         for ident in idents:
@@ -216,7 +227,7 @@ class MemoryLeases:
                 out.append(LeaseResult("acquired"))
         return out
 
-    async def renew(self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int) -> int:
+    async def renew(self, idents: Sequence[Ident], token: str, ttl_ms: int) -> int:
         n = 0
         for ident in idents:
             cur = self.leases.get(ident)
@@ -228,7 +239,7 @@ class MemoryLeases:
     async def finish(
         self,
         done: Sequence[DoneMarker],
-        release: Sequence[tuple[str, str]],
+        release: Sequence[Ident],
         token: str,
         done_ttl_s: int,
     ) -> None:
@@ -251,18 +262,16 @@ class NoLeases:
     claimer until the first transaction ends).
     """
 
-    async def acquire(
-        self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int
-    ) -> list[LeaseResult]:
+    async def acquire(self, idents: Sequence[Ident], token: str, ttl_ms: int) -> list[LeaseResult]:
         return [LeaseResult("acquired") for _ in idents]
 
-    async def renew(self, idents: Sequence[tuple[str, str]], token: str, ttl_ms: int) -> int:
+    async def renew(self, idents: Sequence[Ident], token: str, ttl_ms: int) -> int:
         return len(idents)
 
     async def finish(
         self,
         done: Sequence[DoneMarker],
-        release: Sequence[tuple[str, str]],
+        release: Sequence[Ident],
         token: str,
         done_ttl_s: int,
     ) -> None:

@@ -3,7 +3,8 @@
 Every row carries an ``idempotency-key`` derived from where it came from, so a republish
 (relay crash, batch retried) carries the same key and a downstream consumer built with this
 framework applies it once. Rows caused by a handler call carry the trace context of its span
-(consumer/tracing.py); without a recorded span, the consumed message's trace headers.
+(consumer/propagation.py; the span is consumer/tracing.py's); without a recorded span, the
+consumed message's trace headers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import msgpack
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from consumer import codec, keys, storable, tracing
+from consumer import codec, keys, propagation, storable
 from consumer.constants import (
     CONFLICT_SUFFIX,
     CONTENT_MSGPACK,
@@ -37,12 +38,12 @@ from consumer.context import Outgoing
 from consumer.message import Message
 from consumer.outbox.store import OutboxRow
 
-_PASS_THROUGH = tracing.TRACE_HEADERS
+_PASS_THROUGH = propagation.TRACE_HEADERS
 Trace = Sequence[tuple[str, str]]
 
 
 def _trace(msg: Message, trace: Trace | None) -> list[tuple[str, str]]:
-    return list(trace) if trace is not None else tracing.outgoing(msg)
+    return list(trace) if trace is not None else propagation.outgoing(msg)
 
 
 def _original_headers(msg: Message) -> list[tuple[str, str]]:
@@ -73,7 +74,7 @@ def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> 
     same message every time it is produced; consumer/keys.py makes the name unambiguous.
     """
     rows = []
-    trace = tracing.outgoing(msg)  # written inside the handling span: that span's context
+    trace = propagation.outgoing(msg)  # written inside the handling span: that span's context
     derived = _DERIVED | {name.lower() for name, _ in trace}
     for index, item in enumerate(items):
         if not all(storable.text_ok(n) and storable.text_ok(v) for n, v in item.headers):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from consumer.constants import NOTIFY_CHANNEL, OUTBOX_SHARDS
+from consumer.types import Query
 
-Query = tuple[str, list[Any]]
 Destination = tuple[str, bytes | None]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
@@ -21,10 +21,8 @@ from consumer.message import Message
 from consumer.observers import Tick
 from consumer.runtime import undecodable
 from consumer.runtime.cursor import next_position, process_partition
+from consumer.runtime.member import Member
 from consumer.runtime.outcomes import BatchResult
-
-if TYPE_CHECKING:
-    from consumer.runtime.worker import Worker
 
 log = logging.getLogger("consumer.fetch")
 
@@ -47,7 +45,7 @@ def to_message(rec: Any) -> Message:
 class FetchLoop:
     """The fetch/commit loop of ``worker`` (its consumer, processor, positions and lock)."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Member) -> None:
         self.w = worker
 
     async def tick(self) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer.db import offsets
 from consumer.observers import Observer
-from consumer.runtime import offsets
 
 log = logging.getLogger("consumer.positions")
 

@@ -8,16 +8,14 @@ fetched before an assignment's seek wait and then meet the stored position's flo
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-if TYPE_CHECKING:
-    from consumer.runtime.worker import Worker
+from consumer.runtime.member import Member
 
 
 class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Member) -> None:
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer import tracing
 from consumer.app import App
 from consumer.db import migrate
 from consumer.db.pool import create_pool
@@ -188,7 +189,13 @@ class Worker:
         if s.relay_enabled:
             from consumer.outbox.relay import Relay
 
-            self.relay = relay = Relay(s, pool=self.pool)
+            self.relay = relay = Relay(
+                s,
+                pool=self.pool,
+                observers=self.observer,
+                publish_span=tracing.publishing,
+                probe=self.probe,
+            )
             relay_task = asyncio.create_task(relay.run(self.stop))
         self.started.set()
         loop = FetchLoop(self)

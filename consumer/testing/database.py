@@ -18,13 +18,12 @@ from typing import Any, Protocol
 import asyncpg
 
 from consumer.context import Database
-from consumer.db import migrate
+from consumer.db import migrate, offsets
 from consumer.db.pool import _init as init_connection
 from consumer.db.tx import BatchTx, PgTx
 from consumer.dedup import inbox
 from consumer.dedup.inbox import InboxRecord
 from consumer.outbox.store import OutboxRow
-from consumer.runtime import offsets
 
 
 class DatabaseRequired(BaseException):

@@ -16,14 +16,13 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from consumer.context import Database
 from consumer.dedup.hashing import HASH_VERSION
 from consumer.dedup.inbox import Claim, Completion, InboxRecord
 from consumer.outbox.store import OutboxRow
-
-Ident = tuple[str, str]
+from consumer.types import Ident, RecordStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +30,7 @@ class InboxRow:
     """One ``dedup.inbox`` row."""
 
     hash: str
-    status: str  # "pending" | "done" | "rejected"
+    status: RecordStatus
     topic: str
     partition: int
     offset: int
@@ -105,7 +104,10 @@ class MemoryTx:
                 continue  # as the SQL: only rows this transaction claimed
             # Through JSON, as jsonb does: a tuple comes back a list, an int key a string.
             result = json.loads(c.result_json) if c.result_json is not None else None
-            self.state.inbox[ident] = replace(row, status=c.status, result=result, reason=c.reason)
+            # Completion.status is typed str until the runtime's is a RecordStatus (the SQL's
+            # CHECK refuses anything else; the runtime writes only "done" and "rejected").
+            status = cast(RecordStatus, c.status)
+            self.state.inbox[ident] = replace(row, status=status, result=result, reason=c.reason)
 
     async def unclaim(self, idents: Sequence[Ident]) -> None:
         for ident in idents:

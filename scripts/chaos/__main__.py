@@ -36,7 +36,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=3, help="payments worker processes")
     p.add_argument("--duration", type=float, default=None, help="seconds to spread production over")
-    p.add_argument("--random-faults", default=DEFAULT_RANDOM_FAULTS, help="DEDUP_TEST_FAULTS (consumer/testing/faults.py)")
+    p.add_argument("--random-faults", default=DEFAULT_RANDOM_FAULTS, help="DEDUP_TEST_FAULTS")
     p.add_argument("--broken-records", type=int, default=None)
     p.add_argument("--no-broken", action="store_true", help="skip the broken-build run")
     p.add_argument(

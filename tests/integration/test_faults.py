@@ -20,10 +20,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer import App, Context, Settings
 from consumer.constants import done_key
+from consumer.db import offsets
 from consumer.db.pool import create_pool
 from consumer.dedup.leases import RedisLeases
 from consumer.message import Message
-from consumer.runtime import offsets
 from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.outcomes import Outcome
 from consumer.testing import faults

@@ -7,12 +7,12 @@ import re
 import pytest
 
 from consumer.constants import HASH_ALG, NOTIFY_CHANNEL, OUTBOX_SHARDS
+from consumer.db import offsets
 from consumer.dedup import inbox
 from consumer.dedup.hashing import HASH_VERSION
 from consumer.dedup.inbox import Claim, Completion
 from consumer.outbox import store
 from consumer.outbox.store import OutboxRow, shard_of
-from consumer.runtime import offsets
 
 pytestmark = pytest.mark.unit
 

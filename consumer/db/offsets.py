@@ -7,9 +7,8 @@ lag tooling only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-Query = tuple[str, list[Any]]
+from consumer.types import Query
 
 
 def lock(group: str, topic: str, partition: int) -> Query:

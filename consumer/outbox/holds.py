@@ -1,0 +1,63 @@
+"""Destinations the relay holds back after a refusal: a key (one poison row) or a whole topic.
+
+A refused row holds back its destination key, and a missing topic the whole topic, for a
+delay that doubles with each failure up to a bound, so one poison row neither blocks other
+keys nor is overtaken by later rows of its own key (the SQL skips held ones:
+consumer/outbox/store.py ``Blocked``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from consumer.outbox import store
+from consumer.outbox.figures import Figures
+from consumer.outbox.store import Destination
+
+log = logging.getLogger(__name__)
+HOLD_KEY_S = (1.0, 60.0)  # first and longest hold of a key after a refused row
+HOLD_TOPIC_S = (5.0, 300.0)  # first and longest hold of a topic the cluster does not have
+_MAX_KEY_HOLDS = 1_000  # bound on the SQL arrays; beyond it rows are simply retried
+
+Held = Destination | str  # a (topic, key) destination, or a topic
+
+
+@dataclass(slots=True)
+class _Hold:
+    until: float
+    failures: int
+
+
+class Holds:
+    """The destinations currently held back, and for how long."""
+
+    def __init__(self, figures: Figures) -> None:
+        self._figures = figures
+        self._holds: dict[Held, _Hold] = {}
+
+    def hold(self, what: Held, delays: tuple[float, float], why: str) -> None:
+        """Hold ``what`` back: ``delays[0]`` after the first failure, doubling to ``delays[1]``."""
+        prev = self._holds.get(what)
+        failures = prev.failures + 1 if prev else 1
+        delay = min(delays[0] * 2 ** (failures - 1), delays[1])
+        self._holds[what] = _Hold(time.monotonic() + delay, failures)
+        self._figures.last_error = why
+        log.warning("relay: %s; holding it back %.0fs (failure %d)", why, delay, failures)
+
+    def release(self, what: Held) -> None:
+        """``what`` worked again (a row acked, a topic resolved): its next failure starts over."""
+        self._holds.pop(what, None)
+
+    def blocked(self) -> store.Blocked:
+        """What the next tick must not read, as the SQL takes it."""
+        now = time.monotonic()
+        live = [w for w, h in self._holds.items() if h.until > now]
+        keys = [w for w in live if isinstance(w, tuple)][:_MAX_KEY_HOLDS]
+        return store.Blocked([w for w in live if isinstance(w, str)], keys)
+
+    def count(self) -> int:
+        """How many destinations are held back now."""
+        now = time.monotonic()
+        return sum(1 for h in self._holds.values() if h.until > now)
