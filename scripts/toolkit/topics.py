@@ -109,9 +109,9 @@ async def _to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> list
     ends = await consumer.end_offsets(tps)
     out: list[Any] = []
     for tp in tps:
-        pos, error = await read_partition(consumer, tp, starts[tp], ends[tp], out)
-        if error is not None:
-            raise RuntimeError(f"{tp.topic}/{tp.partition}/{pos}: cannot read ({error})") from error
+        _, error = await read_partition(consumer, tp, starts[tp], ends[tp], out)
+        if error is not None:  # the client's own error, as a plain consumer would raise it
+            raise error
     return out
 
 
