@@ -53,16 +53,6 @@ async def _visible(admin: AIOKafkaAdminClient, wanted: set[str], within_s: float
     raise RuntimeError(f"topics not visible after {within_s:.0f}s: {sorted(wanted)}")
 
 
-async def partitions_of(bootstrap: str, topic: str) -> list[int]:
-    """The partition numbers of an existing topic."""
-    probe = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await probe.start()
-    try:
-        return sorted(await probe.partitions_for(topic))
-    finally:
-        await probe.stop()
-
-
 async def read_partition(
     consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int, out: list[Any]
 ) -> tuple[int, Exception | None]:
@@ -93,7 +83,12 @@ async def read_topic(
     wait (bounded by ``timeout_s``) until that many records have arrived, e.g. while a relay
     publishes.
     """
-    tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+    probe = AIOKafkaProducer(bootstrap_servers=bootstrap)  # waits for the topic's metadata
+    await probe.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(await probe.partitions_for(topic))]
+    finally:
+        await probe.stop()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
