@@ -18,13 +18,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaProducer
 
 from consumer import App, ConfigError, Settings, load_settings
 from consumer.db.migrate import migrate_dsn
 from consumer.runtime.worker import Worker
 from consumer.telemetry import standard_observers
+from scripts.toolkit import topics as toolkit_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_MIGRATIONS = {"payments": ROOT / "handlers" / "migrations"}  # as handlers/app.py
@@ -143,12 +143,7 @@ async def pg(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def create_topics(settings: Settings, names: list[str], partitions: int = 3) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-    finally:
-        await admin.close()
+    await toolkit_topics.create_topics(settings.kafka_bootstrap, dict.fromkeys(names, partitions))
 
 
 @pytest.fixture
@@ -219,36 +214,7 @@ async def read_topic(settings: Settings, topic: str, expect: int | None = None) 
     Without ``expect``: everything up to the end offsets as they are now. With ``expect``:
     wait (bounded, 60 s) until that many records have arrived, e.g. while a relay publishes.
     """
-    probe = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
-    await probe.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(await probe.partitions_for(topic))]
-    finally:
-        await probe.stop()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: dict[TopicPartition, list[Any]] = {tp: [] for tp in tps}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        end = await consumer.end_offsets(tps) if expect is None else None
-
-        async def more() -> bool:
-            if end is not None:
-                return any([await consumer.position(tp) < end[tp] for tp in tps])
-            return sum(len(v) for v in out.values()) < (expect or 0)
-
-        while await more():
-            assert loop.time() < deadline, f"{topic}: timed out reading"
-            for tp, recs in (await consumer.getmany(timeout_ms=200)).items():
-                out[tp].extend(r for r in recs if end is None or r.offset < end[tp])
-        return [r for tp in tps for r in out[tp]]
-    finally:
-        await consumer.stop()
+    return await toolkit_topics.read_topic(settings.kafka_bootstrap, topic, expect, timeout_s=60)
 
 
 def header_map(record: Any) -> dict[str, str]:

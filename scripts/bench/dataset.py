@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 CHUNK = 5_000  # sends in flight before waiting for their acks
 
@@ -87,15 +87,6 @@ class Payloads:
         body["sent_at"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         body["trace_id"] = f"{rng.getrandbits(128):032x}"
         return str(body["payment_id"]), msgpack.packb(body, use_bin_type=True)
-
-
-async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-    finally:
-        await admin.close()
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:

@@ -24,10 +24,11 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 
-from scripts.bench import dataset, handwritten, store, sysstat
+from scripts.bench import handwritten, store, sysstat
 from scripts.bench.dataset import Dataset
+from scripts.toolkit.processes import ROOT as ROOT  # re-exported: runner, __main__
+from scripts.toolkit.topics import create_topics
 
-ROOT = Path(__file__).resolve().parents[2]
 SETTLED_SUFFIX = ".settled"
 # Modes whose positions live in the framework's dedup.offsets; ``framework_batch`` (the
 # batch-handler path) is planned out by runner.plan while it is in PENDING_MODES.
@@ -357,4 +358,4 @@ async def _verify(
 
 
 async def make_topics(env: Env, base: str, partitions: int) -> None:
-    await dataset.create_topics(env.bootstrap, [base, base + SETTLED_SUFFIX], partitions)
+    await create_topics(env.bootstrap, dict.fromkeys([base, base + SETTLED_SUFFIX], partitions))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -28,11 +27,13 @@ import asyncpg
 
 from scripts.chaos import checker, collect, workload
 from scripts.chaos.faults import ONE_OFF, Injector, describe, schedule
-from scripts.chaos.fleet import ROOT, Fleet, reap_leftovers
+from scripts.chaos.fleet import Fleet, reap_leftovers
 from scripts.chaos.pg_failover import Cluster, Failovers
 from scripts.chaos.pg_proxy import PgProxy
-from scripts.chaos.producer import Producer, create_topics
+from scripts.chaos.producer import Producer
 from scripts.chaos.services import Instance
+from scripts.toolkit.processes import ROOT
+from scripts.toolkit.topics import create_topics
 
 log = logging.getLogger("chaos.campaign")
 
@@ -40,6 +41,7 @@ PAYMENTS_APP = "handlers.app:app"
 DOWNSTREAM_APP = "scripts.chaos.downstream:app"
 PARTITIONS = 6
 SETTLED_PARTITIONS = 3
+TRUTH_FILE = "truth.jsonl"  # the ground truth, scripts/toolkit/truth.py format
 
 # Short timeouts so that a paused worker outlives its leases and its group session within
 # seconds, and restarts are quick. The pause fault waits past both.
@@ -170,7 +172,7 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     topics = {names.requested: PARTITIONS, names.settled: SETTLED_PARTITIONS}
     for base in list(topics):
         topics[base + ".dlq"] = topics[base + ".conflicts"] = 3
-    await create_topics(inst.bootstrap, topics)
+    await create_topics(inst.bootstrap, topics, exist_ok=True)
     env = process_env(inst, cfg)
     kinds = cfg.kinds or schedule(cfg.faults, rng)
     # With a failover scheduled, every DSN of the run names the campaign's proxy, which the
@@ -186,7 +188,7 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     await asyncio.to_thread(_migrate, env, DOWNSTREAM_APP)
 
     wl = workload.build(cfg.seed, cfg.records, PARTITIONS)
-    wl.save(cfg.out / "truth.json")
+    wl.save(cfg.out / TRUTH_FILE)
     log.info("[%s] workload: %s", cfg.name, wl.counts())
 
     fleet = Fleet(cfg.out / "logs", env, pidfile)
@@ -242,9 +244,10 @@ async def run(inst: Instance, cfg: RunConfig) -> RunResult:
     for gen, retired in enumerate(injector.retired, start=1):
         evidence.topics[names.requested] += [replace(r, generation=gen) for r in retired.records]
         evidence.retired_consumed[gen] = retired.consumed
-    truth = json.loads((cfg.out / "truth.json").read_text())
+    truth = workload.load_truth(cfg.out / TRUTH_FILE)
     injector.extra.merge(truth)  # the records the faults produced themselves
-    (cfg.out / "truth.json").write_text(json.dumps(truth, separators=(",", ":")))
+    header = {k: v for k, v in truth.items() if k != "records"}
+    workload.save_truth(cfg.out / TRUTH_FILE, header, truth["records"])
     result = checker.check(truth, evidence, names)
     if evidence.outbox_pending:
         result.counts["outbox_pending"] = evidence.outbox_pending

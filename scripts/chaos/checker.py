@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scripts.chaos.collect import Evidence, Rec
+from scripts.toolkit.audit import LedgerAudit, audit_ledger
 
 INVARIANTS = (
     "double_applied",
@@ -109,6 +110,10 @@ def check(truth: dict[str, Any], ev: Evidence, names: Names) -> Result:
     ledger: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for tenant, pid, account, cents in ev.ledger:
         ledger[f"{tenant}|{pid}"].append((account, cents))
+    audit = audit_ledger(
+        {k: (e["account"], e["cents"]) for k, e in keys.items() if e["outcome"] == "applied"},
+        ((f"{tenant}|{pid}", (account, cents)) for tenant, pid, account, cents in ev.ledger),
+    )
 
     # ------------------------------------------------------------ per key
     applied_keys: set[str] = set()
@@ -121,32 +126,14 @@ def check(truth: dict[str, Any], ev: Evidence, names: Names) -> Result:
                 res.bad("aborted_applied", f"{kid}: aborted only; ledger {rows}, inbox {rec}")
             else:
                 res.counts["aborted_keys_untouched"] += 1
-            continue
-        if exp["outcome"] == "applied":
-            if not rows:
-                res.bad("lost", f"{kid}: expected applied, no ledger row (inbox: {rec})")
-                continue
-            res.counts["applied"] += 1
-            applied_keys.add(kid)
-            if len(rows) > 1:
-                res.bad("double_applied", f"{kid}: {len(rows)} ledger rows")
-            if any(r != (exp["account"], exp["cents"]) for r in rows):
-                res.bad("conflicts_applied", f"{kid}: ledger {rows}, original {exp['cents']}")
-            if rec is None or rec["status"] != "done":
-                res.bad("inbox_mismatch", f"{kid}: applied, inbox says {rec and rec['status']}")
+        elif exp["outcome"] == "applied":
+            if _applied(res, kid, exp, rows, rec, audit):
+                applied_keys.add(kid)
         else:
-            if rows:
-                res.bad("rejects_applied", f"{kid}: overdraft applied {len(rows)}x")
-            if rec is None or rec["status"] != "rejected":
-                res.bad("lost", f"{kid}: expected rejected, inbox {rec and rec['status']}")
-                continue
-            res.counts["rejected"] += 1
-            src = f"{rec['topic']}/{rec['partition']}/{rec['offset']}"
-            if "rejected" not in dlq_plain.get(src, set()):
-                res.bad("lost", f"{kid}: rejected at {src} but no dead letter")
-    for kid, rows in ledger.items():
+            _rejected(res, kid, rows, rec, dlq_plain)
+    for kid, n in audit.unexpected.items():
         if kid not in keys:
-            res.bad("unexpected_effects", f"{kid}: {len(rows)} ledger row(s) for no such key")
+            res.bad("unexpected_effects", f"{kid}: {n} ledger row(s) for no such key")
 
     # ------------------------------------------------------------ per consumed offset
     _offsets(res, names, records, keys, ev, dlq, conflicts, applied_keys)
@@ -154,6 +141,47 @@ def check(truth: dict[str, Any], ev: Evidence, names: Names) -> Result:
     # ------------------------------------------------------------ downstream
     _downstream(res, names, records, ev, applied_keys)
     return res
+
+
+def _applied(
+    res: Result,
+    kid: str,
+    exp: dict[str, Any],
+    rows: list[tuple[str, int]],
+    rec: dict[str, Any] | None,
+    audit: LedgerAudit,
+) -> bool:
+    """A key expected applied: once, with its original payload, done in the inbox."""
+    if kid in audit.missing:
+        res.bad("lost", f"{kid}: expected applied, no ledger row (inbox: {rec})")
+        return False
+    res.counts["applied"] += 1
+    if kid in audit.twice:
+        res.bad("double_applied", f"{kid}: {len(rows)} ledger rows")
+    if kid in audit.altered:
+        res.bad("conflicts_applied", f"{kid}: ledger {rows}, original {exp['cents']}")
+    if rec is None or rec["status"] != "done":
+        res.bad("inbox_mismatch", f"{kid}: applied, inbox says {rec and rec['status']}")
+    return True
+
+
+def _rejected(
+    res: Result,
+    kid: str,
+    rows: list[tuple[str, int]],
+    rec: dict[str, Any] | None,
+    dlq_plain: dict[str, set[str]],
+) -> None:
+    """A key expected rejected: no ledger row, rejected in the inbox, one dead letter."""
+    if rows:
+        res.bad("rejects_applied", f"{kid}: overdraft applied {len(rows)}x")
+    if rec is None or rec["status"] != "rejected":
+        res.bad("lost", f"{kid}: expected rejected, inbox {rec and rec['status']}")
+        return
+    res.counts["rejected"] += 1
+    src = f"{rec['topic']}/{rec['partition']}/{rec['offset']}"
+    if "rejected" not in dlq_plain.get(src, set()):
+        res.bad("lost", f"{kid}: rejected at {src} but no dead letter")
 
 
 def _offsets(

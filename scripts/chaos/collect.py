@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from scripts.toolkit.topics import read_partition
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,7 @@ async def read_topic(
             end = (await consumer.end_offsets([tp]))[tp]
             pos = 0
             while pos < end:
-                pos = await _read_from(consumer, tp, pos, end, out)
+                pos = await _read(consumer, tp, pos, end, out)
                 if pos < end:  # a fetch at pos raised: find the record that cannot be parsed
                     pos = await _read_around(careful, tp, pos, end, out, unparseable)
     finally:
@@ -109,21 +110,14 @@ async def read_topic(
     return out
 
 
-async def _read_from(
+async def _read(
     consumer: AIOKafkaConsumer, tp: TopicPartition, pos: int, end: int, out: list[Rec]
 ) -> int:
     """Read ``tp`` from ``pos`` towards ``end``; the position reached (short of ``end`` if a
     fetch raised)."""
-    consumer.assign([tp])
-    consumer.seek(tp, pos)
-    while pos < end:
-        try:
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
-        except (UnicodeDecodeError, KafkaError):
-            return pos
-        for r in batch.get(tp, []):
-            out.append(Rec(r.partition, r.offset, r.key, r.value, _headers(r.headers)))
-        pos = await consumer.position(tp)
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    pos, _ = await read_partition(consumer, tp, pos, end, records)
+    out.extend(Rec(r.partition, r.offset, r.key, r.value, _headers(r.headers)) for r in records)
     return pos
 
 
@@ -135,23 +129,18 @@ async def _read_around(
     out: list[Rec],
     unparseable: dict[tuple[int, int], dict[str, str]],
 ) -> int:
-    careful.assign([tp])
-    careful.seek(tp, pos)
-    while True:
-        try:
-            batch = await careful.getmany(tp, timeout_ms=1000, max_records=5000)
-        except (UnicodeDecodeError, KafkaError) as exc:
-            at = await careful.position(tp)
-            headers = unparseable.get((tp.partition, at))
-            if headers is None:
-                raise RuntimeError(f"{tp.topic}/{tp.partition}/{at}: cannot parse ({exc})") from exc
-            out.append(Rec(tp.partition, at, None, None, headers))
-            return at + 1
-        for r in batch.get(tp, []):
-            out.append(Rec(r.partition, r.offset, r.key, r.value, _headers(r.headers)))
-        pos = await careful.position(tp)
-        if pos >= end:
-            return pos
+    """Read one record batch per fetch up to the record that cannot be parsed; report it with
+    the headers ``unparseable`` names for it, and return the position after it."""
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    at, error = await read_partition(careful, tp, pos, end, records)
+    out.extend(Rec(r.partition, r.offset, r.key, r.value, _headers(r.headers)) for r in records)
+    if error is None:
+        return at
+    headers = unparseable.get((tp.partition, at))
+    if headers is None:
+        raise RuntimeError(f"{tp.topic}/{tp.partition}/{at}: cannot parse ({error})") from error
+    out.append(Rec(tp.partition, at, None, None, headers))
+    return at + 1
 
 
 async def stored_offsets(conn: asyncpg.Connection) -> dict[tuple[str, str, int], int]:

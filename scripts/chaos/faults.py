@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scripts.chaos import kafka_faults, pg_faults, topic_recreate
-from scripts.chaos.fleet import ROOT, Fleet, Proc
+from scripts.chaos.fleet import Fleet, Proc
 from scripts.chaos.pg_failover import Failovers
 from scripts.chaos.producer import Producer
 from scripts.chaos.services import Instance
 from scripts.chaos.topic_recreate import Retired
 from scripts.chaos.workload import Extra, Record
+from scripts.toolkit.processes import ROOT
 
 log = logging.getLogger("chaos.faults")
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from scripts.toolkit import processes
+
 FAULT_LINE = re.compile(rb"consumer fault point (\w+): exiting")
 
 
@@ -50,12 +48,7 @@ class Proc:
         if not self.alive():
             return []
         assert self.popen is not None
-        pid = self.popen.pid
-        try:
-            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+        return processes.children(self.popen.pid)
 
     def fault_lines(self) -> list[str]:
         """Fault points that made this process (or its workers) exit, from its log."""
@@ -84,8 +77,8 @@ def reap_leftovers(pidfile: Path, bootstrap: str) -> list[int]:
         except OSError:
             continue
         if b"-m" in cmdline and any(a.startswith(b"consumer") for a in cmdline) and mine in environ:
-            Fleet.signal_pid(pid, signal.SIGCONT)
-            if Fleet.signal_pid(pid, signal.SIGKILL):
+            processes.signal_pid(pid, signal.SIGCONT)
+            if processes.signal_pid(pid, signal.SIGKILL):
                 killed.append(pid)
     pidfile.unlink()
     return killed
@@ -105,17 +98,8 @@ class Fleet:
     # ---------------------------------------------------------------- starting
 
     def _spawn(self, proc: Proc) -> None:
-        with proc.log.open("ab") as fh:
-            fh.write(f"\n===== start {time.strftime('%T')} {' '.join(proc.argv)}\n".encode())
-            proc.popen = subprocess.Popen(
-                proc.argv,
-                env=proc.env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C at the terminal reaches only the campaign
-            )
+        # In a session of its own: a Ctrl-C at the terminal reaches only the campaign.
+        proc.popen = processes.spawn(proc.argv, proc.env, proc.log, header=True, new_session=True)
         proc.starts += 1
         proc.reaped = False
         with self.pidfile.open("a") as fh:
@@ -124,7 +108,7 @@ class Fleet:
     def start(self, name: str, args: list[str], *, restart: bool = False, **env: str) -> Proc:
         """Start ``python -m consumer <args>`` as process ``name`` with extra env vars."""
         # The CLI from the test entry point: it installs DEDUP_TEST_FAULTS / _BROKEN.
-        argv = [sys.executable, "-m", "consumer.testing.faulty", *args]
+        argv = processes.consumer_argv(*args, entry="consumer.testing.faulty")
         proc = Proc(name, argv, {**self.env, **env}, self.logs / f"{name}.log", restart)
         self.procs[name] = proc
         self._spawn(proc)
@@ -146,21 +130,12 @@ class Fleet:
 
     # ---------------------------------------------------------------- signalling
 
-    @staticmethod
-    def signal_pid(pid: int, sig: int) -> bool:
-        try:
-            os.kill(pid, sig)
-            return True
-        except ProcessLookupError:
-            return False
+    signal_pid = staticmethod(processes.signal_pid)
 
     async def wait_exit(self, proc: Proc, timeout_s: float) -> int | None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.popen is not None and (code := proc.popen.poll()) is not None:
-                return code
-            await asyncio.sleep(0.1)
-        return None
+        if proc.popen is None:
+            return None
+        return await processes.wait_exit(proc.popen, timeout_s)
 
     async def stop(self, name: str, grace_s: float = 40.0) -> int | None:
         """SIGTERM (drain), then SIGKILL after ``grace_s``; the exit code."""
@@ -168,15 +143,7 @@ class Fleet:
         if proc is None or proc.popen is None:
             return None
         proc.stopping = True
-        if proc.alive():
-            proc.popen.send_signal(signal.SIGTERM)
-        code = await self.wait_exit(proc, grace_s)
-        if code is None:
-            for child in proc.children():
-                self.signal_pid(child, signal.SIGKILL)
-            proc.popen.kill()
-            code = await self.wait_exit(proc, 10)
-        return code
+        return await processes.stop(proc.popen, grace_s)
 
     async def stop_all(self, grace_s: float = 40.0) -> dict[str, int | None]:
         names = [n for n, p in self.procs.items() if p.alive()]
@@ -192,13 +159,8 @@ class Fleet:
         """On the way out, whatever happened: SIGKILL all we started that still runs."""
         for proc in self.procs.values():
             proc.stopping = True
-            if proc.alive():
-                assert proc.popen is not None
-                for child in proc.children():
-                    self.signal_pid(child, signal.SIGCONT)
-                    self.signal_pid(child, signal.SIGKILL)
-                proc.popen.kill()
-                with contextlib.suppress(Exception):
-                    proc.popen.wait(5)
+            if proc.popen is not None and proc.alive():
+                processes.kill_tree(proc.popen)
+                processes.reap(proc.popen, 5)
         if not any(p.alive() for p in self.procs.values()):
             self.pidfile.unlink(missing_ok=True)  # nothing left for the next run to reap

@@ -1,4 +1,4 @@
-"""Topics and production for the campaign: create the topics, send the workload in bursts.
+"""Production for the campaign: send the workload in bursts (topics: scripts/toolkit).
 
 Bursts are sent in order and each burst's acks are awaited (a send that fails, for instance
 while the broker is down, is sent again) before the next burst starts, so a record never
@@ -15,24 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 
 from scripts.chaos.workload import Record, Workload
 
 log = logging.getLogger("chaos.producer")
-
-
-async def create_topics(bootstrap: str, spec: dict[str, int]) -> None:
-    """Create ``{name: partitions}`` (existing ones are left as they are)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        for name, partitions in spec.items():
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
 
 
 class Producer:

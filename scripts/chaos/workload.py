@@ -29,6 +29,8 @@ from typing import Any
 
 import msgpack
 
+from scripts.toolkit import truth
+
 CONTENT_MSGPACK = "application/msgpack"
 CONTENT_JSON = "application/json"
 TENANTS = ("acme", "globex")
@@ -82,14 +84,24 @@ class Workload:
         return out
 
     def save(self, path: Path) -> None:
-        """Ground truth as JSON: one entry per record id, one per key."""
-        data = {
-            "seed": self.seed,
-            "partitions": self.partitions,
-            "records": {str(r.id): r.truth for r in self.records},
-            "keys": self.keys,
-        }
-        path.write_text(json.dumps(data, separators=(",", ":")))
+        """Ground truth: one entry per record id, one per key (see :func:`save_truth`)."""
+        save_truth(
+            path,
+            {"seed": self.seed, "partitions": self.partitions, "keys": self.keys},
+            {str(r.id): r.truth for r in self.records},
+        )
+
+
+def save_truth(path: Path, header: dict[str, Any], records: dict[str, dict[str, Any]]) -> None:
+    """Write the ground truth in the toolkit's format: the header (seed, partitions, keys),
+    then one line per record with its ``id``."""
+    truth.write(path, header, ({"id": rid, **rec} for rid, rec in records.items()))
+
+
+def load_truth(path: Path) -> dict[str, Any]:
+    """The ground truth as the checker takes it: the header's fields and ``records`` by id."""
+    t = truth.Truth.read(path)
+    return {**t.meta, "records": {str(r.pop("id")): r for r in t.records}}
 
 
 def key_id(tenant: str, pid: str) -> str:

@@ -31,7 +31,7 @@ from rich.console import Console
 
 from consumer import load_settings
 from scripts.demo import chart, report
-from scripts.demo.audit import Check, Truth, run_audit
+from scripts.demo.audit import Check, run_audit
 from scripts.demo.display import Display
 from scripts.demo.fleet import Fleet
 from scripts.demo.probe import Probe, Sample
@@ -42,6 +42,8 @@ from scripts.demo.setup import (
     migrate,
     unreachable,
 )
+from scripts.toolkit import processes
+from scripts.toolkit.truth import Truth
 
 RET_OK, RET_AUDIT, RET_SETUP, RET_STALLED = 0, 1, 2, 3
 
@@ -169,8 +171,7 @@ class Demo:
             "--truth",
             str(self.out / "truth.jsonl"),
         ]
-        with (self.out / "loadgen.log").open("ab") as log:
-            return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return processes.spawn(cmd, env, self.out / "loadgen.log")
 
     async def _watch(
         self, fleet: Fleet, probe: Probe, loadgen: subprocess.Popen[bytes], display: Display

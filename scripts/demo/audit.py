@@ -1,24 +1,21 @@
 """The audit of a demo run: what the database and the topics hold, against the ground truth.
 
 The load generator wrote down every record it sent and what the service must do with it
-(``handlers/loadgen.py``). Each check here compares one guarantee with that truth, reading
-only committed state: the ``ledger``, ``accounts`` and ``gateway_charges`` tables, the inbox
-and stored positions, and the output topics read from the beginning. Nothing is inferred from
-worker logs or counters.
+(``handlers/loadgen.py``, in the format of ``scripts/toolkit/truth.py``). Each check here
+compares one guarantee with that truth, reading only committed state: the ``ledger`` (held
+against the truth by ``scripts/toolkit/audit.py``), ``accounts`` and ``gateway_charges``
+tables, the inbox and stored positions, and the output topics read from the beginning.
+Nothing is inferred from worker logs or counters.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import msgpack
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer.constants import (
     HEADER_DETAIL,
@@ -31,7 +28,10 @@ from consumer.constants import (
     HEADER_STORED_HASH,
 )
 from scripts.demo.probe import Sample
-from scripts.demo.setup import OTHER_PARTITIONS, Names
+from scripts.demo.setup import Names
+from scripts.toolkit import topics
+from scripts.toolkit.audit import audit_ledger
+from scripts.toolkit.truth import Truth
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,24 +53,6 @@ class Report:
         return all(c.ok for c in self.checks)
 
 
-@dataclass
-class Truth:
-    meta: dict[str, Any]
-    records: list[dict[str, Any]]
-
-    @classmethod
-    def read(cls, path: Path) -> Truth:
-        with path.open() as f:
-            meta = json.loads(f.readline())
-            return cls(meta, [json.loads(line) for line in f])
-
-    def where(self, **match: Any) -> list[dict[str, Any]]:
-        return [r for r in self.records if all(r[k] == v for k, v in match.items())]
-
-    def source(self, r: dict[str, Any]) -> str:
-        return f"{self.meta['topic']}/{r['partition']}/{r['offset']}"
-
-
 @dataclass(frozen=True, slots=True)
 class Out:
     """One record read back from an output topic."""
@@ -80,24 +62,13 @@ class Out:
     value: bytes
 
 
-async def read_topic(bootstrap: str, topic: str, partitions: int = OTHER_PARTITIONS) -> list[Out]:
+async def read_topic(bootstrap: str, topic: str) -> list[Out]:
     """Every record of ``topic``, from the beginning to the end offsets at the time of the call."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        out: list[Out] = []
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            for recs in (await consumer.getmany(timeout_ms=1000, max_records=5000)).values():
-                for r in recs:
-                    headers = {k: bytes(v).decode() for k, v in r.headers or ()}
-                    out.append(Out(headers.get(HEADER_SOURCE, ""), headers, r.value or b""))
-        return out
-    finally:
-        await consumer.stop()
+    out: list[Out] = []
+    for r in await topics.read_topic(bootstrap, topic):
+        headers = {k: bytes(v).decode() for k, v in r.headers or ()}
+        out.append(Out(headers.get(HEADER_SOURCE, ""), headers, r.value or b""))
+    return out
 
 
 def _check(name: str, expected: object, observed: object, ok: bool | None = None) -> Check:
@@ -148,21 +119,19 @@ async def run_audit(truth: Truth, names: Names, dsn: str, bootstrap: str, final:
     finally:
         await pg.close()
 
-    per_payment = Counter(r["payment_id"] for r in ledger)
-    twice = sum(1 for c in per_payment.values() if c > 1)
-    checks.append(_check("no payment applied twice (ledger rows per id)", 0, twice))
-    wrong = sum(
-        1
-        for r in ledger
-        if (e := applied.get(r["payment_id"])) is None
-        or (r["account"], r["cents"], r["tenant"]) != (e["account"], e["cents"], e["tenant"])
+    effects = audit_ledger(
+        {pid: (e["account"], e["cents"], e["tenant"]) for pid, e in applied.items()},
+        ((r["payment_id"], (r["account"], r["cents"], r["tenant"])) for r in ledger),
     )
-    missing = len(set(applied) - set(per_payment))
+    twice = len(effects.twice)
+    checks.append(_check("no payment applied twice (ledger rows per id)", 0, twice))
+    wrong = sum(effects.altered.values()) + sum(effects.unexpected.values())
+    missing = len(effects.missing)
     checks.append(
         _check(
             "applied set = expected (ids, amounts, tenants)",
             _n(len(applied), "payments"),
-            _n(len(per_payment), f"payments; {missing} missing, {wrong} unexpected or altered"),
+            _n(len(effects.per_key), f"payments; {missing} missing, {wrong} unexpected or altered"),
             missing == 0 and wrong == 0 and twice == 0,
         )
     )

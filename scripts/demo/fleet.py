@@ -12,29 +12,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import IO
+
+from scripts.toolkit import processes
 
 APP_SPEC = "handlers.app:app"
-
-
-def children_of(pid: int) -> list[int]:
-    """Live direct children of ``pid`` (Linux ``/proc``), oldest first."""
-    found: list[tuple[int, int]] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state, ppid, ..., starttime is #22.
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append((int(fields[19]), int(entry)))
-    return [p for _, p in sorted(found)]
 
 
 class Fleet:
@@ -44,20 +27,13 @@ class Fleet:
         self.workers = workers
         self.env = env
         self.log_path = log_path
-        self._log: IO[bytes] | None = None
         self.supervisor: subprocess.Popen[bytes] | None = None
         self.seen: set[int] = set()
 
     def start(self) -> None:
-        self._log = self.log_path.open("ab")
-        self.supervisor = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run", APP_SPEC, "--workers", str(self.workers)],
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C in the terminal reaches the demo, not the workers
-        )
+        # In a session of its own: Ctrl-C in the terminal reaches the demo, not the workers.
+        argv = processes.consumer_argv("run", APP_SPEC, "--workers", str(self.workers))
+        self.supervisor = processes.spawn(argv, self.env, self.log_path, new_session=True)
 
     @property
     def alive(self) -> bool:
@@ -66,7 +42,7 @@ class Fleet:
     def worker_pids(self) -> list[int]:
         if self.supervisor is None:
             return []
-        pids = children_of(self.supervisor.pid)
+        pids = processes.children(self.supervisor.pid)
         self.seen.update(pids)
         return pids
 
@@ -85,29 +61,15 @@ class Fleet:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the supervisor (it drains its workers); SIGKILL what is left after the wait."""
         sup = self.supervisor
-        if sup is not None and sup.poll() is None:
-            workers = self.worker_pids()
-            sup.send_signal(signal.SIGTERM)
-            try:
-                sup.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                for pid in [*workers, sup.pid]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                sup.wait(5)
-            deadline = time.monotonic() + 5
-            while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        if sup is None or sup.poll() is not None:
+            return
+        workers = self.worker_pids()
+        sup.send_signal(signal.SIGTERM)
+        try:
+            sup.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            processes.kill_tree(sup)
+            processes.reap(sup, 5)
+        deadline = time.monotonic() + 5
+        while any(processes.alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)

@@ -8,10 +8,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from scripts.demo.audit import Report, Truth
+from scripts.demo.audit import Report
 from scripts.demo.fleet import Fleet
 from scripts.demo.probe import Sample
 from scripts.demo.setup import Names
+from scripts.toolkit.truth import Truth
 
 _KIND_TEXT = {
     "original/credit": "credits",

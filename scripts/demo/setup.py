@@ -8,18 +8,16 @@ without resetting anything. Nothing here deletes data.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import os
 import socket
 from dataclasses import dataclass
 from types import ModuleType
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
 from consumer import Settings
 from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX
 from consumer.db.migrate import migrate_dsn
+from scripts.toolkit import topics
 
 REQUESTED_PARTITIONS = 6
 OTHER_PARTITIONS = 3
@@ -95,19 +93,6 @@ async def migrate(settings: Settings, module: ModuleType) -> list[str]:
 
 
 async def create_topics(settings: Settings, names: Names) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(names.requested, REQUESTED_PARTITIONS, 1)]
-            + [NewTopic(t, OTHER_PARTITIONS, 1) for t in names.outputs]
-        )
-        # Creation is asynchronous on the broker: wait until every topic is listed.
-        wanted = {names.requested, *names.outputs}
-        for _ in range(100):
-            if wanted <= set(await admin.list_topics()):
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"topics not visible after 10s: {sorted(wanted)}")
-    finally:
-        await admin.close()
+    """The run's topics; returns once the broker lists every one of them."""
+    spec = {names.requested: REQUESTED_PARTITIONS, **dict.fromkeys(names.outputs, OTHER_PARTITIONS)}
+    await topics.create_topics(settings.kafka_bootstrap, spec, visible_within_s=10)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer.exitcodes import RET_OK
-from tests.conftest import ROOT
+from scripts.toolkit import processes
 
 APP = "tests.apps.counting:app"
 PARTITIONS = 6
@@ -46,14 +44,7 @@ class Fleet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "consumer", *argv],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        proc = processes.spawn(processes.consumer_argv(*argv), self.env, self.dir / f"{name}.log")
         self.procs[name] = proc
         return proc
 
@@ -65,12 +56,7 @@ class Fleet:
 
     def children(self, name: str) -> list[int]:
         """Worker pids of a supervisor this test started."""
-        pid = self.procs[name].pid
-        try:
-            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-        except FileNotFoundError:
-            return []
-        return [int(p) for p in text.split()]
+        return processes.children(self.procs[name].pid)
 
     def log(self, name: str) -> str:
         path = self.dir / f"{name}.log"
@@ -78,12 +64,10 @@ class Fleet:
 
     async def exit_code(self, name: str, timeout_s: float = 40.0) -> int:
         proc = self.procs[name]
-        deadline = time.monotonic() + timeout_s
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} (pid {proc.pid}) still running after {timeout_s}s")
-            await asyncio.sleep(0.1)
-        return proc.returncode
+        code = await processes.wait_exit(proc, timeout_s)
+        if code is None:
+            raise AssertionError(f"{name} (pid {proc.pid}) still running after {timeout_s}s")
+        return code
 
     async def terminate(self, *names: str) -> None:
         """SIGTERM these processes; each must drain and exit RET_OK."""
@@ -93,16 +77,10 @@ class Fleet:
             assert await self.exit_code(name) == RET_OK, f"{name} did not stop cleanly"
 
     def cleanup(self) -> None:
-        owned = []
-        for name, proc in self.procs.items():
-            if proc.poll() is None:
-                owned += [proc.pid, *self.children(name)]
-        for pid in owned:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)  # stopped (SIGSTOP) processes die of it too
         for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
+            processes.kill_tree(proc)  # stopped (SIGSTOP) processes die of it too
+        for proc in self.procs.values():
+            processes.reap(proc)
 
     def dump(self) -> None:
         """Log tails, printed on the way out (pytest shows them when the test failed)."""
@@ -288,7 +266,4 @@ async def true(value: bool) -> bool:
 
 def proc_state(pid: int) -> str:
     """The process state letter from /proc (T = stopped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return "gone"
+    return processes.state(pid)

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from consumer.constants import done_key
 from consumer.exitcodes import RET_ABORTED, RET_BUSY, RET_NOT_FOUND, RET_OK
+from scripts.toolkit import processes
 from tests.apps.counting import EFFECTS_DDL
 from tests.conftest import ROOT
 
@@ -37,14 +38,7 @@ def cli(env: dict[str, str], *argv: str, stdin: str = "") -> subprocess.Complete
 
 
 def _spawn_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "consumer", "worker", APP, "--no-relay"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    return processes.spawn(processes.consumer_argv("worker", APP, "--no-relay"), env, log_path)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumer import Settings, logs, tracing
 from consumer.exitcodes import RET_OK
+from scripts.toolkit import processes
 from tests.apps.observed import make_app
-from tests.conftest import ROOT, app_settings, eventually, header_map, read_topic, running
+from tests.conftest import app_settings, eventually, header_map, read_topic, running
 
 pytestmark = pytest.mark.integration
 
@@ -228,15 +228,9 @@ def total(samples: dict[Any, float], name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "consumer", "run", "tests.apps.observed:app", "--workers", "2"]
-    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    argv = processes.consumer_argv("run", "tests.apps.observed:app", "--workers", "2")
+    return processes.spawn(argv, env, log)
 
 
 @contextlib.asynccontextmanager
@@ -329,12 +323,12 @@ async def test_scrape_after_a_run_shows_the_exact_counts(
         assert {dict(labels)["topic"] for labels in lag} == {topic}
 
         # A worker dies: its counters stay in the totals, counted once.
-        workers = _children(proc.pid)
+        workers = processes.children(proc.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
 
         async def restarted() -> bool:
-            now = _children(proc.pid)
+            now = processes.children(proc.pid)
             return len(now) == 2 and workers[0] not in now
 
         await eventually(restarted, timeout_s=30)

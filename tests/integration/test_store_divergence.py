@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 
 from consumer import App, Context, Settings
-from consumer.cli_admin import _evict
+from consumer.cli.records import evict_record
 from consumer.db.migrate import migrate_dsn
 from consumer.dedup.leases import RedisLeases
 from consumer.runtime.batch import BatchProcessor, pg_transaction
@@ -228,7 +228,7 @@ async def test_evict_during_a_postgres_answered_duplicate_leaves_no_marker_that_
 
     async def evict_after_commit(name: str) -> None:
         if name == "after_commit" and not evicted:
-            evicted.append(await _evict(env["settings"], ns, key, env["epoch"]))
+            evicted.append(await evict_record(env["settings"], ns, key, env["epoch"]))
 
     first = await _processor(env["app"], env, env["leases"], _no_fault).process(
         [record(topic, 0, {"id": key})]
@@ -271,7 +271,7 @@ async def test_a_marker_restored_from_a_redis_snapshot_after_evict_does_not_answ
     r = env["leases"].redis
     snapshot = await r.dump(marker)
     assert snapshot is not None
-    assert await _evict(env["settings"], ns, key, env["epoch"]) == 1
+    assert await evict_record(env["settings"], ns, key, env["epoch"]) == 1
     assert not await r.exists(marker)
     await r.restore(marker, 60_000, snapshot)  # the snapshot is loaded back
 

@@ -151,10 +151,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py <-> cli_admin.py: the cli/ package (issue 14, another branch) removes it",
-)
 def test_the_import_graph_has_no_cycle() -> None:
     assert _cycles(GRAPH) == []
 

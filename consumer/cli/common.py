@@ -1,0 +1,92 @@
+"""What every ``consumer`` command shares: failing with one line, loading the app, reaching
+the services, printing tables.
+
+Each helper exists once here; the command modules import it and never each other. A
+failure a person can fix ends in one ``error: ...`` line on stderr and a named exit code from
+:mod:`consumer.exitcodes`.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import TYPE_CHECKING, NoReturn
+
+import asyncpg
+import typer
+from rich.console import Console
+
+from consumer.errors import ConfigError
+from consumer.exitcodes import RET_BUSY, RET_CONFIG, RET_CONNECT, RET_IMPORT
+from consumer.loader import AppImportError, load_app
+
+if TYPE_CHECKING:
+    from consumer.app import App
+    from consumer.settings import Settings
+
+# The run commands' and the operator commands' help words differ; both are kept as they were.
+APP_ARG = typer.Argument(..., metavar="MODULE:APP", help="the App to run, e.g. handlers.app:app")
+ADMIN_APP_ARG = typer.Argument(..., metavar="MODULE:APP", help="the App, e.g. handlers.app:app")
+
+# A worker's batch holds the rows it writes (inbox, offsets) until it commits: milliseconds.
+# Waiting longer than this means something is stuck, and the operator should know.
+LOCK_TIMEOUT = "5s"
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, then exit with a named code."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def unreachable(service: str, exc: BaseException) -> NoReturn:
+    """A service did not answer: one line naming it and the error, RET_CONNECT."""
+    fail(f"cannot reach {service}: {type(exc).__name__}: {exc}", RET_CONNECT)
+
+
+def busy(what: str) -> NoReturn:
+    """A running batch held the row past LOCK_TIMEOUT: nothing changed, RET_BUSY."""
+    fail(
+        f"{what} is busy: a running batch held its row for over {LOCK_TIMEOUT} "
+        "(lock timeout); nothing changed, retry",
+        RET_BUSY,
+    )
+
+
+def load(app_spec: str) -> App:
+    """Import the app and validate its settings, failing with one line and a named code."""
+    try:
+        app = load_app(app_spec)
+        # Reads and validates CONSUMER_* now, not in a worker; settings given to App() in
+        # code are held to the same rule: no connection setting may be missing.
+        app.settings.require_connections()
+    except AppImportError as exc:
+        fail(str(exc), RET_IMPORT)
+    except ConfigError as exc:
+        fail(str(exc), RET_CONFIG)
+    except Exception as exc:  # the user's module raised while being imported
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        fail(
+            f"importing {app_spec.partition(':')[0]!r} raised {type(exc).__name__}: {exc} "
+            f"({where.filename}:{where.lineno})",
+            RET_IMPORT,
+        )
+    return app
+
+
+async def connect(settings: Settings) -> asyncpg.Connection:
+    """A connection to the app's PostgreSQL, or one line and RET_CONNECT."""
+    try:
+        return await asyncpg.connect(settings.postgres_dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        unreachable("PostgreSQL", exc)
+
+
+def dsn_host(dsn: str) -> str:
+    """Where a DSN points, without its credentials (what follows the last '@')."""
+    return dsn.split("://", 1)[-1].rpartition("@")[2]
+
+
+def console() -> Console:
+    """A console for tables: piped into a file or grep, lines stay whole (hashes unbroken)."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=200)
