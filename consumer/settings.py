@@ -43,9 +43,9 @@ class Settings(BaseSettings):
     postgres_dsn: str = ""
 
     batch_max_records: int = Field(default=500, ge=1, le=10_000)
-    # Handlers run without a savepoint each until one fails; then the batch is rolled back and
-    # run again with savepoints (docs/handlers.md, "Optimistic execution"). "off": always.
-    optimistic: bool = True
+    # Opt-in: handlers run without a savepoint each until one fails; then the batch is rolled
+    # back and run again with savepoints (docs/handlers.md, "Optimistic execution").
+    optimistic: bool = False
     # After a fallback, the partition keeps savepoints for this many batches.
     optimistic_cooldown_batches: int = Field(default=20, ge=0)
     fetch_timeout_ms: int = Field(default=200, ge=1)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def env(settings, pg, unique) -> AsyncIterator[dict[str, Any]]:
     await pg.execute("CREATE TABLE IF NOT EXISTS test_optimistic (k text NOT NULL, v text)")
-    async with direct_env(settings, pg, unique, "optimistic", max_attempts=3) as e:
+    async with direct_env(settings, pg, unique, "optimistic", max_attempts=3, optimistic=True) as e:
         yield e
 
 
