@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     postgres_dsn: str = ""
 
     batch_max_records: int = Field(default=500, ge=1, le=10_000)
+    # Opt-in: handlers run without a savepoint each until one fails; then the batch is rolled
+    # back and run again with savepoints (docs/handlers.md, "Optimistic execution").
+    optimistic: bool = False
+    # After a fallback, the partition keeps savepoints for this many batches.
+    optimistic_cooldown_batches: int = Field(default=20, ge=0)
     fetch_timeout_ms: int = Field(default=200, ge=1)
     # Renewed every lease_ms/3 while a batch runs, so it need not cover the handler timeout;
     # it bounds how long a key waits after its holder dies before committing.

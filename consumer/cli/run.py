@@ -94,7 +94,7 @@ async def _drive(
     app: App, settings: Settings, worker_id: int, supervisor_pid: int, early: Sequence[int]
 ) -> None:
     """One Worker in this event loop, stopped by a signal, an early stop or its supervisor."""
-    from consumer.runtime.worker import Worker
+    from consumer.runtime.worker import Worker, tune_gc
     from consumer.telemetry import standard_observers
 
     worker = Worker(
@@ -113,6 +113,7 @@ async def _drive(
         stop(signal.Signals(early[0]).name)
     watch = asyncio.create_task(_watch_parent(supervisor_pid, stop))
     try:
+        tune_gc()
         await worker.run()
     finally:
         watch.cancel()

@@ -55,6 +55,16 @@ class BatchTx(Protocol):
         along)."""
         ...
 
+    optimistic: bool  # whether handlers may run without a savepoint (watch/clean work)
+
+    def watch(self) -> None:
+        """Start watching ``db`` for a failed statement (an optimistic run, no savepoint)."""
+        ...
+
+    def clean(self) -> bool:
+        """No statement on ``db`` failed (or could have) since :meth:`watch`."""
+        ...
+
     async def rollback_savepoint(self) -> None:
         """Undo everything since :meth:`savepoint`: a failed or retried handler call.
         Raises TransactionEnded if the handler ended the transaction itself."""
@@ -147,6 +157,16 @@ class _Watched:
             self._failed(exc)
             raise
 
+    async def executemany(self, query: str, args: Any, **kwargs: Any) -> None:
+        # Followed like execute(): set-based handlers use it, and an unfollowed call would
+        # make every optimistic run of theirs fall back (runtime/invoke.py).
+        guard.check(query)
+        try:
+            await self._conn.executemany(query, args, **kwargs)
+        except BaseException as exc:
+            self._failed(exc)
+            raise
+
     def __getattr__(self, name: str) -> Any:
         self.clean = False
         attr = getattr(self._conn, name)
@@ -201,6 +221,15 @@ class PgTx:
             (r[0], r[1]): InboxRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
             for r in await self.conn.fetch(text, *args)
         }
+
+    optimistic = True
+
+    def watch(self) -> None:
+        if isinstance(self.db, _Watched):
+            self.db.clean, self.db.first_error = True, None
+
+    def clean(self) -> bool:
+        return not isinstance(self.db, _Watched) or self.db.clean
 
     async def savepoint(self) -> None:
         if isinstance(self.db, _Watched):

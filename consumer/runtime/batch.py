@@ -32,7 +32,7 @@ from consumer.message import Message
 from consumer.observers import Observer
 from consumer.probe import Probe, installed
 from consumer.runtime import poison
-from consumer.runtime.invoke import backoff_s
+from consumer.runtime.invoke import Fallback, backoff_s
 from consumer.runtime.items import Handlers, Item, parse
 from consumer.runtime.outcomes import BatchCounts, BatchResult, Handled, Outcome
 from consumer.runtime.replies import Replies
@@ -80,6 +80,9 @@ class BatchProcessor:
         # lost transactions (restore, failover to a lagging replica): found behind this,
         # the partition is re-read from it, never continued from the fetch position.
         self.positions: dict[tuple[str, int], int] = {}
+        # Partitions whose last optimistic batch fell back: batches left on savepoints.
+        self.guarded: dict[tuple[str, int], int] = {}
+        self.fallbacks = 0  # optimistic batches rolled back and run again with savepoints
 
     def forget(self, topic: str, partition: int) -> None:
         """Drop the attempt counts of a partition this worker no longer owns."""
@@ -88,6 +91,7 @@ class BatchProcessor:
                 del counts[pos]
         self.refused_in_a_row.pop((topic, partition), None)
         self.positions.pop((topic, partition), None)
+        self.guarded.pop((topic, partition), None)
 
     def expect(self, topic: str, partition: int, position: int | None) -> None:
         """The worker sought ``partition`` to ``position``, read from the stored positions
@@ -197,7 +201,7 @@ class BatchProcessor:
         try:
             await self.probe.point("before_transaction")
             try:
-                result = await self._transact(items, states, done_markers, busy)
+                result = await self._transact_optimistically(items, states, done_markers, busy)
             finally:
                 await self.probe.point("after_transaction")
             await self.probe.point("after_commit")
@@ -278,12 +282,38 @@ class BatchProcessor:
 
     # ---------------------------------------------------------------- the transaction
 
+    async def _transact_optimistically(
+        self,
+        items: list[Item],
+        states: dict[Ident, LeaseResult],
+        done_markers: list[DoneMarker],
+        busy: set[Ident],
+    ) -> BatchResult:
+        """The batch with handlers run without a savepoint each, unless its partition fell
+        back recently; a run that does not end well rolls the whole transaction back
+        (:class:`Fallback`) and the batch runs again with savepoints, exactly as before."""
+        tp = (items[0].msg.topic, items[0].msg.partition)
+        cooldown = self.guarded.get(tp, 0)
+        if not self.settings.optimistic or cooldown > 0:
+            if cooldown:
+                self.guarded[tp] = cooldown - 1
+            return await self._transact(items, states, done_markers, busy, optimistic=False)
+        try:
+            return await self._transact(items, states, done_markers, busy, optimistic=True)
+        except Fallback as exc:
+            log.debug("%s/%s: optimistic run fell back (%s)", *tp, exc)
+            self.guarded[tp] = self.settings.optimistic_cooldown_batches
+            self.fallbacks += 1
+            return await self._transact(items, states, done_markers, busy, optimistic=False)
+
     async def _transact(
         self,
         items: list[Item],
         states: dict[Ident, LeaseResult],
         done_markers: list[DoneMarker],
         busy: set[Ident],
+        *,
+        optimistic: bool,
     ) -> BatchResult:
         """``busy``: keys still leased elsewhere after the bounded wait. They are not claimed;
         a committed record decides them (a holder that died after its commit leaves its lease
@@ -306,6 +336,7 @@ class BatchProcessor:
                 probe=self.probe,
                 replies=self.replies,
                 attempts=self.attempts,
+                optimistic=optimistic and tx.optimistic,
             )
             leaders = {it.ident.ident: it for it in reversed(live) if it.ident}
             await batch.read(leaders, states, busy)

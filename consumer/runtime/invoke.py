@@ -38,6 +38,11 @@ log = logging.getLogger("consumer.invoke")
 _CONTENTION_SQLSTATES = frozenset({"40001", "40P01"})
 
 
+class Fallback(Exception):
+    """An optimistic run (no savepoint of its own) did not end well: the batch transaction is
+    rolled back and run again with a savepoint per message (runtime/batch.py)."""
+
+
 @dataclass(slots=True)
 class Run:
     status: str  # "done" | "rejected" | "failed" | "stop"
@@ -67,15 +72,71 @@ async def run_handler(
     group: str,
     settings: Settings,
     probe: Probe,
+    optimistic: bool = False,
 ) -> Run:
-    """Run one handler in its own span (consumer/tracing.py), timed for the metrics."""
+    """Run one handler in its own span (consumer/tracing.py), timed for the metrics.
+
+    ``optimistic``: without a savepoint of its own; anything but a clean success raises
+    :class:`Fallback` (the batch is rolled back and run again with savepoints)."""
     started = time.monotonic()
     with tracing.handling(msg, group, handler, ident, settings.hash_keys_in_logs) as span:
-        run = await _call(tx, handler, ident, msg, attempt, settings, probe)
+        if optimistic:
+            run = await _optimistic(tx, handler, ident, msg, attempt, settings, probe)
+        else:
+            run = await _call(tx, handler, ident, msg, attempt, settings, probe)
         span.finish(run.status, run.reason)
         run.trace = span.headers()
     run.elapsed_s = time.monotonic() - started
     return run
+
+
+async def _optimistic(
+    tx: BatchTx,
+    handler: Handler[Any, Any],
+    ident: Identity,
+    msg: Message,
+    attempt: int,
+    settings: Settings,
+    probe: Probe,
+) -> Run:
+    ctx = Context(tx.db, ident.namespace, ident.key, msg, ident.hash, attempt)
+    timeout_s = handler.timeout_s or settings.handler_timeout_s
+    tx.watch()  # a statement error the handler swallows is seen, as with a savepoint
+    try:
+        await probe.point("mid_handler")
+        value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
+        run = _finished(msg, ident, value, ctx)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise Fallback("the handler raised CancelledError") from None
+    except Exception as exc:
+        raise Fallback(f"{type(exc).__name__}") from exc
+    if not tx.clean():
+        raise Fallback("a statement of the handler failed")
+    return run
+
+
+def _finished(msg: Message, ident: Identity, value: Any, ctx: Context) -> Run:
+    """The run of a handler that returned ``value``, checked while its savepoint is open.
+
+    Everything that can fail because of this message's result happens here, before the
+    savepoint is released, so it takes the per-message (bounded) path. Failing later, at the
+    batch's shared statements, would re-run the batch without limit. The result form
+    (consumer/storable.py) is what is stored and what every copy's reply is encoded from;
+    encoding it here proves the reply can be built."""
+    result = storable.result_form(to_jsonable(value))
+    codec.encode(result)
+    result_json = json.dumps(result)
+    outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
+    for row in outgoing:  # too large, it would be refused by the relay on every tick
+        if (size := envelopes.row_size(row)) > envelopes.MAX_ROW_BYTES:
+            raise storable.Unstorable(
+                f"a message published to {row.topic!r} is {size} bytes, more than the "
+                f"relay can send ({envelopes.MAX_ROW_BYTES})"
+            )
+    return Run("done", result=result, outgoing=outgoing, result_json=result_json)
 
 
 async def _call(
@@ -93,21 +154,7 @@ async def _call(
     try:
         await probe.point("mid_handler")
         value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
-        # Everything that can fail because of this message's result happens before the
-        # savepoint is released, so it takes the per-message (bounded) path below. Failing
-        # later, at the batch's shared statements, would re-run the batch without limit.
-        # The result form (consumer/storable.py) is what is stored and what every copy's
-        # reply is encoded from; encoding it here proves the reply can be built.
-        result = storable.result_form(to_jsonable(value))
-        codec.encode(result)
-        result_json = json.dumps(result)
-        outgoing = envelopes.published(msg, ident.namespace, ident.key, ctx.outgoing)
-        for row in outgoing:  # too large, it would be refused by the relay on every tick
-            if (size := envelopes.row_size(row)) > envelopes.MAX_ROW_BYTES:
-                raise storable.Unstorable(
-                    f"a message published to {row.topic!r} is {size} bytes, more than the "
-                    f"relay can send ({envelopes.MAX_ROW_BYTES})"
-                )
+        run = _finished(msg, ident, value, ctx)
         await tx.release_savepoint()
     except storable.Unstorable as exc:
         # Definite, and not the handler's doing to retry: the same code returns the same
@@ -131,7 +178,7 @@ async def _call(
     except Exception as exc:
         await tx.rollback_savepoint()
         return _classify(_cause(exc, tx), handler, attempt, settings)
-    return Run("done", result=result, outgoing=outgoing, result_json=result_json)
+    return run
 
 
 def _cause(exc: Exception, tx: BatchTx) -> Exception:

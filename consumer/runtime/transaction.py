@@ -47,6 +47,7 @@ class BatchTransaction:
         probe: Probe,
         replies: Replies,
         attempts: dict[Position, int],
+        optimistic: bool = False,
     ) -> None:
         self.tx = tx
         self.group = group
@@ -54,6 +55,7 @@ class BatchTransaction:
         self.probe = probe
         self.replies = replies
         self.attempts = attempts  # the processor's: runs so far per record, across batches
+        self.optimistic = optimistic  # handlers without a savepoint each (invoke.Fallback)
         self.view = View()
         self.confirmed: set[Ident] = set()  # Redis done markers the inbox agreed with
 
@@ -210,6 +212,7 @@ class BatchTransaction:
             group=self.group,
             settings=self.settings,
             probe=self.probe,
+            optimistic=self.optimistic,
         )
         w.result.counts.handler_s.append((it.handler.name, run.elapsed_s))
         if run.status == "stop":

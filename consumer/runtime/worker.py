@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -36,9 +37,18 @@ from consumer.runtime.rebalance import RebalanceListener
 from consumer.runtime.stats import Stats
 from consumer.settings import Settings
 
-__all__ = ["HALT_RECHECK_S", "Worker", "to_message"]
+__all__ = ["HALT_RECHECK_S", "Worker", "to_message", "tune_gc"]
 
 log = logging.getLogger("consumer.worker")
+
+
+def tune_gc() -> None:
+    """For a worker process (``consumer run``): its long-lived objects (modules, the app,
+    clients) leave the collector's generations, and young collections run less often. The
+    collector cost 10-15 us per message in issue 15's profile; the runtime relies on no
+    cycle being collected promptly."""
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 class Worker:

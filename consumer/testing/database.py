@@ -107,6 +107,8 @@ class HandlerDb:
 class _RecordingPgTx(PgTx):
     """PgTx that also keeps the outbox rows it wrote, for the in-memory relay."""
 
+    optimistic = False  # every handler in its savepoint: the harness's call counts are exact
+
     def __init__(self, conn: asyncpg.Connection, db: Database) -> None:
         super().__init__(conn)
         self.db = db

@@ -82,6 +82,14 @@ class MemoryTx:
                 )
         return out
 
+    optimistic = False  # the harness runs every handler in its savepoint: exact call counts
+
+    def watch(self) -> None:
+        pass
+
+    def clean(self) -> bool:
+        return True
+
     async def savepoint(self) -> None:
         self._savepoint = self.state.copy()
 

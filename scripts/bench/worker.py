@@ -23,7 +23,7 @@ from consumer import load_settings
 from consumer.observers import Observer, Tick
 from consumer.probe import Probe
 from consumer.runtime.outcomes import BatchResult, Outcome
-from consumer.runtime.worker import Worker
+from consumer.runtime.worker import Worker, tune_gc
 from scripts.bench.benchapp import build_app
 from scripts.bench.harness import Control, Meter, emit, watch_assignment
 
@@ -89,6 +89,7 @@ class BenchWorker(Worker):
 
 async def run_framework(spec: dict[str, Any], control: Control, meter: Meter) -> dict[str, Any]:
     worker = BenchWorker(spec, control, meter)
+    tune_gc()  # as `consumer run` does
     control.on_stop.append(worker.stop.set)
 
     def assignment() -> Any:

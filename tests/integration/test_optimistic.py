@@ -1,0 +1,106 @@
+"""Optimistic execution: handlers without a savepoint each, and the fallback when one fails.
+
+A batch runs its handlers with no SAVEPOINT per message; a run that does not end cleanly
+(an exception, a Reject, a statement error the handler swallowed, an unstorable result) rolls
+the whole transaction back and the batch runs again with savepoints, so the outcomes and the
+rows are exactly those of the guarded path. The price, documented in docs/handlers.md: the
+handlers of that batch ran twice (their database effects once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from consumer import App, Context, Reject
+from consumer.runtime.outcomes import Outcome
+from tests.integration.dedup_support import Pay, direct_env, direct_processor, inbox, record
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def env(settings, pg, unique) -> AsyncIterator[dict[str, Any]]:
+    await pg.execute("CREATE TABLE IF NOT EXISTS test_optimistic (k text NOT NULL, v text)")
+    async with direct_env(settings, pg, unique, "optimistic", max_attempts=3, optimistic=True) as e:
+        yield e
+
+
+def _app(env: dict[str, Any], calls: list[str]) -> App:
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def pay(p: Pay, ctx: Context) -> str:
+        calls.append(p.id)
+        await ctx.db.execute("INSERT INTO test_optimistic (k, v) VALUES ($1, $2)", p.id, "x")
+        if p.id.startswith("reject"):
+            raise Reject("no")
+        if p.id.startswith("swallow"):
+            try:
+                await ctx.db.execute("SELECT 1/0")
+            except asyncpg.DataError:
+                pass  # the transaction is aborted all the same
+        return "ok"
+
+    return app
+
+
+async def _effects(pg: asyncpg.Connection, keys: list[str]) -> dict[str, int]:
+    rows = await pg.fetch(
+        "SELECT k, count(*) AS n FROM test_optimistic WHERE k = ANY($1) GROUP BY k", keys
+    )
+    return {r["k"]: r["n"] for r in rows}
+
+
+async def test_a_clean_batch_runs_each_handler_once_without_falling_back(env, pg, unique):
+    calls: list[str] = []
+    processor = direct_processor(_app(env, calls), env)
+    keys = [f"ok-{unique}-{i}" for i in range(5)]
+    result = await processor.process(
+        [record(env["topic"], i, {"id": k}) for i, k in enumerate(keys)]
+    )
+    assert [h.outcome for h in result.handled] == [Outcome.APPLIED] * 5
+    assert processor.fallbacks == 0 and calls == keys
+    assert await _effects(pg, keys) == {k: 1 for k in keys}
+
+
+@pytest.mark.parametrize("bad", ["reject", "swallow"])
+async def test_a_failed_run_falls_back_to_savepoints_with_exact_outcomes(env, pg, unique, bad):
+    calls: list[str] = []
+    processor = direct_processor(_app(env, calls), env)
+    keys = [f"ok-{unique}-a", f"{bad}-{unique}", f"ok-{unique}-b"]
+    msgs = [record(env["topic"], i, {"id": k}) for i, k in enumerate(keys)]
+    result = await processor.process(msgs)
+    expected = Outcome.REJECTED if bad == "reject" else Outcome.APPLIED
+    if bad == "swallow":
+        # A swallowed statement error is the run's failure (retried): the batch stops there.
+        assert [h.outcome for h in result.handled] == [Outcome.APPLIED]
+        assert result.retry_offset == 1
+    else:
+        assert [h.outcome for h in result.handled] == [Outcome.APPLIED, expected, Outcome.APPLIED]
+    assert processor.fallbacks == 1
+    # The optimistic attempt ran the first two handlers; the guarded run ran them again.
+    assert calls[:2] == keys[:2] and calls[2:4] == keys[:2]
+    effects = await _effects(pg, keys)
+    assert effects.get(keys[0]) == 1 and keys[1] not in effects  # database effects once
+    rows = await inbox(pg, f"{env['group']}.pay")
+    assert rows[keys[0]]["status"] == "done"
+    if bad == "reject":
+        assert rows[keys[1]]["status"] == "rejected" and effects.get(keys[2]) == 1
+
+
+async def test_after_a_fallback_the_partition_stays_on_savepoints_for_a_while(env, pg, unique):
+    calls: list[str] = []
+    processor = direct_processor(_app(env, calls), env)
+    topic = env["topic"]
+    await processor.process([record(topic, 0, {"id": f"reject-{unique}"})])
+    assert processor.fallbacks == 1
+    cooldown = env["settings"].optimistic_cooldown_batches
+    assert processor.guarded[(topic, 0)] == cooldown
+    await processor.process([record(topic, 1, {"id": f"reject-{unique}-2"})])
+    # Guarded: the reject ran once, no second fallback.
+    assert processor.fallbacks == 1 and calls.count(f"reject-{unique}-2") == 1
+    assert processor.guarded[(topic, 0)] == cooldown - 1
