@@ -70,12 +70,14 @@ class App:
         max_attempts: int | None = None,
         on_error: OnError = "retry",
         timeout_s: float | None = None,
+        publishes: Sequence[str] = (),
     ) -> Callable[[Callable[[M, Context], Awaitable[R]]], Handler[M, R]]:
         """Register an async function ``(payload: schema, ctx: Context) -> result``.
 
         ``key`` says where the idempotency key comes from: a function of the validated payload,
         ``"header"`` (default, header ``key_header``) or ``"record"`` (the Kafka record key).
         ``hash_exclude`` names payload fields that are not part of its identity.
+        ``publishes`` declares the topics it publishes to, for ``consumer topics``.
         """
 
         def register(fn: Callable[[M, Context], Awaitable[R]]) -> Handler[M, R]:
@@ -92,6 +94,7 @@ class App:
                 max_attempts=max_attempts,
                 on_error=on_error,
                 timeout_s=timeout_s,
+                publishes=publishes,
             )
             for topic in topics:
                 if topic in self._by_topic:

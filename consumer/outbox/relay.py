@@ -42,6 +42,7 @@ from aiokafka.errors import (
 from consumer import faults, keys, metrics, tracing
 from consumer.constants import HEADER_TRUNCATED, NOTIFY_CHANNEL, OUTBOX_SHARDS
 from consumer.db.pool import create_pool
+from consumer.kafka_config import client_options
 from consumer.outbox import envelopes, retention, store
 from consumer.outbox.store import Destination
 from consumer.settings import Settings
@@ -223,7 +224,7 @@ class Relay:
         """A started idempotent producer (``acks=all``) configured from the settings."""
         s = self.settings
         producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap,
+            **client_options(s),
             enable_idempotence=True,  # broker-side dedup of the producer's own retries
             acks="all",
             linger_ms=5,

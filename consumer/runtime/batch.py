@@ -287,7 +287,9 @@ class BatchProcessor:
         if handler is None:
             return _Item(msg, None, error=InvalidMessage(f"no handler for topic {msg.topic}"))
         try:
-            return _Item(msg, handler, ident=identify(handler, msg, self.settings.tenant_header))
+            s = self.settings
+            ident = identify(handler, msg, s.tenant_header, s.default_content_type)
+            return _Item(msg, handler, ident=ident)
         except InvalidMessage as exc:
             return _Item(msg, handler, error=exc)
         except Exception as exc:

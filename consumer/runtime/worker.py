@@ -29,12 +29,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
-from consumer import faults, logs, metrics
+from consumer import faults, logs, metrics, topics
 from consumer.app import App
 from consumer.db import migrate
 from consumer.db.pool import create_pool
 from consumer.dedup.cluster import lease_store
 from consumer.dedup.leases import LeaseStore, NoLeases
+from consumer.kafka_config import client_options
 from consumer.message import Message
 from consumer.runtime import offsets, undecodable
 from consumer.runtime.batch import BatchProcessor, pg_transaction
@@ -257,6 +258,8 @@ class Worker:
     async def run(self) -> None:
         s = self.settings.require_connections()  # "" would let a client pick its own default
         faults.configure(s.faults)
+        if not await topics.prepare_for_worker(self.app, s, self.stop):  # stopped meanwhile
+            return
         # A batch transaction is idle between statements only while a handler awaits
         # something outside the database, which its timeout bounds: the longest of them
         # (a handler's own timeout_s may exceed the default), plus a margin.
@@ -281,7 +284,7 @@ class Worker:
         )
         undecodable.install()
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
+            **client_options(s),
             group_id=self.app.group,
             group_instance_id=instance,
             enable_auto_commit=False,

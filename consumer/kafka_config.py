@@ -1,0 +1,160 @@
+"""The connection options every Kafka client of the package is built with: one place.
+
+``client_options(settings)`` is spread into ``AIOKafkaConsumer``, ``AIOKafkaProducer`` and
+``AIOKafkaAdminClient``: bootstrap servers, TLS (CA, client certificate and key, hostname
+check) and SASL (PLAIN, SCRAM-SHA-256/512, OAUTHBEARER through a token provider). A setting
+that cannot work (a missing file, SASL without credentials) is a ConfigError naming the
+variable, raised before any connection. Passwords stay SecretStr until handed to the client
+and are never part of a message.
+
+``describe_failure(exc, settings)`` turns what aiokafka raises when a secured connection
+fails (a refused password, an untrusted certificate) into one line a person can act on.
+aiokafka logs an untrusted certificate as an OSError and retries, ending in a bare
+"Unable to bootstrap"; :func:`tls_probe` repeats the handshake once to name the cause.
+
+The option names are aiokafka's (aiokafka.readthedocs.io, "Security"); its
+``create_ssl_context`` always checks the hostname, so the context is built here to honour
+CONSUMER_KAFKA_SSL_CHECK_HOSTNAME.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import ssl
+from typing import Any
+
+from consumer.errors import ConfigError, KafkaAuthError
+from consumer.settings import Settings, variable
+
+
+def client_options(s: Settings) -> dict[str, Any]:
+    """Keyword arguments for any aiokafka client: ``AIOKafkaConsumer(**client_options(s), ...)``."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": s.kafka_bootstrap,
+        "security_protocol": s.kafka_security_protocol,
+    }
+    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        opts["ssl_context"] = ssl_context(s)
+    elif s.kafka_ssl_ca_file or s.kafka_ssl_cert_file:
+        raise ConfigError(
+            f"{variable('kafka_ssl_ca_file')}/{variable('kafka_ssl_cert_file')} are set but "
+            f"{variable('kafka_security_protocol')}={s.kafka_security_protocol} uses no TLS "
+            "(SSL or SASL_SSL does)"
+        )
+    if s.kafka_security_protocol.startswith("SASL_"):
+        opts.update(_sasl(s))
+    return opts
+
+
+def ssl_context(s: Settings) -> ssl.SSLContext:
+    """A client TLS context: the CA file (else the system's CAs), an optional client
+    certificate, TLS 1.2 at least, hostname checked unless told otherwise."""
+    for field in ("kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file"):
+        path = getattr(s, field)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{variable(field)}={path}: no such file")
+    if bool(s.kafka_ssl_cert_file) != bool(s.kafka_ssl_key_file):
+        raise ConfigError(
+            f"{variable('kafka_ssl_cert_file')} and {variable('kafka_ssl_key_file')} "
+            "go together (a client certificate needs its key)"
+        )
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=s.kafka_ssl_ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = s.kafka_ssl_check_hostname
+    if s.kafka_ssl_cert_file:
+        try:
+            ctx.load_cert_chain(
+                s.kafka_ssl_cert_file,
+                s.kafka_ssl_key_file,
+                password=s.kafka_ssl_key_password.get_secret_value() or None,
+            )
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"{variable('kafka_ssl_cert_file')}/{variable('kafka_ssl_key_file')}: cannot "
+                f"load the client certificate ({exc.reason or exc}); wrong key or key password?"
+            ) from None
+    return ctx
+
+
+def _sasl(s: Settings) -> dict[str, Any]:
+    mech = s.kafka_sasl_mechanism
+    if mech == "OAUTHBEARER":
+        if not s.kafka_sasl_oauth_token_provider:
+            raise ConfigError(
+                f"{variable('kafka_sasl_mechanism')}=OAUTHBEARER needs "
+                f"{variable('kafka_sasl_oauth_token_provider')}=module:attribute"
+            )
+        return {"sasl_mechanism": mech, "sasl_oauth_token_provider": _token_provider(s)}
+    password = s.kafka_sasl_password.get_secret_value()
+    if not s.kafka_sasl_username or not password:
+        raise ConfigError(
+            f"{variable('kafka_security_protocol')}={s.kafka_security_protocol} with {mech} "
+            f"needs {variable('kafka_sasl_username')} and {variable('kafka_sasl_password')}"
+        )
+    return {
+        "sasl_mechanism": mech,
+        "sasl_plain_username": s.kafka_sasl_username,
+        "sasl_plain_password": password,
+    }
+
+
+def _token_provider(s: Settings) -> Any:
+    spec = s.kafka_sasl_oauth_token_provider
+    name = variable("kafka_sasl_oauth_token_provider")
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"{name}={spec}: expected module:attribute")
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{name}={spec}: cannot import: {exc}") from None
+    from aiokafka.abc import AbstractTokenProvider
+
+    provider = found if isinstance(found, AbstractTokenProvider) else found()
+    if not isinstance(provider, AbstractTokenProvider):
+        raise ConfigError(f"{name}={spec}: not an aiokafka AbstractTokenProvider (or a factory)")
+    return provider
+
+
+async def tls_probe(s: Settings, timeout_s: float = 5.0) -> str:
+    """The TLS handshake with the first bootstrap server, once: "" when it succeeds, else
+    why not (``certificate verify failed: self-signed certificate in certificate chain``)."""
+    if s.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        return ""
+    host, _, port = s.kafka_bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port), ssl=ssl_context(s)), timeout_s
+        )
+    except ssl.SSLCertVerificationError as exc:
+        return f"the broker's certificate is not trusted: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {exc.reason or exc}"
+    except (OSError, TimeoutError, ValueError):
+        return ""  # not a TLS matter: the caller reports the connection failure itself
+    writer.close()
+    return ""
+
+
+async def describe_failure(exc: BaseException, s: Settings) -> KafkaAuthError | None:
+    """One-line KafkaAuthError for a refused login or an untrusted certificate, else None."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    where = f"Kafka at {s.kafka_bootstrap} ({s.kafka_security_protocol})"
+    name = type(exc).__name__
+    if isinstance(exc, KafkaError) and (
+        "Authentication" in name or "SaslAuthentication" in name or "Authorization" in name
+    ):
+        user = s.kafka_sasl_username or "-"
+        detail = str(exc).splitlines()[0] if str(exc) else name
+        return KafkaAuthError(
+            f"{where} refused {s.kafka_sasl_mechanism} login of user {user!r}: {detail} "
+            f"(check {variable('kafka_sasl_username')}/{variable('kafka_sasl_password')})"
+        )
+    if isinstance(exc, KafkaConnectionError | OSError | TimeoutError):
+        why = await tls_probe(s)
+        if why:
+            return KafkaAuthError(f"{where}: {why} (check {variable('kafka_ssl_ca_file')})")
+    return None
