@@ -135,6 +135,9 @@ class Settings(BaseSettings):
         "application/msgpack"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # /healthz fails when a worker's event loop has not beaten for this long (it beats every
+    # second unless something blocks the loop): Kubernetes then restarts the pod.
+    health_stale_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod

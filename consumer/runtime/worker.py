@@ -37,7 +37,7 @@ from consumer.dedup.cluster import lease_store
 from consumer.dedup.leases import LeaseStore, NoLeases
 from consumer.kafka_config import client_options
 from consumer.message import Message
-from consumer.runtime import offsets, undecodable
+from consumer.runtime import health, offsets, undecodable
 from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.outcomes import BatchResult
 from consumer.runtime.stats import Stats
@@ -301,6 +301,7 @@ class Worker:
         await self.consumer.start()
         self._status_last, self._status_t = 0, time.monotonic()
         status = asyncio.create_task(self._status_loop())
+        beat = asyncio.create_task(health.watch(self))  # the /healthz and /readyz gauges
         recheck = asyncio.create_task(self._recheck_halted())
         relay_task = None
         if s.relay_enabled:
@@ -314,6 +315,7 @@ class Worker:
                 await self._tick()
         finally:
             status.cancel()
+            beat.cancel()
             recheck.cancel()
             # The last counters, even for a worker stopped before its first interval.
             self._log_status()
