@@ -26,3 +26,19 @@ NAMES: dict[int, str] = {
     for name, code in sorted(globals().items())
     if name.startswith("RET_") and isinstance(code, int)
 }
+
+
+def of_error(exc: BaseException) -> int:
+    """The code a start-up error exits with: RET_KAFKA_AUTH, RET_TOPICS, RET_MIGRATION or
+    RET_CONFIG for the ConfigError family, RET_ERROR for anything else."""
+    from consumer import errors
+
+    for kind, code in (
+        (errors.KafkaAuthError, RET_KAFKA_AUTH),
+        (errors.TopicsMissing, RET_TOPICS),
+        (errors.MigrationMismatch, RET_MIGRATION),
+        (errors.ConfigError, RET_CONFIG),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return RET_ERROR

@@ -7,10 +7,10 @@ that cannot work (a missing file, SASL without credentials) is a ConfigError nam
 variable, raised before any connection. Passwords stay SecretStr until handed to the client
 and are never part of a message.
 
-``describe_failure(exc, settings)`` turns what aiokafka raises when a secured connection
-fails (a refused password, an untrusted certificate) into one line a person can act on.
-aiokafka logs an untrusted certificate as an OSError and retries, ending in a bare
-"Unable to bootstrap"; :func:`tls_probe` repeats the handshake once to name the cause.
+A refused password or an untrusted certificate reaches the caller of ``start()`` as a bare
+``KafkaConnectionError: Unable to bootstrap``: aiokafka only logs the cause, once per server.
+:func:`connection_errors` collects those causes (and keeps their lines out of the log) and
+:func:`describe_failure` turns them into one line a person can act on.
 
 The option names are aiokafka's (aiokafka.readthedocs.io, "Security"); its
 ``create_ssl_context`` always checks the hostname, so the context is built here to honour
@@ -19,10 +19,12 @@ CONSUMER_KAFKA_SSL_CHECK_HOSTNAME.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import importlib
+import logging
 import os
 import ssl
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from consumer.errors import ConfigError, KafkaAuthError
@@ -118,43 +120,56 @@ def _token_provider(s: Settings) -> Any:
     return provider
 
 
-async def tls_probe(s: Settings, timeout_s: float = 5.0) -> str:
-    """The TLS handshake with the first bootstrap server, once: "" when it succeeds, else
-    why not (``certificate verify failed: self-signed certificate in certificate chain``)."""
-    if s.kafka_security_protocol not in ("SSL", "SASL_SSL"):
-        return ""
-    host, _, port = s.kafka_bootstrap.split(",")[0].strip().rpartition(":")
+class _Collect(logging.Filter):
+    """Takes aiokafka's "Unable connect to ...: <error>" records: the error is kept, the
+    line (repeated per bootstrap server and retry) is not printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if str(record.msg).startswith("Unable connect") and args:
+            if isinstance(args[-1], BaseException):
+                self.errors.append(args[-1])
+                return False
+        return True
+
+
+@contextlib.contextmanager
+def connection_errors() -> Iterator[list[BaseException]]:
+    """While open, the errors aiokafka met connecting (and only logged), oldest first."""
+    collect = _Collect()
+    logger = logging.getLogger("aiokafka")
+    logger.addFilter(collect)
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host.strip("[]"), int(port), ssl=ssl_context(s)), timeout_s
-        )
-    except ssl.SSLCertVerificationError as exc:
-        return f"the broker's certificate is not trusted: {exc.verify_message}"
-    except ssl.SSLError as exc:
-        return f"TLS handshake failed: {exc.reason or exc}"
-    except (OSError, TimeoutError, ValueError):
-        return ""  # not a TLS matter: the caller reports the connection failure itself
-    writer.close()
-    return ""
+        yield collect.errors
+    finally:
+        logger.removeFilter(collect)
 
 
-async def describe_failure(exc: BaseException, s: Settings) -> KafkaAuthError | None:
-    """One-line KafkaAuthError for a refused login or an untrusted certificate, else None."""
-    from aiokafka.errors import KafkaConnectionError, KafkaError
+def describe_failure(
+    exc: BaseException, s: Settings, seen: Sequence[BaseException] = ()
+) -> KafkaAuthError | None:
+    """One-line KafkaAuthError when ``exc`` (or an error aiokafka met on the way, ``seen``)
+    is a refused login or an untrusted certificate; None for anything else."""
+    from aiokafka.errors import SaslAuthenticationFailed
 
     where = f"Kafka at {s.kafka_bootstrap} ({s.kafka_security_protocol})"
-    name = type(exc).__name__
-    if isinstance(exc, KafkaError) and (
-        "Authentication" in name or "SaslAuthentication" in name or "Authorization" in name
-    ):
-        user = s.kafka_sasl_username or "-"
-        detail = str(exc).splitlines()[0] if str(exc) else name
-        return KafkaAuthError(
-            f"{where} refused {s.kafka_sasl_mechanism} login of user {user!r}: {detail} "
-            f"(check {variable('kafka_sasl_username')}/{variable('kafka_sasl_password')})"
-        )
-    if isinstance(exc, KafkaConnectionError | OSError | TimeoutError):
-        why = await tls_probe(s)
-        if why:
-            return KafkaAuthError(f"{where}: {why} (check {variable('kafka_ssl_ca_file')})")
+    for err in (exc, *reversed(seen)):
+        if isinstance(err, SaslAuthenticationFailed):
+            detail = str(err).split(": ", 1)[-1]
+            return KafkaAuthError(
+                f"{where} refused the {s.kafka_sasl_mechanism} login of user "
+                f"{s.kafka_sasl_username!r}: {detail} (check {variable('kafka_sasl_username')}"
+                f" and {variable('kafka_sasl_password')})"
+            )
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return KafkaAuthError(
+                f"{where}: the broker's certificate is not trusted: {err.verify_message} "
+                f"(check {variable('kafka_ssl_ca_file')})"
+            )
+        if isinstance(err, ssl.SSLError):
+            return KafkaAuthError(f"{where}: TLS handshake failed: {err.reason or err}")
     return None

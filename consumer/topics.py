@@ -26,7 +26,7 @@ from consumer.app import App
 from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX
 from consumer.errors import TopicsMissing
 from consumer.exitcodes import RET_OK, RET_TOPICS
-from consumer.kafka_config import client_options, describe_failure
+from consumer.kafka_config import client_options, connection_errors, describe_failure
 from consumer.settings import Settings
 
 log = logging.getLogger("consumer.topics")
@@ -92,12 +92,18 @@ async def _admin(s: Settings) -> Any:
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(**client_options(s), request_timeout_ms=s.kafka_request_timeout_ms)
-    try:
-        await admin.start()
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            await admin.close()
-        raise (await describe_failure(exc, s)) or exc from None
+    with connection_errors() as seen:
+        try:
+            await admin.start()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await admin.close()
+            from aiokafka.errors import KafkaConnectionError
+
+            named = describe_failure(exc, s, seen)
+            if named is None and seen and isinstance(exc, KafkaConnectionError):
+                named = KafkaConnectionError(f"cannot connect: {seen[-1]}")  # the cause, once
+            raise named or exc from None
     return admin
 
 
