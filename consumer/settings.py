@@ -128,8 +128,8 @@ class Settings(BaseSettings):
     # At worker start: create the framework's own topics (<source>.dlq, <source>.conflicts)
     # when missing, with the source's partition count. Source topics are never created.
     topics_create: bool = True
-    # Replication factor of topics the framework creates; -1: the broker's default.
-    topics_replication_factor: int = Field(default=-1, ge=-1, le=32)
+    # Replication factor of topics the framework creates; 0: the same as their source's.
+    topics_replication_factor: int = Field(default=0, ge=0, le=32)
     # Content type of a record without a content-type header (JSON producers send none).
     default_content_type: Literal["application/msgpack", "application/json"] = (
         "application/msgpack"

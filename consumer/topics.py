@@ -8,9 +8,10 @@ handlers declare (``@app.handler(..., publishes=[...])``). Reply topics are name
 request's ``reply-to`` header, so they cannot be listed: a reply to a missing one is given
 up after CONSUMER_REPLY_TOPIC_MISSING_S (docs/outbox.md).
 
-The framework's topics are created with the source's partition count and
-CONSUMER_TOPICS_REPLICATION_FACTOR. Plain functions returning data; the ``consumer topics``
-command and the worker's start (:func:`prepare_for_worker`) print and decide.
+The framework's topics are created with the source's partition count and replication factor
+(CONSUMER_TOPICS_REPLICATION_FACTOR overrides the latter). Plain functions returning data;
+the ``consumer topics`` command and the worker's start (:func:`prepare_for_worker`) print
+and decide.
 """
 
 from __future__ import annotations
@@ -107,43 +108,51 @@ async def _admin(s: Settings) -> Any:
     return admin
 
 
-async def _partitions(admin: Any, names: Sequence[str]) -> dict[str, int]:
+async def _layout(admin: Any, names: Sequence[str]) -> dict[str, tuple[int, int]]:
     # All topics, not a Metadata request naming them: on a broker with auto-creation on,
     # naming a missing topic in a Metadata request would create it with broker defaults.
     present = set(await admin.list_topics()) & set(names)
     if not present:
         return {}
     described = await admin.describe_topics(sorted(present))
-    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+    return {
+        t["topic"]: (len(t["partitions"]), max(len(p["replicas"]) for p in t["partitions"]))
+        for t in described
+        if t["error_code"] == 0 and t["partitions"]
+    }
 
 
 async def inspect(app: App, s: Settings) -> list[State]:
     """Each needed topic and whether (with how many partitions) it exists."""
     admin = await _admin(s)
     try:
-        found = await _partitions(admin, [n.topic for n in needed(app)])
+        found = await _layout(admin, [n.topic for n in needed(app)])
     finally:
         await admin.close()
-    return [State(n, found.get(n.topic)) for n in needed(app)]
+    return [State(n, found[n.topic][0] if n.topic in found else None) for n in needed(app)]
 
 
 async def create(
     app: App, s: Settings, roles: frozenset[Role] = OWNED | {"publish"}
 ) -> list[State]:
     """Create the missing topics of ``roles`` (never sources) with their source's partition
-    count; a topic another worker created meanwhile counts as there. Returns the new states."""
+    count and replication; a topic another worker created meanwhile counts as there.
+    Returns the new states."""
     from aiokafka.admin import NewTopic
 
     roles = frozenset(roles) - {"source"}
     admin = await _admin(s)
     try:
         needs = needed(app)
-        found = await _partitions(admin, [n.topic for n in needs])
+        found = await _layout(admin, [n.topic for n in needs])
         todo = [n for n in needs if n.role in roles and n.topic not in found]
         # A target whose source is missing gets no partition count to copy: left missing.
         todo = [n for n in todo if n.source in found]
         if todo:
-            topics = [NewTopic(n.topic, found[n.source], s.topics_replication_factor) for n in todo]
+            topics = [
+                NewTopic(n.topic, *_shape(found[n.source], s.topics_replication_factor))
+                for n in todo
+            ]
             response = await admin.create_topics(topics)
             failed = [
                 f"{name}: error {code} {message or ''}".strip()
@@ -157,7 +166,15 @@ async def create(
         made = {n.topic for n in todo}
     finally:
         await admin.close()
-    return [State(n, found.get(n.topic), n.topic in made) for n in needs]
+    return [
+        State(n, found[n.topic][0] if n.topic in found else None, n.topic in made)
+        for n in needs
+    ]
+
+
+def _shape(source: tuple[int, int], replication: int) -> tuple[int, int]:
+    """(partitions, replication factor) of a topic derived from ``source``."""
+    return source[0], replication or source[1]
 
 
 def check_code(states: Sequence[State]) -> int:
