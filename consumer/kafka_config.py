@@ -114,7 +114,12 @@ def _token_provider(s: Settings) -> Any:
         raise ConfigError(f"{name}={spec}: cannot import: {exc}") from None
     from aiokafka.abc import AbstractTokenProvider
 
-    provider = found if isinstance(found, AbstractTokenProvider) else found()
+    provider = found
+    if not isinstance(found, AbstractTokenProvider) and callable(found):
+        try:
+            provider = found()
+        except Exception as exc:
+            raise ConfigError(f"{name}={spec}: the factory failed: {exc}") from None
     if not isinstance(provider, AbstractTokenProvider):
         raise ConfigError(f"{name}={spec}: not an aiokafka AbstractTokenProvider (or a factory)")
     return provider

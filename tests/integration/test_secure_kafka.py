@@ -8,13 +8,17 @@ repeated "Unable connect" lines. Skipped without the listener (failed under CI=t
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import subprocess
 import sys
+import time
 
 import msgpack
 import pytest
+from aiokafka.abc import AbstractTokenProvider
 from pydantic import BaseModel, SecretStr
 
 from consumer import App, Context
@@ -93,6 +97,32 @@ async def test_each_sasl_mechanism_logs_in(secure, topics, mechanism):
 
 async def _noop(p: Order, ctx: Context) -> None:
     return None
+
+
+class UnsecuredTokens(AbstractTokenProvider):  # type: ignore[misc]
+    """Tokens the broker's default (dev-only) OAUTHBEARER validator accepts: unsigned JWS."""
+
+    async def token(self) -> str:
+        def part(obj: dict[str, object]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+        now = int(time.time())
+        claims = {"sub": os.environ["KAFKA_SECURE_USER"], "iat": now, "exp": now + 600}
+        return f"{part({'alg': 'none'})}.{part(claims)}."
+
+
+async def test_oauthbearer_logs_in_with_the_token_callback(secure, topics):
+    topic = await topics("sec-oauth")
+    app = App("g-oauth")
+    app.handler(topic, schema=Order, key="record")(_noop)
+    s = secure.model_copy(
+        update={
+            "kafka_sasl_mechanism": "OAUTHBEARER",
+            "kafka_sasl_oauth_token_provider": f"{__name__}:UnsecuredTokens",
+        }
+    )
+    states = await inspect(app, s)
+    assert {st.need.topic: st.partitions for st in states}[topic] == 3
 
 
 @pytest.mark.parametrize(
