@@ -17,6 +17,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -41,12 +42,12 @@ async def take(order: Order, ctx: Context) -> int:
 """
 
 
-def _run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)  # type: ignore[call-overload, no-any-return]
+def _run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)
 
 
-def _spawn(argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload, no-any-return]
+def _spawn(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
 
 @pytest.fixture(scope="module")
