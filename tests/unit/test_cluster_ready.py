@@ -161,3 +161,17 @@ def test_liveness_fails_on_a_stale_heartbeat_only():
     assert liveness({"1": {"heartbeat": 80.0, "postgres": 0.0}}, 30.0, 100.0)[0] is True
     alive, body = liveness({"1": {"heartbeat": 60.0}}, 30.0, 100.0)
     assert not alive and body["heartbeat_age_s"] == {"1": 40.0}
+
+
+def test_a_record_without_content_type_is_read_as_the_default_content_type():
+    from consumer.dedup.identity import identify
+    from consumer.errors import DecodeError
+    from consumer.message import Message
+
+    app = App("g", settings=BASE)
+    handler = app.handler("orders", schema=Order, key="record")(_noop)
+    json_record = Message("orders", 0, 0, b"k", b'{"n": 7}')
+    with pytest.raises(DecodeError, match="msgpack"):  # msgpack, as before, by default
+        identify(handler, json_record)
+    assert identify(handler, json_record, default_type="application/json").payload.n == 7
+    assert Settings.model_fields["default_content_type"].default == "application/msgpack"
