@@ -26,7 +26,9 @@ $(STAMP): pyproject.toml
 			|| { apt-get update -q && apt-get install -y -q python3-venv; }; \
 			$(PYTHON) -m venv $(VENV); }; \
 	fi
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# compat: a path entry, not an import hook, so mypy sees the package (setuptools docs,
+	# "Development mode": static analysers cannot follow the default editable finder).
+	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	@touch $@
 
 services: ## start Kafka, Redis and PostgreSQL under .services/ and write .env

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -15,6 +15,17 @@ from consumer.settings import Settings, load_settings
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
+
+
+class Register(Protocol[M]):
+    """What ``@app.handler(...)`` returns: takes an async or a plain (sync) function of
+    ``(payload, ctx)``; the Handler's result type is the coroutine's result, not the coroutine."""
+
+    @overload
+    def __call__(self, fn: Callable[[M, Context], Awaitable[R]], /) -> Handler[M, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[[M, Context], R], /) -> Handler[M, R]: ...
 
 
 class App:
@@ -70,16 +81,19 @@ class App:
         max_attempts: int | None = None,
         on_error: OnError = "retry",
         timeout_s: float | None = None,
-    ) -> Callable[[Callable[[M, Context], Awaitable[R]]], Handler[M, R]]:
-        """Register an async function ``(payload: schema, ctx: Context) -> result``.
+        publishes: Sequence[str] = (),
+    ) -> Register[M]:
+        """Register a function ``(payload: schema, ctx: Context) -> result``, async or plain
+        (a plain one runs in a thread, docs/handlers.md "Sync handlers").
 
         ``key`` says where the idempotency key comes from: a function of the validated payload,
         ``"header"`` (default, header ``key_header``) or ``"record"`` (the Kafka record key).
         ``hash_exclude`` names payload fields that are not part of its identity.
+        ``publishes`` declares the topics it publishes to, for ``consumer topics``.
         """
 
-        def register(fn: Callable[[M, Context], Awaitable[R]]) -> Handler[M, R]:
-            h: Handler[M, R] = make_handler(
+        def register(fn: Callable[..., Any]) -> Handler[M, Any]:
+            h: Handler[M, Any] = make_handler(
                 fn,
                 group=self.group,
                 topics=topics,
@@ -92,6 +106,7 @@ class App:
                 max_attempts=max_attempts,
                 on_error=on_error,
                 timeout_s=timeout_s,
+                publishes=publishes,
             )
             for topic in topics:
                 if topic in self._by_topic:

@@ -4,7 +4,9 @@
 
     ConsumerError                      root of everything this package raises
     ├── ConfigError                    bad settings or handler options (at start, never mid-run)
-    │   └── MigrationMismatch          an applied migration's file changed or is gone
+    │   ├── MigrationMismatch          an applied migration's file changed or is gone
+    │   ├── KafkaAuthError             the broker refused the login or its certificate is untrusted
+    │   └── TopicsMissing              a topic the app reads does not exist (never auto-created)
     ├── InvalidMessage                 definite: the message never reached the handler
     │   ├── DecodeError                undecodable bytes (reason "undecodable")
     │   ├── SchemaError                payload fails validation (reason "invalid_schema")
@@ -43,6 +45,20 @@ class ConfigError(ConsumerError):
 class MigrationMismatch(ConfigError):
     """An applied migration's file was edited or deleted: the folder no longer describes the
     database. ``migrate`` and workers refuse to start (exit code RET_MIGRATION)."""
+
+
+class KafkaAuthError(ConfigError):
+    """The broker refused the SASL login, or its TLS certificate is not trusted. A restart
+    cannot fix it (exit code RET_KAFKA_AUTH)."""
+
+
+class TopicsMissing(ConfigError):
+    """Source topics do not exist: the worker refuses to start rather than wait on the
+    client's retries (exit code RET_TOPICS). ``topics`` names them."""
+
+    def __init__(self, message: str, topics: list[str]) -> None:
+        super().__init__(message)
+        self.topics = topics
 
 
 class InvalidMessage(ConsumerError):

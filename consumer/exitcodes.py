@@ -18,9 +18,27 @@ RET_ABORTED = 8  # admin commands: the confirmation was declined; nothing was ch
 RET_MIGRATION = 9  # an applied migration's file was edited or deleted: nothing was started
 RET_UNCONFIRMED = 10  # admin commands: no --yes and stdin is not a terminal; nothing changed
 RET_BUSY = 11  # admin commands: a running batch held the row past the lock timeout; retry
+RET_KAFKA_AUTH = 12  # the broker refused the SASL login or its TLS certificate is untrusted
+RET_TOPICS = 13  # a source topic is missing (run), or `topics --check` found one missing
 
 NAMES: dict[int, str] = {
     code: name
     for name, code in sorted(globals().items())
     if name.startswith("RET_") and isinstance(code, int)
 }
+
+
+def of_error(exc: BaseException) -> int:
+    """The code a start-up error exits with: RET_KAFKA_AUTH, RET_TOPICS, RET_MIGRATION or
+    RET_CONFIG for the ConfigError family, RET_ERROR for anything else."""
+    from consumer import errors
+
+    for kind, code in (
+        (errors.KafkaAuthError, RET_KAFKA_AUTH),
+        (errors.TopicsMissing, RET_TOPICS),
+        (errors.MigrationMismatch, RET_MIGRATION),
+        (errors.ConfigError, RET_CONFIG),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return RET_ERROR

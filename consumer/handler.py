@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -45,6 +45,9 @@ class Handler(Generic[M, R]):
     on_error: OnError = "retry"
     timeout_s: float | None = None
     is_async: bool = True
+    # Topics the handler publishes to (ctx.publish), declared so `consumer topics` can list
+    # and create them; undeclared ones still work.
+    publishes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = self.hash_exclude - set(self.schema.model_fields)
@@ -81,6 +84,7 @@ def make_handler(
     max_attempts: int | None,
     on_error: OnError,
     timeout_s: float | None,
+    publishes: Sequence[str] = (),
 ) -> Handler[M, Any]:
     """Validate decorator options and build the Handler."""
     if not topics:
@@ -116,6 +120,13 @@ def make_handler(
         raise ConfigError(f"@handler on {fn.__name__}: handler name {final_name!r} {problem}")
     if max_attempts is not None and max_attempts < 1:
         raise ConfigError(f"@handler on {fn.__name__}: max_attempts must be >= 1")
+    if isinstance(publishes, str):
+        raise ConfigError(f"@handler on {fn.__name__}: publishes= takes a list of topics")
+    from consumer.storable import valid_topic
+
+    bad = [t for t in publishes if not valid_topic(t)]
+    if bad:
+        raise ConfigError(f"@handler on {fn.__name__}: publishes= has invalid topics {bad}")
     return Handler(
         fn=fn,
         topics=topics,
@@ -130,4 +141,5 @@ def make_handler(
         on_error=on_error,
         timeout_s=timeout_s,
         is_async=inspect.iscoroutinefunction(fn),
+        publishes=tuple(publishes),
     )

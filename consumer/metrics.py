@@ -156,7 +156,30 @@ class _Metrics:
         )
 
 
+class _Health:
+    """The probes' gauges (read back by consumer/probes.py only), one sample per live worker
+    (liveall: a dead worker's samples go with mark_process_dead). Apart from _Metrics so a
+    process that never runs a worker (a relay) writes no file for them."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Gauge
+
+        self.heartbeat = Gauge(
+            "consumer_worker_heartbeat_timestamp_seconds",
+            "Unix time of the worker event loop's last heartbeat (/healthz).",
+            multiprocess_mode="liveall",
+        )
+        self.check = Gauge(
+            "consumer_worker_check",
+            "1 while a readiness check passes: check=started (joined the group), "
+            "postgres, kafka (reachable); /readyz needs all three from every worker.",
+            ["check"],
+            multiprocess_mode="liveall",
+        )
+
+
 _metrics: _Metrics | None = None
+_health: _Health | None = None
 
 
 def _m() -> _Metrics:
@@ -248,6 +271,16 @@ def record_relay(relay: Any) -> None:
         seen.given_up[reason] = n
     m.outbox_backlog.set(relay.backlog)
     m.outbox_oldest_age.set(relay.oldest_age_s)
+
+
+def record_health(beat_s: float, checks: dict[str, bool]) -> None:
+    """The worker's heartbeat (unix time) and its readiness checks, for the probes."""
+    global _health
+    if _health is None:
+        _health = _Health()
+    _health.heartbeat.set(beat_s)
+    for check, ok in checks.items():
+        _health.check.labels(check).set(1 if ok else 0)
 
 
 def _inc(counter: Any, n: int) -> None:
@@ -346,15 +379,19 @@ def render() -> bytes:
 
 
 class Server:
-    """The ``/metrics`` endpoint, served from a daemon thread until :meth:`close`.
+    """``/metrics``, ``/healthz`` and ``/readyz`` (consumer/probes.py), 404 elsewhere, served
+    from a daemon thread until :meth:`close`.
 
-    ``cleanup``: a temporary multiprocess directory to remove on close.
+    ``cleanup``: a temporary multiprocess directory to remove on close. ``stale_s``: a worker
+    whose loop has not beaten for this long fails ``/healthz``.
     """
 
-    def __init__(self, port: int, addr: str = "0.0.0.0", cleanup: str = "") -> None:
-        from prometheus_client import start_http_server
+    def __init__(
+        self, port: int, addr: str = "0.0.0.0", cleanup: str = "", stale_s: float = 30.0
+    ) -> None:
+        from consumer.probes import serve
 
-        self._httpd, self._thread = start_http_server(port, addr, registry())
+        self._httpd, self._thread = serve(port, addr, registry(), stale_s)
         self.port = int(self._httpd.server_port)
         self._cleanup = cleanup
 
@@ -366,7 +403,7 @@ class Server:
             shutil.rmtree(self._cleanup, ignore_errors=True)
 
 
-def serve_workers(port: int, path: str = "") -> Server:
+def serve_workers(port: int, path: str = "", stale_s: float = 30.0) -> Server:
     """The supervisor's endpoint: multiprocess mode for the workers it is about to start.
 
     Call before starting any worker (they inherit ``PROMETHEUS_MULTIPROC_DIR``). ``path``:
@@ -375,7 +412,7 @@ def serve_workers(port: int, path: str = "") -> Server:
     """
     path, temporary = prepare_multiprocess(path)
     try:
-        return Server(port, cleanup=path if temporary else "")
+        return Server(port, cleanup=path if temporary else "", stale_s=stale_s)
     except BaseException:
         if temporary:
             shutil.rmtree(path, ignore_errors=True)

@@ -48,6 +48,7 @@ from consumer.constants import (
     HEADER_TRUNCATED,
 )
 from consumer.errors import ConfigError
+from consumer.kafka_config import client_options
 from consumer.outbox.envelopes import DEAD_LETTER_HEADERS, unpack_headers
 from consumer.runtime import undecodable
 from consumer.settings import Settings
@@ -157,16 +158,14 @@ async def replay(
     oldest_ms = (time.time() - settings.dedup_window_s * WINDOW_SHARE) * 1000
     undecodable.install()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **client_options(settings),
         group_id=summary.group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         # A dead letter of an aborted transaction (a topic someone else writes) is no record.
         isolation_level=settings.kafka_isolation_level,
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all"
-    )
+    producer = AIOKafkaProducer(**client_options(settings), enable_idempotence=True, acks="all")
     try:
         await consumer.start()
         await producer.start()

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumer.errors import ConfigError
@@ -101,6 +101,39 @@ class Settings(BaseSettings):
     # CONSUMER_REDIS_URL names one node of a Redis Cluster; calls are split per namespace
     # (one hash slot each), see consumer/dedup/cluster.py.
     redis_cluster: bool = False
+
+    # ---- Kafka security, owned topics, codec default, log level (issue 16) ----
+    # One place builds the clients' options from these: consumer/kafka_config.py.
+    # Passwords are SecretStr: their repr and str are "**********", so no log shows them.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    # PEM files. No CA file: the system's trusted CAs (the managed clouds' public ones).
+    kafka_ssl_ca_file: str = ""
+    kafka_ssl_cert_file: str = ""  # client certificate (mutual TLS), with its key file
+    kafka_ssl_key_file: str = ""
+    kafka_ssl_key_password: SecretStr = SecretStr("")
+    # Off only for a broker reached by an address its certificate does not name.
+    kafka_ssl_check_hostname: bool = True
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = (
+        "PLAIN"
+    )
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    # OAUTHBEARER: "module:attribute", an aiokafka AbstractTokenProvider instance or a
+    # zero-argument callable returning one (the token callback).
+    kafka_sasl_oauth_token_provider: str = ""
+    # Bound on the metadata/admin requests made at start (topic check, topic creation).
+    kafka_request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    # At worker start: create the framework's own topics (<source>.dlq, <source>.conflicts)
+    # when missing, with the source's partition count. Source topics are never created.
+    topics_create: bool = True
+    # Replication factor of topics the framework creates; 0: the same as their source's.
+    topics_replication_factor: int = Field(default=0, ge=0, le=32)
+    # Content type of a record without a content-type header (JSON producers send none).
+    default_content_type: Literal["application/msgpack", "application/json"] = "application/msgpack"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # /healthz fails when a worker's event loop has not beaten for this long (it beats every
+    # second unless something blocks the loop): Kubernetes then restarts the pod.
+    health_stale_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -36,9 +36,11 @@ from consumer.exitcodes import (
     NAMES,
     RET_CONFIG,
     RET_IMPORT,
+    RET_KAFKA_AUTH,
     RET_KILLED,
     RET_MIGRATION,
     RET_OK,
+    RET_TOPICS,
     RET_WORKER_FAILED,
 )
 from consumer.settings import Settings, load_settings
@@ -46,7 +48,7 @@ from consumer.settings import Settings, load_settings
 log = logging.getLogger("consumer.supervisor")
 
 # A worker that exits with one of these would fail the same way again.
-FATAL_CODES = frozenset({RET_CONFIG, RET_IMPORT, RET_MIGRATION})
+FATAL_CODES = frozenset({RET_CONFIG, RET_IMPORT, RET_MIGRATION, RET_KAFKA_AUTH, RET_TOPICS})
 # Exits that are a worker obeying a stop request, not a failure.
 _STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
 

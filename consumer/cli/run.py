@@ -20,8 +20,8 @@ import typer
 from consumer import logs
 from consumer.cli.common import APP_ARG, fail, load
 from consumer.cli.migrate import apply as apply_migrations
-from consumer.errors import ConfigError, MigrationMismatch
-from consumer.exitcodes import RET_CONFIG, RET_ERROR, RET_MIGRATION, RET_OK
+from consumer.errors import ConfigError
+from consumer.exitcodes import RET_CONFIG, RET_ERROR, RET_OK, of_error
 
 if TYPE_CHECKING:
     from consumer.app import App
@@ -78,12 +78,10 @@ def run_worker(
     )
     try:
         asyncio.run(_drive(app, settings, worker_id, supervisor_pid, early))
-    except MigrationMismatch as exc:  # one line: a traceback would not help fixing it
+    except ConfigError as exc:  # one line (auth, topics, migrations ...): a traceback would
+        # not help fixing it; the code names the family (consumer/exitcodes.py)
         log.error("worker %d refused to start: %s", worker_id, exc)
-        return RET_MIGRATION
-    except ConfigError as exc:
-        log.error("worker %d refused to start: %s", worker_id, exc)
-        return RET_CONFIG
+        return of_error(exc)
     except Exception:
         log.exception("worker %d failed", worker_id)
         return RET_ERROR

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from consumer import codec, keys
-from consumer.constants import HEADER_CONTENT_TYPE, MAX_KEY_BYTES
+from consumer.constants import CONTENT_MSGPACK, HEADER_CONTENT_TYPE, MAX_KEY_BYTES
 from consumer.dedup.hashing import HASH_VERSION, HASH_VERSIONS, payload_hash
 from consumer.errors import BadKey, DecodeError, MissingKey, SchemaError
 from consumer.handler import Handler
@@ -86,8 +86,16 @@ def _check_key(raw: bytes | str | object, what: str) -> str:
     return text
 
 
-def validate(handler: Handler[Any, Any], msg: Message, *, exact: bool = True) -> BaseModel:
-    data = codec.decode(msg.value, msg.header_str(HEADER_CONTENT_TYPE), exact=exact)
+def validate(
+    handler: Handler[Any, Any],
+    msg: Message,
+    *,
+    exact: bool = True,
+    default_type: str = CONTENT_MSGPACK,
+) -> BaseModel:
+    """Decode (``default_type`` when the record has no content-type) and validate."""
+    ctype = msg.header_str(HEADER_CONTENT_TYPE) or default_type
+    data = codec.decode(msg.value, ctype, exact=exact)
     try:
         model: BaseModel = handler.schema.model_validate(data)
         return model
@@ -119,36 +127,46 @@ def key_of(handler: Handler[Any, Any], msg: Message, payload: BaseModel) -> str:
     return _check_key(header, f"{handler.key_header!r} header")
 
 
-def identify(handler: Handler[Any, Any], msg: Message, tenant_header: str = "tenant") -> Identity:
-    """Decode, validate and derive identity, or raise InvalidMessage with its reason."""
-    payload = validate(handler, msg)
+def identify(
+    handler: Handler[Any, Any],
+    msg: Message,
+    tenant_header: str = "tenant",
+    default_type: str = CONTENT_MSGPACK,
+) -> Identity:
+    """Decode, validate and derive identity, or raise InvalidMessage with its reason.
+
+    ``default_type``: the content type of a record without the header
+    (CONSUMER_DEFAULT_CONTENT_TYPE)."""
+    payload = validate(handler, msg, default_type=default_type)
     key = key_of(handler, msg, payload)
     ns = namespace_of(handler, msg, tenant_header)
     try:
         digest = payload_hash(payload, handler.hash_exclude)
     except UnicodeEncodeError:
         raise DecodeError("payload holds text that is not valid Unicode (lone surrogate)") from None
-    return Identity(ns, key, digest, payload, _older_digests(handler, msg))
+    return Identity(ns, key, digest, payload, _older_digests(handler, msg, default_type))
 
 
-def _older_digests(handler: Handler[Any, Any], msg: Message) -> Callable[[int], str | None]:
+def _older_digests(
+    handler: Handler[Any, Any], msg: Message, default_type: str
+) -> Callable[[int], str | None]:
     cache: dict[int, str | None] = {}
 
     def older(version: int) -> str | None:
         if version not in cache:
-            cache[version] = _digest_v1(handler, msg) if version == 1 else None
+            cache[version] = _digest_v1(handler, msg, default_type) if version == 1 else None
         return cache[version]
 
     return older
 
 
-def _digest_v1(handler: Handler[Any, Any], msg: Message) -> str | None:
+def _digest_v1(handler: Handler[Any, Any], msg: Message, default_type: str) -> str | None:
     # Exactly as version 1 made it: JSON numbers read as floats, then model_dump. Called
     # inside the batch transaction: anything it raises would fail the batch on every
     # redelivery. A copy version 1 cannot hash (decimal.Overflow, a serialiser that raises)
     # was never recorded by it, so it is not the recorded payload: None, a conflict.
     try:
-        payload = validate(handler, msg, exact=False)
+        payload = validate(handler, msg, exact=False, default_type=default_type)
         return payload_hash(payload, handler.hash_exclude, version=1)
     except Exception:
         return None

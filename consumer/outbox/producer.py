@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 
+from consumer.kafka_config import client_options
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class BrokerUnavailable(Exception):
 async def start(settings: Settings) -> AIOKafkaProducer:
     """A started idempotent producer (``acks=all``) configured from the settings."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **client_options(settings),
         enable_idempotence=True,  # broker-side dedup of the producer's own retries
         acks="all",
         linger_ms=5,

@@ -124,7 +124,8 @@ class BatchProcessor:
         if not records:
             return BatchResult()
         started = time.monotonic()
-        items = [parse(m, self.app, self.settings.tenant_header) for m in records]
+        s = self.settings
+        items = [parse(m, self.app, s.tenant_header, s.default_content_type) for m in records]
         leaders: dict[Ident, Item] = {}
         for it in items:
             if it.ident is not None:

@@ -37,7 +37,7 @@ class Item:
     error: InvalidMessage | None = None
 
 
-def parse(msg: Message, handlers: Handlers, tenant_header: str) -> Item:
+def parse(msg: Message, handlers: Handlers, tenant_header: str, default_content_type: str) -> Item:
     """The item of ``msg``: identified, or carrying why it cannot be."""
     handler = handlers.handler_for(msg.topic)
     if msg.undecodable:  # the Kafka client could not parse it: its raw bytes, dead
@@ -45,7 +45,7 @@ def parse(msg: Message, handlers: Handlers, tenant_header: str) -> Item:
     if handler is None:
         return Item(msg, None, error=InvalidMessage(f"no handler for topic {msg.topic}"))
     try:
-        return Item(msg, handler, ident=identify(handler, msg, tenant_header))
+        return Item(msg, handler, ident=identify(handler, msg, tenant_header, default_content_type))
     except InvalidMessage as exc:
         return Item(msg, handler, error=exc)
     except Exception as exc:

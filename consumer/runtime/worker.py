@@ -21,15 +21,16 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer import tracing
+from consumer import topics, tracing
 from consumer.app import App
 from consumer.db import migrate
 from consumer.db.pool import create_pool
 from consumer.dedup.cluster import lease_store
 from consumer.dedup.leases import LeaseStore, NoLeases
+from consumer.kafka_config import client_options
 from consumer.observers import Observer
 from consumer.probe import Probe, installed
-from consumer.runtime import undecodable
+from consumer.runtime import health, undecodable
 from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.fetch import FetchLoop, to_message
 from consumer.runtime.positions import HALT_RECHECK_S, Positions
@@ -127,6 +128,8 @@ class Worker:
 
     async def run(self) -> None:
         s = self.settings.require_connections()  # "" would let a client pick its own default
+        if not await topics.prepare_for_worker(self.app, s, self.stop):  # stopped meanwhile
+            return
         # A batch transaction is idle between statements only while a handler awaits
         # something outside the database, which its timeout bounds: the longest of them
         # (a handler's own timeout_s may exceed the default), plus a margin.
@@ -175,7 +178,7 @@ class Worker:
         )
         undecodable.install()
         return AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
+            **client_options(s),
             group_id=self.app.group,
             group_instance_id=instance,
             enable_auto_commit=False,
@@ -194,6 +197,7 @@ class Worker:
         assert self.consumer is not None
         self._status_last, self._status_t = 0, time.monotonic()
         status = asyncio.create_task(self._status_loop())
+        beat = asyncio.create_task(health.watch(self))  # the /healthz and /readyz gauges
         recheck = asyncio.create_task(self.positions.recheck_halted(self.lock))
         relay_task = None
         if s.relay_enabled:
@@ -214,6 +218,7 @@ class Worker:
                 await loop.tick()
         finally:
             status.cancel()
+            beat.cancel()
             recheck.cancel()
             # The last counters, even for a worker stopped before its first interval.
             self._log_status()

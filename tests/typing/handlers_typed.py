@@ -1,0 +1,34 @@
+"""Checked by mypy in tests/unit/test_handler_typing.py, never imported: the decorator's types."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from consumer import App, Context
+from consumer.handler import Handler
+
+
+class Email(BaseModel):
+    to: str
+
+
+app = App("typing")
+
+
+@app.handler("emails", schema=Email, key="record")
+def send(e: Email, ctx: Context) -> dict[str, str]:  # a sync handler, as docs/handlers.md
+    return {"to": e.to}
+
+
+@app.handler("emails.async", schema=Email, key="record")
+async def settle(e: Email, ctx: Context) -> int:
+    return len(e.to)
+
+
+sync_ok: Handler[Email, dict[str, str]] = send
+async_ok: Handler[Email, int] = settle  # the coroutine's result, not the coroutine
+
+
+@app.handler("emails.bad", schema=Email, key="record")  # expect-error: payload type
+async def wrong(e: int, ctx: Context) -> None:
+    return None
