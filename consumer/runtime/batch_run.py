@@ -95,6 +95,8 @@ async def prepare(bt: BatchTransaction, live: list[items.Item]) -> dict[Position
         )
     started = time.monotonic()
     runs = await _call(bt, handler, chosen, batch)
+    if not runs:
+        return {}
     elapsed_s = (time.monotonic() - started) / len(chosen)
     out: dict[Position, Run] = {}
     for it, run in zip(chosen, runs, strict=True):
