@@ -138,6 +138,9 @@ class RuntimeDriver:
         self._crash: str | None = None
 
     async def start(self) -> None:
+        # The worker keeps the process-wide probe it was built with: make it the fault-point
+        # one now, so that hooks installed later (crash_next, send_batch) reach this worker.
+        faults.install("before_fetch", None)
         self.pg = await asyncpg.connect(self.settings.postgres_dsn)
         await init_connection(self.pg)
         await self._start_worker()
