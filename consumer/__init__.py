@@ -8,9 +8,14 @@ The public face of the package; everything else is internal::
 
     @app.handler("payments.requested", schema=PaymentRequested, key=lambda p: p.payment_id)
     async def settle(p: PaymentRequested, ctx: Context) -> Receipt: ...
+
+    @app.batch_handler("payments.bulk", schema=PaymentRequested, key=lambda p: p.payment_id)
+    async def settle_many(batch: list[Item[PaymentRequested]], ctx: BatchContext) -> list[Receipt]:
+        ...
 """
 
 from consumer.app import App
+from consumer.batch_handler import BatchContext, BatchHandler, Item
 from consumer.context import Context, Database
 from consumer.errors import (
     BadKey,
@@ -36,6 +41,8 @@ from consumer.settings import Settings, load_settings
 __all__ = [
     "App",
     "BadKey",
+    "BatchContext",
+    "BatchHandler",
     "ConfigError",
     "ConsumerError",
     "Context",
@@ -44,6 +51,7 @@ __all__ = [
     "Handler",
     "HandlerSignal",
     "InvalidMessage",
+    "Item",
     "LeaseBusy",
     "Message",
     "MigrationMismatch",

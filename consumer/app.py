@@ -8,6 +8,7 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 
 from pydantic import BaseModel
 
+from consumer.batch_handler import BatchFn, BatchHandler, as_batch_handler
 from consumer.context import Context
 from consumer.errors import ConfigError
 from consumer.handler import Handler, OnError, make_handler
@@ -15,6 +16,7 @@ from consumer.settings import Settings, load_settings
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
+H = TypeVar("H", bound=Handler[Any, Any])
 
 
 class Register(Protocol[M]):
@@ -108,20 +110,63 @@ class App:
                 timeout_s=timeout_s,
                 publishes=publishes,
             )
-            for topic in topics:
-                if topic in self._by_topic:
-                    raise ConfigError(
-                        f"topic {topic!r} already has handler {self._by_topic[topic].name!r}; "
-                        "one handler per topic"
-                    )
-            if any(other.name == h.name for other in self.handlers):
-                raise ConfigError(f"two handlers named {h.name!r}; pass name= to one of them")
-            for topic in topics:
-                self._by_topic[topic] = h
-            self.handlers.append(h)
-            return h
+            return self._add(h)
 
         return register
+
+    def batch_handler(
+        self,
+        *topics: str,
+        schema: type[M],
+        key: Callable[[M], object] | Literal["header", "record"] | None = None,
+        key_header: str = "idempotency-key",
+        name: str | None = None,
+        hash_exclude: set[str] | frozenset[str] | None = None,
+        retry_on: tuple[type[BaseException], ...] = (),
+        max_attempts: int | None = None,
+        on_error: OnError = "retry",
+        timeout_s: float | None = None,
+    ) -> Callable[[BatchFn[M]], BatchHandler[M]]:
+        """Register an async function ``(batch: list[Item[schema]], ctx: BatchContext)``
+        called once per batch with its new messages (consumer/batch_handler.py).
+
+        The options are :meth:`handler`'s; ``timeout_s`` bounds the whole call (on a timeout
+        the batch runs again one message at a time, each call bounded by it).
+        """
+
+        def register(fn: BatchFn[M]) -> BatchHandler[M]:
+            h: Handler[M, Any] = make_handler(
+                fn,
+                group=self.group,
+                topics=topics,
+                schema=schema,
+                key=key,
+                key_header=key_header,
+                name=name,
+                hash_exclude=hash_exclude,
+                retry_on=retry_on,
+                max_attempts=max_attempts,
+                on_error=on_error,
+                timeout_s=timeout_s,
+                decorator="batch_handler",
+            )
+            return self._add(as_batch_handler(h))
+
+        return register
+
+    def _add(self, h: H) -> H:
+        for topic in h.topics:
+            if topic in self._by_topic:
+                raise ConfigError(
+                    f"topic {topic!r} already has handler {self._by_topic[topic].name!r}; "
+                    "one handler per topic"
+                )
+        if any(other.name == h.name for other in self.handlers):
+            raise ConfigError(f"two handlers named {h.name!r}; pass name= to one of them")
+        for topic in h.topics:
+            self._by_topic[topic] = h
+        self.handlers.append(h)
+        return h
 
     @property
     def topics(self) -> list[str]:

@@ -85,18 +85,20 @@ def make_handler(
     on_error: OnError,
     timeout_s: float | None,
     publishes: Sequence[str] = (),
+    decorator: str = "handler",
 ) -> Handler[M, Any]:
-    """Validate decorator options and build the Handler."""
+    """Validate decorator options and build the Handler (``decorator``: for the messages)."""
     if not topics:
-        raise ConfigError(f"@handler on {fn.__name__}: give at least one topic")
+        raise ConfigError(f"@{decorator} on {fn.__name__}: give at least one topic")
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
         raise ConfigError(
-            f"@handler on {fn.__name__}: schema= must be a pydantic BaseModel subclass"
+            f"@{decorator} on {fn.__name__}: schema= must be a pydantic BaseModel subclass"
         )
     params = inspect.signature(fn).parameters
     if len(params) != 2:
         raise ConfigError(
-            f"@handler on {fn.__name__}: the function must take (payload, ctx); "
+            f"@{decorator} on {fn.__name__}: the function must take "
+            f"({'batch' if decorator == 'batch_handler' else 'payload'}, ctx); "
             f"it takes {len(params)} parameters"
         )
     key_from: KeyFrom
@@ -109,7 +111,7 @@ def make_handler(
         key_from, key_fn = "payload", key
     else:
         raise ConfigError(
-            f"@handler on {fn.__name__}: key= must be a function of the payload, "
+            f"@{decorator} on {fn.__name__}: key= must be a function of the payload, "
             f"'header' or 'record', not {key!r}"
         )
     final_name = name if name is not None else f"{group}.{fn.__name__}"
@@ -117,16 +119,16 @@ def make_handler(
         # The name is the namespace: composed with tenants (name@tenant), joined into derived
         # keys, and put inside a Redis hash tag (lease:{ns}:key). Checked for the default
         # name too: a function's __name__ can be set to anything.
-        raise ConfigError(f"@handler on {fn.__name__}: handler name {final_name!r} {problem}")
+        raise ConfigError(f"@{decorator} on {fn.__name__}: handler name {final_name!r} {problem}")
     if max_attempts is not None and max_attempts < 1:
-        raise ConfigError(f"@handler on {fn.__name__}: max_attempts must be >= 1")
+        raise ConfigError(f"@{decorator} on {fn.__name__}: max_attempts must be >= 1")
     if isinstance(publishes, str):
-        raise ConfigError(f"@handler on {fn.__name__}: publishes= takes a list of topics")
+        raise ConfigError(f"@{decorator} on {fn.__name__}: publishes= takes a list of topics")
     from consumer.storable import valid_topic
 
     bad = [t for t in publishes if not valid_topic(t)]
     if bad:
-        raise ConfigError(f"@handler on {fn.__name__}: publishes= has invalid topics {bad}")
+        raise ConfigError(f"@{decorator} on {fn.__name__}: publishes= has invalid topics {bad}")
     return Handler(
         fn=fn,
         topics=topics,

@@ -21,8 +21,9 @@ from consumer.dedup.leases import DoneMarker, LeaseResult
 from consumer.errors import InvalidMessage
 from consumer.outbox import envelopes
 from consumer.probe import Probe
+from consumer.runtime import batch_run
 from consumer.runtime.decide import Decision, Known, View, decide, wait_reason
-from consumer.runtime.invoke import run_handler
+from consumer.runtime.invoke import Run, run_handler
 from consumer.runtime.items import Item
 from consumer.runtime.outcomes import Handled, Outcome
 from consumer.runtime.replies import Replies
@@ -58,9 +59,16 @@ class BatchTransaction:
         self.optimistic = optimistic  # handlers without a savepoint each (invoke.Fallback)
         self.view = View()
         self.confirmed: set[Ident] = set()  # Redis done markers the inbox agreed with
+        self.prepared: dict[Position, Run] = {}  # a batch handler's runs (runtime/batch_run.py)
 
     async def walk(self, live: list[Item], writes: Writes) -> None:
-        """Decide and handle each live record in order, until one stops the batch."""
+        """Decide and handle each live record in order, until one stops the batch. A batch
+        handler is called first, once, for the records this walk will run."""
+        self.prepared = await batch_run.prepare(self, live)
+        await self._walk(live, writes)
+        batch_run.check_taken(self.prepared)
+
+    async def _walk(self, live: list[Item], writes: Writes) -> None:
         arms = {
             Decision.INVALID: self._invalid,
             Decision.FAILED_COPY: self._failed_copy,
@@ -203,7 +211,7 @@ class BatchTransaction:
         msg, ident, h = it.msg, it.ident.ident, it.ident.hash
         pos = (msg.topic, msg.partition, msg.offset)
         attempt = self.attempts.get(pos, 0) + 1
-        run = await run_handler(
+        run = self.prepared.pop(pos, None) or await run_handler(
             self.tx,
             it.handler,
             it.ident,

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -221,6 +222,31 @@ class TestApp:
                 topic, value, key=raw_key, headers=raw_headers, partition=partition
             )
             return await self._deliver(msg)
+
+    async def send_batch(
+        self,
+        topic: str,
+        payloads: Sequence[BaseModel | Mapping[str, Any] | list[Any] | bytes],
+        *,
+        partition: int = 0,
+        content_type: str = CONTENT_MSGPACK,
+    ) -> list[SendResult]:
+        """Append ``payloads`` to ``topic`` at once, then process them as a worker that read
+        them in one fetch: one batch (how a batch handler gets more than one message). One
+        result per record; they share ``handled``, ``published`` and ``handler_calls``."""
+        headers = [(HEADER_CONTENT_TYPE, content_type.encode())]
+        async with self._lock:
+            await self.start()
+            msgs = [
+                self.kafka.append(
+                    topic, _encode(p, content_type), headers=headers, partition=partition
+                )
+                for p in payloads
+            ]
+            if not msgs:
+                raise HarnessError("send_batch(): no payloads")
+            out = await self._deliver(msgs[-1])
+        return [dataclasses.replace(out, message=m) for m in msgs]
 
     async def redeliver(
         self, *, partition: int | None = None, same_offset: bool = False

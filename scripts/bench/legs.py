@@ -30,10 +30,10 @@ from scripts.toolkit.processes import ROOT as ROOT  # re-exported: runner, __mai
 from scripts.toolkit.topics import create_topics
 
 SETTLED_SUFFIX = ".settled"
-# Modes whose positions live in the framework's dedup.offsets; ``framework_batch`` (the
-# batch-handler path) is planned out by runner.plan while it is in PENDING_MODES.
+# Modes whose positions live in the framework's dedup.offsets. A mode in PENDING_MODES (not
+# built yet) is planned out by runner.plan; none is now.
 FRAMEWORK_MODES = ("framework", "framework_batch")
-PENDING_MODES = frozenset({"framework_batch"})
+PENDING_MODES: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

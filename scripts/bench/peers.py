@@ -1,7 +1,7 @@
 """The paths ``make bench`` compares, their leg names, and the ratios between them.
 
 Paths: ``framework`` (the per-message handler path), ``framework_batch`` (the batch-handler
-path; planned out while it is in legs.PENDING_MODES, its figures are then null), and the
+path, a batch handler doing the same work set-based), and the
 peers ``competent`` and ``limit`` (handwritten.py). Each runs with 1 worker and with every
 ``--workers`` count; ``naive`` and ``raw`` run with 1 worker, for reference.
 

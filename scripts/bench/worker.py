@@ -1,8 +1,9 @@
 """One benchmark worker process: ``python -m scripts.bench.worker '<json spec>'``.
 
 Started by the orchestrator (legs.py), one per worker of a leg; the stdin/stdout protocol and
-the meter are in harness.py. Modes: ``raw`` and ``naive`` (baselines.py), and ``framework``:
-the real ``Worker`` with the bench app and the relay disabled, instrumented through the
+the meter are in harness.py. Modes: ``raw`` and ``naive`` (baselines.py), and ``framework``
+(``framework_batch``): the real ``Worker`` with the bench app (its batch-handler version,
+benchapp.py) and the relay disabled, instrumented through the
 framework's public seams (nothing in ``consumer/`` knows about the benchmark): an observer
 (consumer/observers.py) meters every committed transaction (right after its COMMIT) and every
 fetch-loop iteration, and a probe (consumer/probe.py) holds the first fetch at the start line.
@@ -24,7 +25,7 @@ from consumer.observers import Observer, Tick
 from consumer.probe import Probe
 from consumer.runtime.outcomes import BatchResult, Outcome
 from consumer.runtime.worker import Worker, tune_gc
-from scripts.bench.benchapp import build_app
+from scripts.bench.benchapp import build_app, build_batch_app
 from scripts.bench.harness import Control, Meter, emit, watch_assignment
 
 
@@ -69,7 +70,8 @@ class BenchWorker(Worker):
 
     def __init__(self, spec: dict[str, Any], control: Control, meter: Meter) -> None:
         settings = load_settings(**spec["settings"])
-        app = build_app(spec["group"], spec["topic"], spec["out_topic"], settings)
+        build = build_batch_app if spec["mode"] == "framework_batch" else build_app
+        app = build(spec["group"], spec["topic"], spec["out_topic"], settings)
         self.control = control
         self.meter = meter
         super().__init__(
@@ -123,7 +125,7 @@ async def main(spec: dict[str, Any]) -> Any:
     mode = spec["mode"]
     extra: dict[str, Any] = {}
     try:
-        if mode == "framework":
+        if mode in ("framework", "framework_batch"):
             extra = await run_framework(spec, control, meter)
         else:
             from scripts.bench import baselines

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,7 @@ from consumer import Settings
 from consumer.testing import TestApp
 from tests.conftest import app_settings
 from tests.contract.drivers import Driver, HarnessDriver, RuntimeDriver
-from tests.contract.subject import make_app
+from tests.contract.subject import Kind, make_app
 
 BACKENDS = [
     "memory",
@@ -42,8 +43,33 @@ def services(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
     return found
 
 
+@pytest.fixture(params=["handler", "batch"])
+def kind(request: pytest.FixtureRequest) -> Kind:
+    """Each scenario with a per-message handler and with the same handler as a batch one."""
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture
-async def driver(backend: str, services: dict[str, Any], unique: str) -> AsyncIterator[Driver]:
+async def driver(
+    backend: str, services: dict[str, Any], unique: str, kind: Kind
+) -> AsyncIterator[Driver]:
+    async with _driver(backend, services, unique, kind) as d:
+        yield d
+
+
+@pytest.fixture
+async def batch_driver(
+    backend: str, services: dict[str, Any], unique: str
+) -> AsyncIterator[Driver]:
+    """The batch-handler subject only: for scenarios with several records in one batch."""
+    async with _driver(backend, services, unique, "batch") as d:
+        yield d
+
+
+@contextlib.asynccontextmanager
+async def _driver(
+    backend: str, services: dict[str, Any], unique: str, kind: Kind
+) -> AsyncIterator[Driver]:
     calls: Counter[str] = Counter()
     group = f"contract-{unique}"
     if backend == "runtime":
@@ -57,7 +83,7 @@ async def driver(backend: str, services: dict[str, Any], unique: str) -> AsyncIt
             services["settings"], lease_ms=1000, retry_backoff_ms=50, relay_enabled=False
         )
         runtime = RuntimeDriver(
-            make_app(group, topic, out, calls, settings),
+            make_app(group, topic, out, calls, settings, kind),
             settings,
             services["producer"],
             topic,
@@ -72,7 +98,7 @@ async def driver(backend: str, services: dict[str, Any], unique: str) -> AsyncIt
         return
     topic, out = f"contract-{unique}", f"contract-out-{unique}"
     settings = services["settings"]
-    app = make_app(group, topic, out, calls, settings)
+    app = make_app(group, topic, out, calls, settings, kind)
     db = settings.postgres_dsn if backend == "postgres" else None
     async with TestApp(app, db=db) as t:
         yield HarnessDriver(t, topic, out, calls)

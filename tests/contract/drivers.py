@@ -60,6 +60,7 @@ class Driver(Protocol):
     calls: Counter[str]
 
     async def send(self, value: Mapping[str, Any] | bytes, *, partition: int = 0) -> Seen: ...
+    async def send_batch(self, values: list[Mapping[str, Any]]) -> list[Seen]: ...
     def crash_next(self, point: str) -> None: ...
     async def flush_redis(self) -> None: ...
     async def messages(self, topic: str) -> list[Out]: ...
@@ -73,6 +74,10 @@ class HarnessDriver:
     async def send(self, value: Mapping[str, Any] | bytes, *, partition: int = 0) -> Seen:
         r = await self.t.send(self.topic, value, partition=partition)
         return Seen(r.outcome, r.reason, r.result, r.crashed)
+
+    async def send_batch(self, values: list[Mapping[str, Any]]) -> list[Seen]:
+        rs = await self.t.send_batch(self.topic, values)
+        return [Seen(r.outcome, r.reason, r.result, r.crashed) for r in rs]
 
     def crash_next(self, point: str) -> None:
         {"after_commit": self.t.crash_after_commit, "before_commit": self.t.crash_before_commit}[
@@ -133,6 +138,9 @@ class RuntimeDriver:
         self._crash: str | None = None
 
     async def start(self) -> None:
+        # The worker keeps the process-wide probe it was built with: make it the fault-point
+        # one now, so that hooks installed later (crash_next, send_batch) reach this worker.
+        faults.install("before_fetch", None)
         self.pg = await asyncpg.connect(self.settings.postgres_dsn)
         await init_connection(self.pg)
         await self._start_worker()
@@ -174,7 +182,32 @@ class RuntimeDriver:
     async def send(self, value: Mapping[str, Any] | bytes, *, partition: int = 0) -> Seen:
         raw = value if isinstance(value, bytes) else msgpack.packb(dict(value))
         md = await self.producer.send_and_wait(self.topic, raw, partition=partition)
-        pos = (self.topic, md.partition, md.offset)
+        [seen] = await self._outcomes([(self.topic, md.partition, md.offset)])
+        return seen
+
+    async def send_batch(self, values: list[Mapping[str, Any]]) -> list[Seen]:
+        """The records reach the worker in one fetch, hence one batch: it is held at its
+        next fetch while they are produced (in one produce request), then let go."""
+        parked, go = asyncio.Event(), asyncio.Event()
+
+        async def hold(name: str) -> None:
+            faults.install(name, None)
+            parked.set()
+            await go.wait()
+
+        faults.install("before_fetch", hold)
+        await asyncio.wait_for(parked.wait(), 30)
+        try:
+            sent = [
+                await self.producer.send(self.topic, msgpack.packb(dict(v)), partition=0)
+                for v in values
+            ]
+            mds = [await f for f in sent]
+        finally:
+            go.set()
+        return await self._outcomes([(self.topic, md.partition, md.offset) for md in mds])
+
+    async def _outcomes(self, positions: list[tuple[str, int, int]]) -> list[Seen]:
         crashed, self._crash = self._crash, None
         if crashed is not None:
             assert self.task is not None
@@ -184,14 +217,17 @@ class RuntimeDriver:
             await self._start_worker()
             if crashed == "after_commit":
                 # Committed, but the worker died before reporting; the new one seeks past it.
-                return Seen(None, crashed=crashed)
+                return [Seen(None, crashed=crashed) for _ in positions]
 
         async def reported() -> bool:
-            return pos in self.seen and self.seen[pos].outcome is not Outcome.SKIPPED
+            return all(
+                pos in self.seen and self.seen[pos].outcome is not Outcome.SKIPPED
+                for pos in positions
+            )
 
         await eventually(reported, timeout_s=30)
-        h = self.seen[pos]
-        return Seen(h.outcome, h.reason, h.result, crashed)
+        hs = [self.seen[pos] for pos in positions]
+        return [Seen(h.outcome, h.reason, h.result, crashed) for h in hs]
 
     async def flush_redis(self) -> None:
         # Only this test's keys: the Redis is shared (never FLUSHALL it).

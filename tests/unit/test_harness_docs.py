@@ -54,12 +54,16 @@ def run_example(tmp_path: Path, name: str) -> None:
     assert re.search(r"\b\d+ passed\b", proc.stdout) and "skipped" not in proc.stdout
 
 
-def test_the_doc_has_both_examples() -> None:
-    assert set(examples()) == {"test_orders.py", "test_payments.py"}
+def test_the_doc_has_its_examples() -> None:
+    assert set(examples()) == {"test_orders.py", "test_orders_batch.py", "test_payments.py"}
 
 
 def test_db_free_example_passes(tmp_path: Path) -> None:
     run_example(tmp_path, "test_orders.py")
+
+
+def test_batch_handler_example_passes(tmp_path: Path) -> None:
+    run_example(tmp_path, "test_orders_batch.py")
 
 
 @pytest.mark.integration

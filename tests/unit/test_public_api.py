@@ -13,6 +13,8 @@ pytestmark = pytest.mark.unit
 EXPECTED = {
     "App",
     "BadKey",
+    "BatchContext",
+    "BatchHandler",
     "ConfigError",
     "ConsumerError",
     "Context",
@@ -21,6 +23,7 @@ EXPECTED = {
     "Handler",
     "HandlerSignal",
     "InvalidMessage",
+    "Item",
     "LeaseBusy",
     "Message",
     "MigrationMismatch",
