@@ -104,6 +104,7 @@ def kafka_environment(cs: ContainerSettings) -> dict[str, str]:
         "KAFKA_DEFAULT_REPLICATION_FACTOR": "1",
         "KAFKA_MIN_INSYNC_REPLICAS": "1",
         "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+        "KAFKA_DELETE_TOPIC_ENABLE": "true",
         "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
         "KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS": "6",
         "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
@@ -113,6 +114,9 @@ def kafka_environment(cs: ContainerSettings) -> dict[str, str]:
         "KAFKA_GROUP_MIN_SESSION_TIMEOUT_MS": "1000",
         "KAFKA_BROKER_SESSION_TIMEOUT_MS": "4000",
         "KAFKA_BROKER_HEARTBEAT_INTERVAL_MS": "1000",
+        "KAFKA_NUM_NETWORK_THREADS": "2",
+        "KAFKA_NUM_IO_THREADS": "4",
+        "KAFKA_LOG_RETENTION_HOURS": "24",
         "KAFKA_HEAP_OPTS": "-Xms256m -Xmx512m",
     }
 
@@ -171,7 +175,7 @@ def _postgres_ready(dsn: str) -> bool:
 
     try:
         return asyncio.run(check())
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, asyncpg.PostgresError):
         return False
 
 
@@ -233,7 +237,9 @@ class Services:
             if wrapped.status != "running" or time.monotonic() > deadline:
                 out, err = container.get_logs()
                 tail = "\n".join((out + err).decode(errors="replace").splitlines()[-40:])
-                why = "exited" if wrapped.status != "running" else f"not ready after {START_TIMEOUT_S}s"
+                why = f"not ready after {START_TIMEOUT_S}s"
+                if wrapped.status != "running":
+                    why = f"is {wrapped.status}"
                 raise pytest.UsageError(f"{name} container ({container.image}) {why}:\n{tail}")
             time.sleep(0.2)
 
@@ -275,7 +281,8 @@ def configure(config: pytest.Config) -> None:
     timings = ", ".join(f"{k} {v}s" for k, v in services.seconds.items())
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line(f"services: containers ({services.cs.network} network) ready: {timings}")
+        network = services.cs.network
+        reporter.write_line(f"services: containers ({network} network) ready: {timings}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
