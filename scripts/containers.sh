@@ -252,9 +252,17 @@ cmd_run() {
     return "$rc"
 }
 
+# docker-compose.yml as it is, less its `ports:` lists: with host networking the services
+# listen on the machine's ports themselves, and docker-compose 1.29 refuses published ports
+# next to network_mode: host (compose v2 would only warn). compose.host.yml adds the mode.
+compose_file() {
+    awk '/^    ports:$/ { skip = 1; next } skip && /^      - / { next } { skip = 0; print }' \
+        "$ROOT/docker-compose.yml" >"$ENGINE_DIR/docker-compose.host-network.yml"
+}
+
 compose() {
-    docker-compose -p "$COMPOSE_PROJECT" -f "$ROOT/docker-compose.yml" \
-        -f "$RECIPES/compose.host.yml" "$@"
+    docker-compose -p "$COMPOSE_PROJECT" --project-directory "$ROOT" \
+        -f "$ENGINE_DIR/docker-compose.host-network.yml" -f "$RECIPES/compose.host.yml" "$@"
 }
 
 compose_wait() { # every service healthy, or fail with its log
@@ -283,6 +291,7 @@ cmd_compose() { # docker-compose.yml with the local images and our ports; COMMAN
     export REDIS_PORT="$CONTAINERS_REDIS_PORT" PG_PORT="$CONTAINERS_PG_PORT"
     local t0 rc=0
     t0=$(now_us)
+    compose_file
     compose up -d >&2
     trap 'compose down -v --remove-orphans >&2 || true; finish' EXIT
     compose_wait
