@@ -293,7 +293,8 @@ cmd_compose() { # docker-compose.yml with the local images and our ports; COMMAN
     t0=$(now_us)
     compose_file
     compose up -d >&2
-    trap 'compose down -v --remove-orphans >&2 || true; finish' EXIT
+    # finish() reads the exit status from $?: keep the command's, not that of `down`
+    trap 'rc=$?; compose down -v --remove-orphans >&2 || true; (exit $rc); finish' EXIT
     compose_wait
     log "compose: all services healthy after $(elapsed_since "$t0")s"
     export COMPOSE_ENV_FILE="$ENGINE_DIR/compose.env"

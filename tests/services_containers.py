@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -279,10 +280,9 @@ def configure(config: pytest.Config) -> None:
         raise
     os.environ.update(services.cs.env())  # over whatever .env said: these are the services now
     timings = ", ".join(f"{k} {v}s" for k, v in services.seconds.items())
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        network = services.cs.network
-        reporter.write_line(f"services: containers ({network} network) ready: {timings}")
+    # on stderr: the terminal reporter is not registered yet when conftest's configure runs
+    network = services.cs.network
+    print(f"services: containers ({network} network) ready: {timings}", file=sys.stderr)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
