@@ -135,6 +135,9 @@ cmd_engine_down() { # stops the private dockerd (and the containerd it runs), ne
         [[ -n $ctr_pid ]] && kill -0 "$ctr_pid" 2>/dev/null || break
         sleep 0.1
     done
+    # dockerd bind-mounts the host's network namespace into its exec-root and leaves it
+    # there on exit; unmount ours, or the folder cannot be deleted
+    if mountpoint -q "$RUN_DIR/netns/default" 2>/dev/null; then umount "$RUN_DIR/netns/default"; fi
     rm -f "$PID_FILE" "$SOCKET"
 }
 
