@@ -214,8 +214,8 @@ ours() { # the containers of test runs and of our compose project that still exi
 }
 
 STARTED_ENGINE=0
-finish() { # assert that every container is gone, then stop the engine if we started it
-    local rc=$? left
+finish() { # [$1 = exit status]: assert that every container is gone, stop the engine we started
+    local rc=${1:-$?} left
     trap - EXIT
     left="$(ours | sort -u)"
     if [[ -n $left ]]; then
@@ -296,8 +296,8 @@ cmd_compose() { # docker-compose.yml with the local images and our ports; COMMAN
     t0=$(now_us)
     compose_file
     compose up -d >&2
-    # finish() reads the exit status from $?: keep the command's, not that of `down`
-    trap 'rc=$?; compose down -v --remove-orphans >&2 || true; (exit $rc); finish' EXIT
+    # the command's exit status, not that of `down`
+    trap 'rc=$?; compose down -v --remove-orphans >&2 || true; finish "$rc"' EXIT
     compose_wait
     log "compose: all services healthy after $(elapsed_since "$t0")s"
     export COMPOSE_ENV_FILE="$ENGINE_DIR/compose.env"
