@@ -11,7 +11,8 @@ SERVICES := scripts/services.sh
 LINT_PATHS := consumer handlers schemas tests scripts
 TYPED_PATHS := consumer handlers schemas
 
-.PHONY: help install services services-down services-status migrate lint typecheck test bench demo chaos clean
+.PHONY: help install services services-down services-status migrate lint typecheck test bench demo chaos clean \
+	test-containers compose-demo containers-images
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -63,14 +64,36 @@ bench: install services ## benchmark: raw vs framework vs naive (docs/benchmarks
 	set -a; . ./.env; set +a; $(BIN)/python -m scripts.bench $(ARGS)
 
 # Options go in ARGS, e.g. `make demo ARGS="--count 5000 --keep"`; the services stay up after.
-demo: install services ## the payments service under duplicates, conflicts and a crash, audited
-	set -a; . ./.env; set +a; $(BIN)/python -m scripts.demo $(ARGS)
+# `make compose-demo` runs it on docker-compose.yml's services: DEMO_SERVICES= DEMO_ENV=<its env>.
+DEMO_SERVICES ?= services
+DEMO_ENV ?= ./.env
+demo: install $(DEMO_SERVICES) ## the payments service under duplicates, conflicts and a crash, audited
+	set -a; . $(DEMO_ENV); set +a; $(BIN)/python -m scripts.demo $(ARGS)
 
 # Its own Kafka/Redis/PostgreSQL (.services/chaos, ports 29092/26379/25432), started, faulted
 # and stopped by the run itself: the shared services are never touched. Options in ARGS,
 # e.g. `make chaos ARGS="--records 5000 --faults 8 --seed 2"`. Last line of output: JSON.
 chaos: install ## exactly-once audit under injected faults (docs/guarantees.md)
 	$(BIN)/python -m scripts.chaos $(ARGS)
+
+# Containers (docs/services.md): a private Docker engine under .services/docker when none
+# answers, images built locally from Debian's packages, every container removed afterwards.
+# Ports: CONTAINERS_KAFKA_PORT, CONTAINERS_KAFKA_CONTROLLER_PORT, CONTAINERS_REDIS_PORT,
+# CONTAINERS_PG_PORT. Tests in CONTAINERS_TESTS; the chaos run starts its own processes.
+CONTAINERS := scripts/containers.sh
+CONTAINERS_TESTS ?= tests/integration --deselect tests/integration/test_chaos.py
+containers-images: ## build the local Docker images (cached by their recipe's checksum)
+	bash $(CONTAINERS) run -- true
+
+test-containers: install ## the integration tier on containers started by testcontainers
+	bash $(CONTAINERS) run -- bash -c 'rc=0; $(BIN)/pytest --services=containers \
+		$(CONTAINERS_TESTS) $(PYTEST_ARGS) || rc=$$?; \
+		if [ $$rc -eq 5 ]; then echo "make test-containers: no tests collected" >&2; exit 1; fi; \
+		exit $$rc'
+
+compose-demo: install ## docker-compose.yml up with the local images, `make demo` on it, down
+	bash $(CONTAINERS) compose -- bash -c '$(MAKE) --no-print-directory demo DEMO_SERVICES= \
+		DEMO_ENV="$$COMPOSE_ENV_FILE" ARGS="$(ARGS)"'
 
 clean: ## stop the services and delete their data and logs (keeps the Kafka jars)
 	bash $(SERVICES) clean

@@ -691,6 +691,7 @@ main() {
     status) cmd_status ;;
     clean) cmd_clean ;;
     env) write_env && cat "$ENV_FILE" ;;
+    kafka-libs) kafka_fetch_libs ;; # the jars only (scripts/containers.sh builds an image of them)
     restart-redis) cmd_restart_redis ;;
     redis-cluster-up) cmd_redis_cluster_up ;;
     redis-cluster-down) cmd_redis_cluster_down ;;

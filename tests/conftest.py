@@ -25,6 +25,8 @@ from consumer.db.migrate import migrate_dsn
 from consumer.runtime.worker import Worker
 from consumer.telemetry import standard_observers
 from scripts.toolkit import topics as toolkit_topics
+from tests import services_containers
+from tests.services_containers import pytest_addoption, pytest_unconfigure  # noqa: F401 (hooks)
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_MIGRATIONS = {"payments": ROOT / "handlers" / "migrations"}  # as handlers/app.py
@@ -49,7 +51,10 @@ def pytest_configure(config: pytest.Config) -> None:
     that aiokafka itself opened while its client was stopping and never closed (known races:
     aio-libs/aiokafka#715, #1019), reported when the garbage collector finds it during a
     later test. Only that object and its socket *to the Kafka port* are ignored; a leaked
-    connection to Redis or PostgreSQL still fails the test that meets it."""
+    connection to Redis or PostgreSQL still fails the test that meets it.
+
+    With ``--services=containers`` the services are started first (tests/services_containers.py)."""
+    services_containers.configure(config)
     port = os.environ.get("CONSUMER_KAFKA_BOOTSTRAP", "127.0.0.1:19092").rpartition(":")[2]
     for pattern in (
         r"Exception ignored in. <function AIOKafkaConnection.__del__",

@@ -417,7 +417,12 @@ def lagging_standby(settings: Settings, port: int) -> Any:
     host_port = settings.postgres_dsn.split("@")[-1].split("/")[0]
     host, _, primary_port = host_port.rpartition(":")
     ctl = str(PG_BIN / "pg_ctl")
-    opts = f"-p {port} -c unix_socket_directories={sock} -c listen_addresses=127.0.0.1"
+    # max_connections: a standby needs at least the primary's, which may come from the
+    # primary's command line (the containers of --services=containers) and not its files
+    opts = (
+        f"-p {port} -c unix_socket_directories={sock} -c listen_addresses=127.0.0.1"
+        " -c max_connections=1000"
+    )
 
     def run(*argv: str) -> None:
         done = subprocess.run(_as_pg(*argv), capture_output=True, text=True, timeout=120, cwd="/")
