@@ -32,8 +32,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	@touch $@
 
+# The broker also gets its SASL_SSL listener (tests/integration/test_secure_kafka.py, which
+# fails under CI=true without it); KAFKA_SECURE_PORT= (empty) leaves it out.
 services: ## start Kafka, Redis and PostgreSQL under .services/ and write .env
-	bash $(SERVICES) up
+	KAFKA_SECURE_PORT="$${KAFKA_SECURE_PORT-19094}" bash $(SERVICES) up
 
 services-down: ## stop the services started by `make services`
 	bash $(SERVICES) down
