@@ -1,6 +1,6 @@
 """The metrics port's HTTP endpoint: ``/metrics``, ``/healthz``, ``/readyz``; 404 elsewhere.
 
-The probes read what the workers publish as gauges (consumer/runtime/health.py), so one
+The probes read what the workers publish as gauges (consumer/health.py), so one
 endpoint answers for every worker of ``consumer run --workers N``, through the same
 multiprocess files as the metrics; the supervisor never talks to a service itself.
 

@@ -169,15 +169,7 @@ async def replay(
     try:
         await consumer.start()
         await producer.start()
-        # From the cluster's metadata: asking the producer for a missing topic could create
-        # it on a broker that auto-creates topics.
-        existing = await consumer.topics()
-        for name in (dlq_topic, target):
-            if name not in existing:
-                raise TopicMissing(f"topic {name!r} does not exist")
-        dlq_parts = await producer.partitions_for(dlq_topic)  # exists: nothing is created
-        tps = [TopicPartition(dlq_topic, p) for p in sorted(dlq_parts)]
-        target_parts = set(await producer.partitions_for(target))
+        tps, target_parts = await _partitions(consumer, producer, dlq_topic, target)
         consumer.assign(tps)
         end = await consumer.end_offsets(tps)
         total = sum([end[tp] - await consumer.position(tp) for tp in tps])
@@ -196,25 +188,8 @@ async def replay(
                         break
                     summary.read += 1
                     done[tp] = rec.offset + 1
-                    if (bad := undecodable.reason_of(rec)) is not None:
-                        # Its headers cannot be read, so neither can its reason: skipped.
-                        position = f"{rec.topic}/{rec.partition}/{rec.offset}"
-                        summary.undecodable.append(f"{position}: {bad.reason}")
-                        continue
-                    own = own_headers(rec.headers or ())
-                    reason = _text(own.get(HEADER_REASON))
-                    if HEADER_TRUNCATED in own:
-                        # Sent without its value (outbox/sending.py): nothing to replay.
-                        summary.skipped["truncated"] += 1
-                    elif reason not in reasons:
-                        summary.skipped[reason or "(none)"] += 1
-                    elif rec.timestamp < oldest_ms and not force:
-                        summary.expired[reason] += 1
-                    else:
-                        summary.replayed[reason] += 1
-                        summary.targets[target] += 1
-                        if not dry_run:
-                            pending.append(await _send(app, producer, target, target_parts, rec))
+                    if _wanted(rec, summary, reasons, oldest_ms, force) and not dry_run:
+                        pending.append(await _send(app, producer, target, target_parts, rec))
             if progress is not None:
                 progress(summary.read, total)
         for fut in pending:
@@ -227,6 +202,45 @@ async def replay(
         with contextlib.suppress(Exception):
             await consumer.stop()
     return summary
+
+
+async def _partitions(
+    consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, dlq_topic: str, target: str
+) -> tuple[list[TopicPartition], set[int]]:
+    """The dead-letter topic's partitions and the target's; TopicMissing for either absent."""
+    # From the cluster's metadata: asking the producer for a missing topic could create it on
+    # a broker that auto-creates topics.
+    existing = await consumer.topics()
+    for name in (dlq_topic, target):
+        if name not in existing:
+            raise TopicMissing(f"topic {name!r} does not exist")
+    dlq_parts = await producer.partitions_for(dlq_topic)  # exists: nothing is created
+    tps = [TopicPartition(dlq_topic, p) for p in sorted(dlq_parts)]
+    return tps, set(await producer.partitions_for(target))
+
+
+def _wanted(
+    rec: Any, summary: ReplaySummary, reasons: Collection[str], oldest_ms: float, force: bool
+) -> bool:
+    """Whether ``rec`` is replayed; counted in ``summary`` under why, either way."""
+    if (bad := undecodable.reason_of(rec)) is not None:
+        # Its headers cannot be read, so neither can its reason: skipped.
+        summary.undecodable.append(f"{rec.topic}/{rec.partition}/{rec.offset}: {bad.reason}")
+        return False
+    own = own_headers(rec.headers or ())
+    reason = _text(own.get(HEADER_REASON))
+    if HEADER_TRUNCATED in own:
+        # Sent without its value (outbox/sending.py): nothing to replay.
+        summary.skipped["truncated"] += 1
+    elif reason not in reasons:
+        summary.skipped[reason or "(none)"] += 1
+    elif rec.timestamp < oldest_ms and not force:
+        summary.expired[reason] += 1
+    else:
+        summary.replayed[reason] += 1
+        summary.targets[rec.topic.removesuffix(DLQ_SUFFIX)] += 1
+        return True
+    return False
 
 
 async def _send(

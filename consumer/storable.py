@@ -114,24 +114,9 @@ def _normal(value: Any, *, strict: bool, depth: int) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int):
-        if _INT_MIN <= value <= _INT_MAX:
-            return value
-        if strict:
-            raise Unstorable(
-                "the result contains an integer outside the 64-bit range a reply can carry "
-                f"({str(value)[:40]}); return it as a string"
-            )
-        try:
-            return float(value)
-        except OverflowError:
-            return str(value)
+        return _normal_int(value, strict)
     if isinstance(value, float):
-        if value == 0.0:
-            return 0.0  # jsonb has no -0
-        if value.is_integer() and abs(value) >= _PLAIN_FLOAT_LIMIT:
-            whole = int(value)
-            return whole if _INT_MIN <= whole <= _INT_MAX else value
-        return value
+        return _normal_float(value)
     if isinstance(value, dict):
         return {
             k: _normal(value[k], strict=strict, depth=depth + 1) for k in sorted(value, key=str)
@@ -140,6 +125,29 @@ def _normal(value: Any, *, strict: bool, depth: int) -> Any:
         return [_normal(v, strict=strict, depth=depth + 1) for v in value]
     if strict:
         raise Unstorable(f"the result contains a {type(value).__name__}")
+    return value
+
+
+def _normal_int(value: int, strict: bool) -> Any:
+    if _INT_MIN <= value <= _INT_MAX:
+        return value
+    if strict:
+        raise Unstorable(
+            "the result contains an integer outside the 64-bit range a reply can carry "
+            f"({str(value)[:40]}); return it as a string"
+        )
+    try:
+        return float(value)
+    except OverflowError:
+        return str(value)
+
+
+def _normal_float(value: float) -> Any:
+    if value == 0.0:
+        return 0.0  # jsonb has no -0
+    if value.is_integer() and abs(value) >= _PLAIN_FLOAT_LIMIT:
+        whole = int(value)
+        return whole if _INT_MIN <= whole <= _INT_MAX else value
     return value
 
 

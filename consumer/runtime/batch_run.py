@@ -23,23 +23,37 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from consumer import codec, storable, tracing
 from consumer.batch_handler import BatchContext, BatchHandler, Item, verdicts
 from consumer.context import to_jsonable
+from consumer.db.tx import BatchTx
 from consumer.errors import Reject, Retry
 from consumer.outbox import envelopes
+from consumer.probe import Probe
 from consumer.runtime.decide import Decision, Known, View, decide
 from consumer.runtime.invoke import Run
+from consumer.settings import Settings
 
 if TYPE_CHECKING:
     from consumer.runtime import items
-    from consumer.runtime.transaction import BatchTransaction
 
 log = logging.getLogger("consumer.batch_run")
 
 Position = tuple[str, int, int]
+
+
+class BatchTransaction(Protocol):
+    """What of runtime/transaction.py's BatchTransaction the pre-pass uses (a Protocol, so
+    that the two modules do not import each other)."""
+
+    tx: BatchTx
+    settings: Settings
+    probe: Probe
+    group: str
+    view: View
+    attempts: dict[Position, int]
 
 
 class _Fallback(Exception):

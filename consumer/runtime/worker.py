@@ -21,7 +21,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer import topics, tracing
+from consumer import health, topics, tracing
 from consumer.app import App
 from consumer.db import migrate
 from consumer.db.pool import create_pool
@@ -30,7 +30,7 @@ from consumer.dedup.leases import LeaseStore, NoLeases
 from consumer.kafka_config import client_options
 from consumer.observers import Observer
 from consumer.probe import Probe, installed
-from consumer.runtime import health, undecodable
+from consumer.runtime import undecodable
 from consumer.runtime.batch import BatchProcessor, pg_transaction
 from consumer.runtime.fetch import FetchLoop, to_message
 from consumer.runtime.positions import HALT_RECHECK_S, Positions
@@ -128,8 +128,6 @@ class Worker:
 
     async def run(self) -> None:
         s = self.settings.require_connections()  # "" would let a client pick its own default
-        if not await topics.prepare_for_worker(self.app, s, self.stop):  # stopped meanwhile
-            return
         # A batch transaction is idle between statements only while a handler awaits
         # something outside the database, which its timeout bounds: the longest of them
         # (a handler's own timeout_s may exceed the default), plus a margin.
@@ -138,9 +136,16 @@ class Worker:
         self.pool = await create_pool(s.postgres_dsn, max_size=s.pg_pool_max, idle_in_tx_ms=idle_ms)
         try:
             await self._check_migrations()
+            # After the schema check: a worker stopped while waiting for its topics must
+            # still have refused an edited migration (RET_MIGRATION), not exited cleanly.
+            ready = await topics.prepare_for_worker(self.app, s, self.stop)
         except BaseException:
             await self.pool.close()
             raise
+        if not ready:  # stopped meanwhile: nothing left open
+            await self.pool.close()
+            self.pool = None
+            return
         leases = await self._leases()
         self.processor = BatchProcessor(
             self.app,

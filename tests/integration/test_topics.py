@@ -108,7 +108,7 @@ async def test_worker_waiting_for_kafka_says_so_and_stops_on_request(settings, u
 
     await eventually(warned, timeout_s=30)
     worker.stop.set()  # what SIGTERM does
-    await asyncio.wait_for(task, 10)  # returns: no consumer, pool or lease was opened
+    await asyncio.wait_for(task, 10)  # returns: no consumer or lease was opened, no pool left open
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("aiokafka")]
     assert not [m for m in lines if m.startswith("Unable connect")]
     assert worker.consumer is None and worker.pool is None

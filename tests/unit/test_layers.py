@@ -85,8 +85,6 @@ FORBIDDEN = {
 }
 
 KNOWN = {
-    ("runtime", "consumer.runtime.health"): "the /healthz and /readyz gauges are written by "
-    "the worker's heartbeat directly (issue 16); they should become an observer event",
     ("shared", "consumer.observers"): "observers.py names BatchResult and Stats of runtime/ "
     "(type-only) in Tick; moving those records below runtime/ is left for later",
 }
