@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
 import typing
 from collections.abc import Mapping, Set
 from decimal import Decimal
@@ -64,8 +65,14 @@ def _number(value: int | float | Decimal) -> str:
     return ("-" if sign else "") + kept + "e" + str(exponent + len(text) - len(kept))
 
 
+# What json.dumps(ensure_ascii=False) escapes: the quote, the backslash, controls below 0x20.
+_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+
+
 def _text(s: str) -> str:
     # Lone surrogates raise UnicodeEncodeError in .encode() below; identify() reports them.
+    if _ESCAPED.search(s) is None:
+        return '"' + s + '"'  # what json.dumps gives, without its encoder (issue 15 profile)
     return json.dumps(s, ensure_ascii=False)
 
 
@@ -86,6 +93,23 @@ def _default_of(model: BaseModel, info: FieldInfo) -> Any:
         return PydanticUndefined
 
 
+# The encoded default of fields whose default is the same for every instance (no factory),
+# by (model class, field name); None: no default to compare with. Digests are unchanged:
+# only the work of computing it again for every message is saved.
+_STATIC_DEFAULTS: dict[tuple[type[BaseModel], str], str | None] = {}
+
+
+def _encoded_default(model: BaseModel, name: str, info: FieldInfo) -> str | None:
+    key = (type(model), name)
+    if key in _STATIC_DEFAULTS:
+        return _STATIC_DEFAULTS[key]
+    default = _default_of(model, info)
+    encoded = None if default is PydanticUndefined else _encode(default)
+    if info.default_factory is None:
+        _STATIC_DEFAULTS[key] = encoded
+    return encoded
+
+
 def encode_model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
     """The canonical form of ``model`` without its top-level ``exclude`` fields."""
     return _model(model, exclude)
@@ -102,8 +126,8 @@ def _model(model: BaseModel, exclude: Set[str] = frozenset(), tag: str = "") -> 
             # the payload: a random default must not make every copy a conflict.
             continue
         value = _encode(getattr(model, name))
-        default = _default_of(model, info)
-        if default is not PydanticUndefined and _encode(default) == value:
+        default = _encoded_default(model, name, info)
+        if default is not None and default == value:
             continue
         parts.append((_text(name), value))
     for name, raw in (model.__pydantic_extra__ or {}).items():

@@ -337,3 +337,21 @@ def test_fields_the_payload_did_not_set_are_not_its_identity():
     sent = "12345678-1234-5678-1234-567812345678"
     assert _h(Stamped, {"id": "1", "event_id": sent}) != payload_hash(a)
     assert _h(Stamped, {"id": "1", "event_id": sent}) == _h(Stamped, {"id": "1", "event_id": sent})
+
+
+def test_the_text_fast_path_is_exactly_json_dumps():
+    """canonical._text skips json.dumps for strings it would not escape: same bytes."""
+    import json
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from consumer.dedup.canonical import _text
+
+    @given(st.text())
+    def same(s: str) -> None:
+        assert _text(s) == json.dumps(s, ensure_ascii=False)
+
+    same()
+    for s in ['a"b', "a\\b", "x\ny", "\x00", "\x1f", "\x7f", "\u2028", "é€😀", "\ud800"]:
+        assert _text(s) == json.dumps(s, ensure_ascii=False)
