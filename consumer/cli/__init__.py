@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
         UsageError,
     )
 
-from consumer.cli import conflicts, migrate, positions, records, replay, run
+from consumer.cli import conflicts, migrate, positions, records, replay, run, topics
 from consumer.cli.run import run_worker
 from consumer.exitcodes import RET_CONFIG, RET_OK
 
@@ -35,7 +35,8 @@ HELP = """Kafka consumers whose handlers take effect exactly once.
 Exit codes: 0 ok, 1 unexpected error, 2 bad option or setting, 3 app not importable,
 4 service unreachable, 5 workers killed after the grace period, 6 worker failed,
 7 no such record, 8 declined, 9 an applied migration changed, 10 not confirmed: --yes
-needed without a terminal, 11 busy: a running batch held the row, nothing changed, retry
+needed without a terminal, 11 busy: a running batch held the row, nothing changed, retry,
+12 Kafka refused the login or its certificate, 13 a needed topic is missing
 (see docs/operations.md).
 """
 
@@ -50,6 +51,7 @@ cli.command("evict")(records.evict)
 cli.command("conflicts")(conflicts.conflicts)
 cli.command("replay")(replay.replay)
 cli.command("reset-positions")(positions.reset_positions)
+cli.command("topics")(topics.topics)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

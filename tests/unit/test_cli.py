@@ -152,3 +152,16 @@ def test_json_log_lines_carry_the_worker_and_the_status_fields():
     line = json.loads(logs.JsonFormatter().format(record))
     assert (line["msg"], line["level"], line["worker"]) == ("w 1", "info", 1)
     assert line["status"] == {"applied": 3}
+
+
+def test_topics_kafka_auth_error_is_one_line_and_ret_kafka_auth(capsys, monkeypatch):
+    from consumer import topics
+    from consumer.errors import KafkaAuthError
+
+    async def refused(app, s):
+        raise KafkaAuthError("localhost:1: SASL authentication failed: bad password")
+
+    monkeypatch.setattr(topics, "inspect", refused)
+    code, _, err = run_cli(capsys, "topics", "handlers.app:app")
+    assert code == exitcodes.RET_KAFKA_AUTH
+    assert "SASL authentication failed" in one_line_error(err)
