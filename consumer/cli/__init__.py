@@ -41,6 +41,28 @@ needed without a terminal, 11 busy: a running batch held the row, nothing change
 """
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"dedup-consumer {version('dedup-consumer')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("dedup-consumer (not installed)")
+        raise typer.Exit(RET_OK)
+
+
+@cli.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="print the version"
+    ),
+) -> None:
+    """Kafka consumers whose handlers take effect exactly once."""
+
+
 # In the order ``consumer --help`` has always listed them.
 cli.command("migrate")(migrate.migrate)
 cli.command("run")(run.run)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from consumer import logs
-from consumer.cli.common import APP_ARG, fail, load
+from consumer.cli.common import APP_ARG, fail, load, log_level
 from consumer.cli.migrate import apply as apply_migrations
 from consumer.errors import ConfigError
 from consumer.exitcodes import RET_CONFIG, RET_ERROR, RET_OK, of_error
@@ -42,7 +42,7 @@ def run(
     """Apply migrations, then consume with N supervised worker processes until SIGTERM."""
     app = load(app_spec)
     json_lines = log_json or app.settings.log_json
-    logs.setup(json_lines)
+    logs.setup(json_lines, level=log_level(app.settings))
     apply_migrations(app)
     from consumer.supervisor import supervise
 
@@ -65,7 +65,7 @@ def worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: early.append(signum))
     app = load(app_spec)
-    logs.setup(log_json or app.settings.log_json, worker=worker_id)
+    logs.setup(log_json or app.settings.log_json, worker=worker_id, level=log_level(app.settings))
     raise typer.Exit(run_worker(app, worker_id, relay, supervisor_pid, early))
 
 
@@ -136,7 +136,7 @@ def relay(
 ) -> None:
     """Run the outbox relay alone in this process, until SIGTERM."""
     app = load(app_spec)
-    logs.setup(log_json or app.settings.log_json)
+    logs.setup(log_json or app.settings.log_json, level=log_level(app.settings))
     from consumer.outbox.relay import Relay
 
     async def main() -> None:

@@ -165,3 +165,19 @@ def test_topics_kafka_auth_error_is_one_line_and_ret_kafka_auth(capsys, monkeypa
     code, _, err = run_cli(capsys, "topics", "handlers.app:app")
     assert code == exitcodes.RET_KAFKA_AUTH
     assert "SASL authentication failed" in one_line_error(err)
+
+
+def test_version_prints_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == exitcodes.RET_OK
+    assert out.strip() == f"dedup-consumer {version('dedup-consumer')}"
+
+
+def test_log_level_setting_reaches_the_root_logger(monkeypatch):
+    from consumer.cli.common import log_level
+    from consumer.settings import Settings
+
+    monkeypatch.setenv("CONSUMER_LOG_LEVEL", "WARNING")
+    assert log_level(Settings()) == logging.WARNING
