@@ -38,9 +38,19 @@ def run(
     log_json: bool = typer.Option(
         False, "--log-json", help="log JSON lines (or CONSUMER_LOG_JSON)"
     ),
+    create_topics: bool = typer.Option(
+        True,
+        "--create-topics/--no-create-topics",
+        help="create the dlq/conflicts topics at start (or CONSUMER_TOPICS_CREATE)",
+    ),
 ) -> None:
     """Apply migrations, then consume with N supervised worker processes until SIGTERM."""
     app = load(app_spec)
+    if not create_topics:
+        # The workers are child processes that read CONSUMER_* themselves: the environment
+        # is how the option reaches them.
+        os.environ["CONSUMER_TOPICS_CREATE"] = "false"
+        app.settings = app.settings.model_copy(update={"topics_create": False})
     json_lines = log_json or app.settings.log_json
     logs.setup(json_lines, level=log_level(app.settings))
     apply_migrations(app)

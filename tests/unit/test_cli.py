@@ -181,3 +181,25 @@ def test_log_level_setting_reaches_the_root_logger(monkeypatch):
 
     monkeypatch.setenv("CONSUMER_LOG_LEVEL", "WARNING")
     assert log_level(Settings()) == logging.WARNING
+
+
+def test_run_no_create_topics_reaches_the_supervisor_and_the_workers_env(capsys, monkeypatch):
+    import os
+
+    from consumer import supervisor
+    from consumer.cli import run as run_cmd
+
+    seen = {}
+
+    def fake_supervise(app_spec, *, settings, **_kw):
+        seen["setting"] = settings.topics_create
+        seen["env"] = os.environ.get("CONSUMER_TOPICS_CREATE")
+        return exitcodes.RET_OK
+
+    monkeypatch.delenv("CONSUMER_TOPICS_CREATE", raising=False)
+    monkeypatch.setattr(supervisor, "supervise", fake_supervise)
+    monkeypatch.setattr(run_cmd, "apply_migrations", lambda app: [])
+    code, _, err = run_cli(capsys, "run", "handlers.app:app", "--no-create-topics")
+    os.environ.pop("CONSUMER_TOPICS_CREATE", None)  # the command set it for its children
+    assert code == exitcodes.RET_OK, err
+    assert seen == {"setting": False, "env": "false"}
