@@ -270,7 +270,9 @@ def supervise(
     if s.metrics_port:
         # Before any worker starts: they inherit PROMETHEUS_MULTIPROC_DIR (consumer/metrics.py).
         try:
-            endpoint = metrics.serve_workers(s.metrics_port, s.metrics_dir)
+            endpoint = metrics.serve_workers(
+                s.metrics_port, s.metrics_dir, stale_s=s.health_stale_s
+            )
         except OSError as exc:
             log.error("CONSUMER_METRICS_PORT=%d: cannot serve metrics: %s", s.metrics_port, exc)
             return RET_CONFIG

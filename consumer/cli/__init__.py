@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
         UsageError,
     )
 
-from consumer.cli import conflicts, migrate, positions, records, replay, run
+from consumer.cli import conflicts, migrate, positions, records, replay, run, topics
 from consumer.cli.run import run_worker
 from consumer.exitcodes import RET_CONFIG, RET_OK
 
@@ -35,11 +35,34 @@ HELP = """Kafka consumers whose handlers take effect exactly once.
 Exit codes: 0 ok, 1 unexpected error, 2 bad option or setting, 3 app not importable,
 4 service unreachable, 5 workers killed after the grace period, 6 worker failed,
 7 no such record, 8 declined, 9 an applied migration changed, 10 not confirmed: --yes
-needed without a terminal, 11 busy: a running batch held the row, nothing changed, retry
+needed without a terminal, 11 busy: a running batch held the row, nothing changed, retry,
+12 Kafka refused the login or its certificate, 13 a needed topic is missing
 (see docs/operations.md).
 """
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"dedup-consumer {version('dedup-consumer')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("dedup-consumer (not installed)")
+        raise typer.Exit(RET_OK)
+
+
+@cli.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="print the version"
+    ),
+) -> None:
+    """Kafka consumers whose handlers take effect exactly once."""
+
+
 # In the order ``consumer --help`` has always listed them.
 cli.command("migrate")(migrate.migrate)
 cli.command("run")(run.run)
@@ -50,6 +73,7 @@ cli.command("evict")(records.evict)
 cli.command("conflicts")(conflicts.conflicts)
 cli.command("replay")(replay.replay)
 cli.command("reset-positions")(positions.reset_positions)
+cli.command("topics")(topics.topics)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -8,6 +8,7 @@ failure a person can fix ends in one ``error: ...`` line on stderr and a named e
 
 from __future__ import annotations
 
+import logging
 import traceback
 from typing import TYPE_CHECKING, NoReturn
 
@@ -90,3 +91,16 @@ def console() -> Console:
     """A console for tables: piped into a file or grep, lines stay whole (hashes unbroken)."""
     probe = Console()
     return probe if probe.is_terminal else Console(width=200)
+
+
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+}
+
+
+def log_level(settings: Settings) -> int:
+    """The ``logging`` level CONSUMER_LOG_LEVEL names (what every ``logs.setup`` call gets)."""
+    return _LEVELS[settings.log_level]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from consumer import logs
-from consumer.cli.common import APP_ARG, dsn_host, fail, load, unreachable
+from consumer.cli.common import APP_ARG, dsn_host, fail, load, log_level, unreachable
 from consumer.errors import ConfigError, MigrationMismatch
 from consumer.exitcodes import RET_CONFIG, RET_MIGRATION
 
@@ -43,6 +43,7 @@ def apply(app: App) -> list[str]:
 
 def migrate(app_spec: str = APP_ARG) -> None:
     """Apply pending migrations (the framework's, then the app's) and exit."""
-    logs.setup()
-    applied = apply(load(app_spec))
+    app = load(app_spec)
+    logs.setup(level=log_level(app.settings))
+    applied = apply(app)
     typer.echo(f"applied {len(applied)} migration(s)" + "".join(f"\n  {a}" for a in applied))

@@ -40,11 +40,13 @@ async def _log_range(settings: Settings, topic: str) -> Ranges:
     """(log start, high watermark) of each partition of ``topic``; {} if it does not exist."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+    from consumer.kafka_config import client_options
+
     # read_uncommitted: the high watermark, the end the broker checks a fetch against.
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, isolation_level="read_uncommitted"
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    # client_options: TLS and SASL as the worker connects (a secured broker refuses plain).
+    options = client_options(settings)
+    consumer = AIOKafkaConsumer(**options, isolation_level="read_uncommitted")
+    producer = AIOKafkaProducer(**options)
     await consumer.start()
     try:
         await producer.start()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from consumer import logs
-from consumer.cli.common import APP_ARG, fail, load
+from consumer.cli.common import APP_ARG, fail, load, log_level
 from consumer.cli.migrate import apply as apply_migrations
 from consumer.errors import ConfigError
 from consumer.exitcodes import RET_CONFIG, RET_ERROR, RET_OK, of_error
@@ -38,11 +38,21 @@ def run(
     log_json: bool = typer.Option(
         False, "--log-json", help="log JSON lines (or CONSUMER_LOG_JSON)"
     ),
+    create_topics: bool = typer.Option(
+        True,
+        "--create-topics/--no-create-topics",
+        help="create the dlq/conflicts topics at start (or CONSUMER_TOPICS_CREATE)",
+    ),
 ) -> None:
     """Apply migrations, then consume with N supervised worker processes until SIGTERM."""
     app = load(app_spec)
+    if not create_topics:
+        # The workers are child processes that read CONSUMER_* themselves: the environment
+        # is how the option reaches them.
+        os.environ["CONSUMER_TOPICS_CREATE"] = "false"
+        app.settings = app.settings.model_copy(update={"topics_create": False})
     json_lines = log_json or app.settings.log_json
-    logs.setup(json_lines)
+    logs.setup(json_lines, level=log_level(app.settings))
     apply_migrations(app)
     from consumer.supervisor import supervise
 
@@ -65,7 +75,7 @@ def worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: early.append(signum))
     app = load(app_spec)
-    logs.setup(log_json or app.settings.log_json, worker=worker_id)
+    logs.setup(log_json or app.settings.log_json, worker=worker_id, level=log_level(app.settings))
     raise typer.Exit(run_worker(app, worker_id, relay, supervisor_pid, early))
 
 
@@ -136,7 +146,7 @@ def relay(
 ) -> None:
     """Run the outbox relay alone in this process, until SIGTERM."""
     app = load(app_spec)
-    logs.setup(log_json or app.settings.log_json)
+    logs.setup(log_json or app.settings.log_json, level=log_level(app.settings))
     from consumer.outbox.relay import Relay
 
     async def main() -> None:

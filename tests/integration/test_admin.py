@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer.constants import done_key
-from consumer.exitcodes import RET_ABORTED, RET_BUSY, RET_NOT_FOUND, RET_OK
+from consumer.exitcodes import RET_ABORTED, RET_BUSY, RET_NOT_FOUND, RET_OK, RET_TOPICS
 from scripts.toolkit import processes
 from tests.apps.counting import EFFECTS_DDL
 from tests.conftest import ROOT
@@ -150,3 +150,28 @@ async def test_evict_of_a_record_a_batch_holds_is_busy_and_changes_nothing(recor
     assert line.startswith("error: ") and "busy" in line and "nothing changed, retry" in line
     keys = await pg.fetch("SELECT key FROM dedup.inbox WHERE namespace = $1 ORDER BY key", ns)
     assert [row["key"] for row in keys] == ["k1", "k2"]
+
+
+async def test_topics_lists_checks_and_creates_the_apps_topics(settings, unique):
+    from tests.conftest import create_topics
+
+    source = f"tp-{unique}"
+    await create_topics(settings, [source], partitions=2)
+    env = {**os.environ, "COUNTING_TOPIC": source, "COUNTING_GROUP": f"gt-{unique}"}
+
+    before = cli(env, "topics", APP, "--check", "--json")
+    assert before.returncode == RET_TOPICS, before.stderr
+    rows = {r["topic"]: r for r in json.loads(before.stdout)}
+    assert rows[source]["role"] == "source" and rows[source]["partitions"] == 2
+    assert rows[f"{source}.dlq"]["exists"] is False
+    assert rows[f"{source}.conflicts"]["exists"] is False
+
+    made = cli(env, "topics", APP, "--create", "--json")
+    assert made.returncode == RET_OK, made.stderr
+    rows = {r["topic"]: r for r in json.loads(made.stdout)}
+    assert rows[f"{source}.dlq"] == {**rows[f"{source}.dlq"], "created": True, "partitions": 2}
+    assert rows[f"{source}.conflicts"]["created"] is True
+
+    after = cli(env, "topics", APP, "--check")  # the table, against the broker again
+    assert after.returncode == RET_OK, after.stderr
+    assert f"{source}.conflicts" in after.stdout and "MISSING" not in after.stdout

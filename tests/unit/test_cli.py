@@ -152,3 +152,54 @@ def test_json_log_lines_carry_the_worker_and_the_status_fields():
     line = json.loads(logs.JsonFormatter().format(record))
     assert (line["msg"], line["level"], line["worker"]) == ("w 1", "info", 1)
     assert line["status"] == {"applied": 3}
+
+
+def test_topics_kafka_auth_error_is_one_line_and_ret_kafka_auth(capsys, monkeypatch):
+    from consumer import topics
+    from consumer.errors import KafkaAuthError
+
+    async def refused(app, s):
+        raise KafkaAuthError("localhost:1: SASL authentication failed: bad password")
+
+    monkeypatch.setattr(topics, "inspect", refused)
+    code, _, err = run_cli(capsys, "topics", "handlers.app:app")
+    assert code == exitcodes.RET_KAFKA_AUTH
+    assert "SASL authentication failed" in one_line_error(err)
+
+
+def test_version_prints_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == exitcodes.RET_OK
+    assert out.strip() == f"dedup-consumer {version('dedup-consumer')}"
+
+
+def test_log_level_setting_reaches_the_root_logger(monkeypatch):
+    from consumer.cli.common import log_level
+    from consumer.settings import Settings
+
+    monkeypatch.setenv("CONSUMER_LOG_LEVEL", "WARNING")
+    assert log_level(Settings()) == logging.WARNING
+
+
+def test_run_no_create_topics_reaches_the_supervisor_and_the_workers_env(capsys, monkeypatch):
+    import os
+
+    from consumer import supervisor
+    from consumer.cli import run as run_cmd
+
+    seen = {}
+
+    def fake_supervise(app_spec, *, settings, **_kw):
+        seen["setting"] = settings.topics_create
+        seen["env"] = os.environ.get("CONSUMER_TOPICS_CREATE")
+        return exitcodes.RET_OK
+
+    monkeypatch.delenv("CONSUMER_TOPICS_CREATE", raising=False)
+    monkeypatch.setattr(supervisor, "supervise", fake_supervise)
+    monkeypatch.setattr(run_cmd, "apply_migrations", lambda app: [])
+    code, _, err = run_cli(capsys, "run", "handlers.app:app", "--no-create-topics")
+    os.environ.pop("CONSUMER_TOPICS_CREATE", None)  # the command set it for its children
+    assert code == exitcodes.RET_OK, err
+    assert seen == {"setting": False, "env": "false"}
