@@ -47,6 +47,7 @@ def _headers(raw: Any) -> dict[str, str]:
 def conflicts(
     app_spec: str = ADMIN_APP_ARG,
     limit: int = typer.Option(20, "--limit", "-n", min=1, max=10_000, help="rows to show"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON rows instead of a table"),
 ) -> None:
     """List the most recent conflicts (a key reused with a different payload), newest first.
 
@@ -55,18 +56,31 @@ def conflicts(
     app = load(app_spec)
     topics = [t + CONFLICT_SUFFIX for t in app.topics]
     rows = asyncio.run(_recent(app.settings, topics, limit))
+    found = [_row(row) for row in rows]
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
     table = Table(title=f"recent conflicts of {app.group} ({len(rows)})")
     for column in ("at (UTC)", "namespace", "key", "payload hash", "stored hash", "source", "sent"):
         table.add_column(column, overflow="fold")
-    for row in rows:
-        h = _headers(row["headers"])
+    for r in found:
         table.add_row(
-            row["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
-            h.get(HEADER_NAMESPACE, "-"),
-            h.get(HEADER_KEY, "-"),
-            h.get(HEADER_HASH, "-"),
-            h.get(HEADER_STORED_HASH, "-"),
-            h.get(HEADER_SOURCE, "-"),
-            "yes" if row["published_at"] else "pending",
+            r["at"][:19].replace("T", " "),
+            *(r[c] or "-" for c in ("namespace", "key", "payload_hash", "stored_hash", "source")),
+            "yes" if r["sent"] else "pending",
         )
     console().print(table)
+
+
+def _row(row: Any) -> dict[str, Any]:
+    """One conflict in its JSON form (the table shows the same fields)."""
+    h = _headers(row["headers"])
+    return {
+        "at": row["created_at"].isoformat(),
+        "namespace": h.get(HEADER_NAMESPACE),
+        "key": h.get(HEADER_KEY),
+        "payload_hash": h.get(HEADER_HASH),
+        "stored_hash": h.get(HEADER_STORED_HASH),
+        "source": h.get(HEADER_SOURCE),
+        "sent": row["published_at"] is not None,
+    }

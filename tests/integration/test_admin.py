@@ -111,6 +111,12 @@ async def test_conflicts_lists_the_reused_key_with_both_hashes(recorded, pg):
     assert ns in line and " k1 " in line
     assert f"{env['COUNTING_TOPIC']}/0/1" in line  # the conflicting record: offset 1
 
+    as_json = cli(env, "conflicts", APP, "--json")
+    assert as_json.returncode == RET_OK, as_json.stderr
+    (row,) = json.loads(as_json.stdout)
+    assert (row["namespace"], row["key"], row["stored_hash"]) == (ns, "k1", stored)
+    assert row["source"] == f"{env['COUNTING_TOPIC']}/0/1"
+
 
 async def test_evict_asks_then_forgets_the_key_everywhere(recorded, pg):
     env, ns = recorded
