@@ -65,6 +65,11 @@ class BatchTx(Protocol):
         """No statement on ``db`` failed (or could have) since :meth:`watch`."""
         ...
 
+    def touched(self) -> bool:
+        """Something was sent on ``db`` (or could have been) since :meth:`watch`: an
+        optimistic run that failed after that has writes no savepoint can undo."""
+        ...
+
     async def rollback_savepoint(self) -> None:
         """Undo everything since :meth:`savepoint`: a failed or retried handler call.
         Raises TransactionEnded if the handler ended the transaction itself."""
@@ -106,11 +111,12 @@ class _Watched:
     Every query goes through :func:`consumer.db.guard.check` first.
     """
 
-    __slots__ = ("_conn", "clean", "first_error")
+    __slots__ = ("_conn", "clean", "first_error", "used")
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
         self.clean = True
+        self.used = False  # a statement was sent (or may have been) since the last watch
         # The first statement error since the savepoint: what a later "current transaction
         # is aborted" (25P02) really means, for classifying the message's failure.
         self.first_error: BaseException | None = None
@@ -125,6 +131,7 @@ class _Watched:
 
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
         guard.check(query)
+        self.used = True
         try:
             result: str = await self._conn.execute(query, *args, **kwargs)
             return result
@@ -134,6 +141,7 @@ class _Watched:
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
         guard.check(query)
+        self.used = True
         try:
             rows: list[Any] = await self._conn.fetch(query, *args, **kwargs)
             return rows
@@ -143,6 +151,7 @@ class _Watched:
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
         guard.check(query)
+        self.used = True
         try:
             return await self._conn.fetchrow(query, *args, **kwargs)
         except BaseException as exc:
@@ -151,6 +160,7 @@ class _Watched:
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
         guard.check(query)
+        self.used = True
         try:
             return await self._conn.fetchval(query, *args, **kwargs)
         except BaseException as exc:
@@ -161,6 +171,7 @@ class _Watched:
         # Followed like execute(): set-based handlers use it, and an unfollowed call would
         # make every optimistic run of theirs fall back (runtime/invoke.py).
         guard.check(query)
+        self.used = True
         try:
             await self._conn.executemany(query, args, **kwargs)
         except BaseException as exc:
@@ -168,7 +179,7 @@ class _Watched:
             raise
 
     def __getattr__(self, name: str) -> Any:
-        self.clean = False
+        self.clean, self.used = False, True  # not followed: it may have sent anything
         attr = getattr(self._conn, name)
         if name not in _QUERY_METHODS:
             return attr
@@ -226,10 +237,13 @@ class PgTx:
 
     def watch(self) -> None:
         if isinstance(self.db, _Watched):
-            self.db.clean, self.db.first_error = True, None
+            self.db.clean, self.db.first_error, self.db.used = True, None, False
 
     def clean(self) -> bool:
         return not isinstance(self.db, _Watched) or self.db.clean
+
+    def touched(self) -> bool:
+        return not isinstance(self.db, _Watched) or self.db.used
 
     async def savepoint(self) -> None:
         if isinstance(self.db, _Watched):

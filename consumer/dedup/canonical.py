@@ -65,6 +65,22 @@ def _number(value: int | float | Decimal) -> str:
     return ("-" if sign else "") + kept + "e" + str(exponent + len(text) - len(kept))
 
 
+# Ints below this take :func:`_small_int`: their decimal text is short and cheap to make.
+_SMALL = 10**18
+
+
+def _small_int(value: int) -> str:
+    """:func:`_number` of an int, without Decimal: its digits, trailing zeros as exponent."""
+    if value == 0:
+        return "0"
+    digits = str(value)
+    sign = ""
+    if value < 0:
+        sign, digits = "-", digits[1:]
+    kept = digits.rstrip("0")
+    return sign + kept + "e" + str(len(digits) - len(kept))
+
+
 # What json.dumps(ensure_ascii=False) escapes: the quote, the backslash, controls below 0x20.
 _ESCAPED = re.compile(r'["\\\x00-\x1f]')
 
@@ -115,31 +131,65 @@ def encode_model(model: BaseModel, exclude: Set[str] = frozenset()) -> str:
     return _model(model, exclude)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Field:
+    """What the form needs of one model field, worked out once per model class."""
+
+    name: str
+    text: str  # the name as the form spells it
+    literal: bool
+    info: FieldInfo
+
+
+# The fields of each model class, in declaration order. Only the per-message work of reading
+# them again is saved: the form (and every digest) is what the loop below always built.
+_PLANS: dict[type[BaseModel], tuple[_Field, ...]] = {}
+
+
+def _plan(cls: type[BaseModel]) -> tuple[_Field, ...]:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = tuple(
+            _Field(name, _text(name), _is_literal(info), info)
+            for name, info in cls.model_fields.items()
+        )
+        _PLANS[cls] = plan
+    return plan
+
+
 def _model(model: BaseModel, exclude: Set[str] = frozenset(), tag: str = "") -> str:
     parts: list[tuple[str, str]] = []
     fields_set = model.model_fields_set
-    for name, info in type(model).model_fields.items():
+    for f in _plan(type(model)):
+        name = f.name
         if name in exclude:
             continue
-        if name not in fields_set and not _is_literal(info):
+        if not f.literal and name not in fields_set:
             # Its value came from the schema (a default, a factory: uuid4, now), not from
             # the payload: a random default must not make every copy a conflict.
             continue
         value = _encode(getattr(model, name))
-        default = _encoded_default(model, name, info)
+        default = _encoded_default(model, name, f.info)
         if default is not None and default == value:
             continue
-        parts.append((_text(name), value))
+        parts.append((f.text, value))
     for name, raw in (model.__pydantic_extra__ or {}).items():
         if name not in exclude:
             # Marked apart from fields: with an alias, {"amt": 5, "amount": 7} holds field
             # amount=5 and extra amount=7, and must not read as {"amt": 7, "amount": 5}.
             parts.append(("+" + _text(name), _encode(raw)))
     parts.sort()
-    return "m" + tag + "{" + ",".join(f"{k}:{v}" for k, v in parts) + "}"
+    return "m" + tag + "{" + ",".join([k + ":" + v for k, v in parts]) + "}"
 
 
 def _encode(obj: Any) -> str:
+    # The exact types most payloads are made of first: for them the checks below could only
+    # end in the same branch (an exact str is no Enum, an exact int no bool).
+    kind = type(obj)
+    if kind is str:
+        return _text(obj)
+    if kind is int and -_SMALL < obj < _SMALL:
+        return _small_int(obj)
     # Two halves only to keep each readable; the order of the checks is the canonical form's
     # (bool before int, Enum before its value's type, ...) and must not change.
     scalar = _scalar(obj)

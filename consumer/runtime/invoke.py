@@ -80,41 +80,10 @@ async def run_handler(
     :class:`Fallback` (the batch is rolled back and run again with savepoints)."""
     started = time.monotonic()
     with tracing.handling(msg, group, handler, ident, settings.hash_keys_in_logs) as span:
-        if optimistic:
-            run = await _optimistic(tx, handler, ident, msg, attempt, settings, probe)
-        else:
-            run = await _call(tx, handler, ident, msg, attempt, settings, probe)
+        run = await _call(tx, handler, ident, msg, attempt, settings, probe, optimistic)
         span.finish(run.status, run.reason)
         run.trace = span.headers()
     run.elapsed_s = time.monotonic() - started
-    return run
-
-
-async def _optimistic(
-    tx: BatchTx,
-    handler: Handler[Any, Any],
-    ident: Identity,
-    msg: Message,
-    attempt: int,
-    settings: Settings,
-    probe: Probe,
-) -> Run:
-    ctx = Context(tx.db, ident.namespace, ident.key, msg, ident.hash, attempt)
-    timeout_s = handler.timeout_s or settings.handler_timeout_s
-    tx.watch()  # a statement error the handler swallows is seen, as with a savepoint
-    try:
-        await probe.point("mid_handler")
-        value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
-        run = _finished(msg, ident, value, ctx)
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is None or task.cancelling():
-            raise
-        raise Fallback("the handler raised CancelledError") from None
-    except Exception as exc:
-        raise Fallback(f"{type(exc).__name__}") from exc
-    if not tx.clean():
-        raise Fallback("a statement of the handler failed")
     return run
 
 
@@ -139,6 +108,30 @@ def _finished(msg: Message, ident: Identity, value: Any, ctx: Context) -> Run:
     return Run("done", result=result, outgoing=outgoing, result_json=result_json)
 
 
+async def _begin(tx: BatchTx, optimistic: bool) -> None:
+    if optimistic:
+        tx.watch()  # a statement error the handler swallows is seen, as with a savepoint
+    else:
+        await tx.savepoint()
+
+
+async def _keep(tx: BatchTx, optimistic: bool) -> None:
+    if not optimistic:
+        await tx.release_savepoint()
+    elif not tx.clean():
+        raise Fallback("a statement of the handler failed")
+
+
+async def _undo(tx: BatchTx, optimistic: bool, why: str) -> None:
+    """Undo a call that did not end well. Optimistic, there is no savepoint: a call that sent
+    nothing on ``ctx.db`` left nothing to undo (its publishes are dropped with its context),
+    any other makes the whole batch run again with savepoints (:class:`Fallback`)."""
+    if not optimistic:
+        await tx.rollback_savepoint()
+    elif tx.touched():
+        raise Fallback(why)
+
+
 async def _call(
     tx: BatchTx,
     handler: Handler[Any, Any],
@@ -147,23 +140,28 @@ async def _call(
     attempt: int,
     settings: Settings,
     probe: Probe,
+    optimistic: bool,
 ) -> Run:
+    """The call, in its savepoint or (``optimistic``) watched without one; anything the
+    optimistic run cannot undo raises :class:`Fallback` (runtime/batch.py)."""
     ctx = Context(tx.db, ident.namespace, ident.key, msg, ident.hash, attempt)
     timeout_s = handler.timeout_s or settings.handler_timeout_s
-    await tx.savepoint()
+    await _begin(tx, optimistic)
     try:
         await probe.point("mid_handler")
         value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
         run = _finished(msg, ident, value, ctx)
-        await tx.release_savepoint()
+        await _keep(tx, optimistic)
+    except Fallback:
+        raise
     except storable.Unstorable as exc:
         # Definite, and not the handler's doing to retry: the same code returns the same
         # value. Dead-lettered at once as unstorable, nothing recorded (the key stays free
         # for a fixed handler and a replay).
-        await tx.rollback_savepoint()
+        await _undo(tx, optimistic, "unstorable result")
         return Run("failed", reason=storable.reason_text(str(exc)), dead_reason="unstorable")
     except Reject as exc:
-        await tx.rollback_savepoint()
+        await _undo(tx, optimistic, "Reject")
         # A subclass may skip Reject.__init__ or reassign .reason: made text again here, as
         # a TypeError in this branch would fail the whole batch on every redelivery.
         return Run("rejected", reason=storable.reason_text(getattr(exc, "reason", exc)))
@@ -172,11 +170,11 @@ async def _call(
         if task is None or task.cancelling():
             raise  # the worker is being stopped: not the message's failure
         # The handler raised CancelledError itself: its error, not a reason to stop the worker.
-        await tx.rollback_savepoint()
+        await _undo(tx, optimistic, "the handler raised CancelledError")
         error = RuntimeError("the handler raised CancelledError")
         return _classify(error, handler, attempt, settings)
     except Exception as exc:
-        await tx.rollback_savepoint()
+        await _undo(tx, optimistic, type(exc).__name__)
         return _classify(_cause(exc, tx), handler, attempt, settings)
     return run
 

@@ -90,6 +90,9 @@ class MemoryTx:
     def clean(self) -> bool:
         return True
 
+    def touched(self) -> bool:
+        return True  # never optimistic: the question does not arise
+
     async def savepoint(self) -> None:
         self._savepoint = self.state.copy()
 

@@ -59,7 +59,14 @@ def parse(argv: list[str]) -> runner.Config:
         action="store_true",
         help="small run: 20,000 records, 1 repeat, 5,000 naive, 6 s of latency load",
     )
-    p.add_argument("--profile", action="store_true", help="profile one framework leg only")
+    p.add_argument(
+        "--profile",
+        nargs="?",
+        const="framework",
+        default="",
+        choices=["framework", "framework_batch"],
+        help="profile one leg of this path only (default: framework)",
+    )
     p.add_argument(
         "--experiment",
         default="",

@@ -40,7 +40,7 @@ class Config:
     latency_s: float = 15.0
     latency_rate: float | None = None
     only: tuple[str, ...] = ()  # leg keys to run; empty = all
-    profile: bool = False
+    profile: str = ""  # a framework path to profile alone, or ""
     keep_topics: bool = False
     write_doc: bool = True
     experiment: str = ""  # see worker._experiment
@@ -136,7 +136,7 @@ async def run(cfg: Config, say: Any) -> Results:
         )
         say(f"    {data.total:,} records, {len(data.expected()):,} distinct keys; logs {log_dir}")
         if cfg.profile:
-            await _profile(env, data, res)
+            await _profile(env, data, res, cfg.profile)
             return res
         res.legs = plan(cfg)
         total = len(res.legs) * cfg.repeats
@@ -222,9 +222,9 @@ async def _latency_path(
             await legs.forget_redis_keys(env.redis_url, env.run_id)
 
 
-async def _profile(env: Env, data: Dataset, res: Results) -> None:
+async def _profile(env: Env, data: Dataset, res: Results, path: str) -> None:
     """One framework leg under pyinstrument; the report goes to the run's log folder."""
-    leg = Leg("framework", "framework, 1 worker (profiled)", "framework")
+    leg = Leg(path, f"{path}, 1 worker (profiled)", path)
     res.legs = [leg]
     res.profile_path = env.log_dir / "profile.txt"
     env.say(f"[profile] {leg.label}")

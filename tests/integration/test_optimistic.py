@@ -104,3 +104,49 @@ async def test_after_a_fallback_the_partition_stays_on_savepoints_for_a_while(en
     # Guarded: the reject ran once, no second fallback.
     assert processor.fallbacks == 1 and calls.count(f"reject-{unique}-2") == 1
     assert processor.guarded[(topic, 0)] == cooldown - 1
+
+
+@pytest.mark.parametrize("bad", ["early-reject", "early-retry"])
+async def test_a_failure_before_any_statement_needs_no_fallback(env, pg, unique, bad):
+    """A handler that fails before sending anything on ctx.db left nothing a savepoint would
+    undo: its outcome is taken as is, and the handlers before it are not run again."""
+    from consumer import Retry
+
+    calls: list[str] = []
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def pay(p: Pay, ctx: Context) -> str:
+        calls.append(p.id)
+        if p.id.startswith("early-reject"):
+            ctx.publish("never-published", {"id": p.id})  # dropped with the failed call
+            raise Reject("checked before writing")
+        if p.id.startswith("early-retry"):
+            raise Retry("the gateway is down", delay_s=0.01)
+        await ctx.db.execute("INSERT INTO test_optimistic (k, v) VALUES ($1, $2)", p.id, "x")
+        return "ok"
+
+    processor = direct_processor(app, env)
+    keys = [f"ok-{unique}-a", f"{bad}-{unique}", f"ok-{unique}-b"]
+    result = await processor.process(
+        [record(env["topic"], i, {"id": k}) for i, k in enumerate(keys)]
+    )
+    assert processor.fallbacks == 0
+    rows = await inbox(pg, f"{env['group']}.pay")
+    if bad == "early-reject":
+        applied, rejected = Outcome.APPLIED, Outcome.REJECTED
+        assert [h.outcome for h in result.handled] == [applied, rejected, applied]
+        assert calls == keys and rows[keys[1]]["status"] == "rejected"
+        published = await pg.fetchval(
+            "SELECT count(*) FROM dedup.outbox WHERE topic = 'never-published'"
+            " AND idempotency_key LIKE $1",
+            f"%{unique}%",
+        )
+        assert published == 0
+    else:
+        # Transient: the batch stops at it, nothing recorded for it, the first one committed.
+        assert [h.outcome for h in result.handled] == [Outcome.APPLIED]
+        assert result.retry_offset == 1 and keys[1] not in rows
+        assert calls == keys[:2]
+    effects = {keys[0]: 1, **({keys[2]: 1} if bad == "early-reject" else {})}
+    assert await _effects(pg, keys) == effects

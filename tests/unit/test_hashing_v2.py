@@ -355,3 +355,35 @@ def test_the_text_fast_path_is_exactly_json_dumps():
     same()
     for s in ['a"b', "a\\b", "x\ny", "\x00", "\x1f", "\x7f", "\u2028", "é€😀", "\ud800"]:
         assert _text(s) == json.dumps(s, ensure_ascii=False)
+
+
+def test_the_int_fast_path_is_exactly_the_decimal_form():
+    """canonical._small_int skips Decimal for ints below 10**18: the same text as _number,
+    and ints past the bound still take _number."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from consumer.dedup.canonical import _SMALL, _encode, _number, _small_int
+
+    @given(st.integers(min_value=-_SMALL + 1, max_value=_SMALL - 1))
+    def same(n: int) -> None:
+        assert _small_int(n) == _number(n)
+
+    same()
+    for n in [0, 1, -1, 10, -10, 1200, 10**17, -(10**17), _SMALL - 1, _SMALL, -_SMALL, 10**40]:
+        assert _encode(n) == _number(n)
+
+
+def test_the_form_of_a_typical_payload_is_pinned():
+    """The canonical form of a payments payload, spelled out: a faster encoder must give
+    these exact bytes, or every stored record's hash would stop matching its copies."""
+    from consumer.dedup.canonical import encode_model
+    from schemas.payments import PaymentRequested
+
+    p = PaymentRequested(
+        payment_id="p-1", account="acc", cents=-12300, memo='he "hi"', trace_id="t"
+    )
+    assert encode_model(p, {"sent_at", "trace_id"}) == (
+        'm{"account":"acc","cents":-123e2,"currency":"EUR","memo":"he \\"hi\\"",'
+        '"payment_id":"p-1","schema_version":1e0}'
+    )
