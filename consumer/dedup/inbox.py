@@ -139,14 +139,17 @@ def evict(namespace: str, key: str) -> Query:
 
 
 def expire(older_than_s: int, limit: int) -> Query:
-    # Small batches through the completed_at index: short transactions, no long locks.
-    # SKIP LOCKED: several relays run retention at once without queueing on the same rows.
-    # Pending rows (completed_at NULL) are never candidates.
+    # Small batches through the first_seen_at index: short transactions, no long locks.
+    # (Not completed_at: no index may cover a column the completion changes, or it would
+    # not be a HOT update; a record is claimed and completed in one transaction, migration
+    # 0005.) SKIP LOCKED: several relays run retention at once without queueing on the same
+    # rows. Pending rows are never candidates.
     return (
         """
         DELETE FROM dedup.inbox WHERE ctid = ANY(ARRAY(
             SELECT ctid FROM dedup.inbox
-            WHERE completed_at < now() - make_interval(secs => $1)
+            WHERE first_seen_at < now() - make_interval(secs => $1)
+              AND status <> 'pending'
             LIMIT $2
             FOR UPDATE SKIP LOCKED))
         """,
