@@ -13,7 +13,10 @@ own trace headers pass through unchanged.
 
 from __future__ import annotations
 
+import os
+
 from opentelemetry import propagate, trace
+from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 
 from consumer.constants import TRACEPARENT
 from consumer.message import Message
@@ -34,9 +37,23 @@ def provider() -> trace.TracerProvider | None:
     return _provider
 
 
+# Asked for every message (twice): ``trace.get_tracer_provider()`` reads os.environ each time
+# until a provider is set, which was a visible part of the batch path's profile (issue 15).
+# So the global is read directly, and the environment once; an OpenTelemetry without that
+# global (a future release) takes the public call.
+_MISSING = object()
+_PROVIDER_FROM_ENV = OTEL_PYTHON_TRACER_PROVIDER in os.environ
+
+
 def enabled() -> bool:
     """True once a real tracer provider is installed: spans are then recorded."""
-    current = _provider or trace.get_tracer_provider()
+    current: object = _provider
+    if current is None:
+        current = getattr(trace, "_TRACER_PROVIDER", _MISSING)
+        if current is None and not _PROVIDER_FROM_ENV:
+            return False
+        if current is None or current is _MISSING:
+            current = trace.get_tracer_provider()
     return not isinstance(current, _NOT_INSTALLED)
 
 

@@ -135,7 +135,8 @@ class BatchProcessor:
             result = await self._route(items, leaders, busy)
         finally:
             for ident, fut in mine.items():
-                fut.set_result(None)
+                if not fut.done():
+                    fut.set_result(None)
                 del self.inflight[ident]
         result.duration_s = time.monotonic() - started
         for h_ in result.handled:
@@ -157,11 +158,13 @@ class BatchProcessor:
             await asyncio.wait(others, timeout=remaining)
         mine: dict[Ident, asyncio.Future[None]] = {}
         busy: set[Ident] = set()
+        # One future for all of this batch's keys: they are decided by one commit.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for ident in leaders:
             if ident in self.inflight:
                 busy.add(ident)
             else:
-                mine[ident] = self.inflight[ident] = asyncio.get_running_loop().create_future()
+                mine[ident] = self.inflight[ident] = done
         return mine, busy
 
     async def _route(

@@ -92,7 +92,7 @@ def test_get_evict_expire():
     assert args == ["ns", "k"] and text.startswith("DELETE FROM dedup.inbox")
     text, args = q = inbox.expire(3600, 100)
     _placeholders_match(q)
-    assert "completed_at < now()" in _flat(text)
+    assert "first_seen_at < now()" in _flat(text) and "status <> 'pending'" in text
     assert "LIMIT $2" in text
     assert args == [3600.0, 100]
 
