@@ -3,10 +3,11 @@
 | Python | Avro |
 |---|---|
 | ``str`` / ``int`` / ``float`` / ``bool`` / ``bytes`` | string / long / double / boolean / bytes |
-| ``Decimal`` (``Field(max_digits=, decimal_places=)``) | bytes, logical type decimal (precision defaults to 38) |
+| ``Decimal`` (``Field(max_digits=, decimal_places=)``) | bytes, decimal (precision 38 if unset) |
 | ``datetime`` | long, timestamp-micros (read back in UTC) |
 | ``date`` / ``UUID`` | int, date / string, uuid |
-| ``Enum`` of text values that are Avro names | enum, symbols = the values; other enums: their values' type |
+| ``Enum`` of text values that are Avro names | enum, symbols = the values |
+| any other ``Enum`` | the type of its values |
 | ``Literal[...]`` | the values' type |
 | ``T | None``, ``A | B`` | union (``null`` first, default null when the field defaults to None) |
 | ``list[T]``, ``tuple[T, ...]``, ``set[T]`` / ``dict[str, T]`` | array / map |

@@ -200,9 +200,7 @@ def activate(codecs: Codecs) -> None:
         _ACTIVE.set(codecs)
 
 
-def encode_for(
-    content_type: str, value: object, model: type[BaseModel] | None = None
-) -> bytes:
+def encode_for(content_type: str, value: object, model: type[BaseModel] | None = None) -> bytes:
     """``value`` (a model or JSON-compatible data) encoded as ``content_type`` by the active
     registry: what ``ctx.publish`` and replies call. ValueError for an unknown type."""
     return _ACTIVE.get().encode(content_type, value, model)

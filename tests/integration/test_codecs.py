@@ -67,7 +67,9 @@ async def test_avro_and_protobuf_topics_apply_good_records_and_dead_letter_garba
             avro_dead = await read_topic(settings, avro_topic + ".dlq", expect=2)
             proto_dead = await read_topic(settings, proto_topic + ".dlq", expect=1)
             out = await read_topic(settings, out_topic, expect=2)
-        rows = await pg.fetch("SELECT k, total FROM test_codecs_effects WHERE k LIKE $1", f"%{unique}")
+        rows = await pg.fetch(
+            "SELECT k, total FROM test_codecs_effects WHERE k LIKE $1", f"%{unique}"
+        )
         assert sorted((r[0], r[1]) for r in rows) == sorted(
             (f"{k}-{unique}", Decimal("1.25")) for k in ("a0", "a3", "p0", "p2")
         )

@@ -69,7 +69,12 @@ def test_the_mapper_covers_the_common_types():
         "boolean",
         "bytes",
     ]
-    assert f["d"]["type"] == {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 3}
+    assert f["d"]["type"] == {
+        "type": "bytes",
+        "logicalType": "decimal",
+        "precision": 10,
+        "scale": 3,
+    }
     assert f["amt"]["type"]["scale"] == 2 and f["amt"]["type"]["precision"] == 38  # the alias
     assert f["ts"]["type"] == {"type": "long", "logicalType": "timestamp-micros"}
     assert f["day"]["type"] == {"type": "int", "logicalType": "date"}
