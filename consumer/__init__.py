@@ -16,6 +16,7 @@ The public face of the package; everything else is internal::
 
 from consumer.app import App
 from consumer.batch_handler import BatchContext, BatchHandler, Item
+from consumer.codecs.registry import Codec
 from consumer.context import Context, Database
 from consumer.errors import (
     BadKey,
@@ -43,6 +44,7 @@ __all__ = [
     "BadKey",
     "BatchContext",
     "BatchHandler",
+    "Codec",
     "ConfigError",
     "ConsumerError",
     "Context",

@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 from pydantic import BaseModel
 
 from consumer.batch_handler import BatchFn, BatchHandler, as_batch_handler
+from consumer.codecs.registry import Codec, Codecs
 from consumer.context import Context
 from consumer.errors import ConfigError
 from consumer.handler import Handler, OnError, make_handler
@@ -55,6 +56,8 @@ class App:
         self.migrations = _migration_sets(group, migrations)
         self.handlers: list[Handler[Any, Any]] = []
         self._by_topic: dict[str, Handler[Any, Any]] = {}
+        # Content type -> codec: msgpack and JSON, plus what ``codec()`` registers.
+        self.codecs = Codecs()
 
     @property
     def given_settings(self) -> Settings | None:
@@ -70,6 +73,15 @@ class App:
     @settings.setter
     def settings(self, value: Settings) -> None:
         self._settings = value
+
+    def codec(self, content_type: str, codec: Codec) -> None:
+        """Decode records whose ``content-type`` is ``content_type`` with ``codec``, and encode
+        with it for ``ctx.publish(content_type=...)`` (docs/codecs.md). Parameters and case
+        of the content type do not matter; registering one again replaces its codec."""
+        try:
+            self.codecs.register(content_type, codec)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"app.codec({content_type!r}, ...): {exc}") from None
 
     def handler(
         self,

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from consumer import keys
-from consumer.constants import CONTENT_JSON, CONTENT_MSGPACK, HEADER_CONTENT_TYPE
+from consumer.constants import CONTENT_MSGPACK, HEADER_CONTENT_TYPE
 from consumer.message import Message
 
 
@@ -74,19 +74,18 @@ class Context:
         headers: Mapping[str, str] | None = None,
         content_type: str = CONTENT_MSGPACK,
     ) -> None:
-        """Publish ``payload`` to ``topic`` through the outbox (committed with this message)."""
-        from consumer.codec import encode
+        """Publish ``payload`` to ``topic`` through the outbox (committed with this message).
+
+        ``content_type`` picks the codec among the app's (msgpack, JSON, and those
+        ``app.codec`` registered); a schema codec (Avro, Protobuf) needs ``payload`` to be a
+        model. An unknown content type raises ValueError, the handler's error."""
+        from consumer.codecs.registry import encode_for
         from consumer.storable import valid_topic
 
         if not valid_topic(topic):
             raise ValueError(f"not a valid Kafka topic name: {topic!r}")
-        if content_type not in (CONTENT_MSGPACK, CONTENT_JSON):
-            raise ValueError(f"content_type must be {CONTENT_MSGPACK!r} or {CONTENT_JSON!r}")
+        value = encode_for(content_type, payload)
         raw_key = key.encode() if isinstance(key, str) else key
         hdrs = dict(headers or {})
         hdrs[HEADER_CONTENT_TYPE] = content_type
-        self.outgoing.append(
-            Outgoing(
-                topic, raw_key, encode(to_jsonable(payload), content_type), tuple(hdrs.items())
-            )
-        )
+        self.outgoing.append(Outgoing(topic, raw_key, value, tuple(hdrs.items())))

@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from consumer import codec, keys
+from consumer import keys
+from consumer.codecs.registry import DEFAULT, Codecs
 from consumer.constants import CONTENT_MSGPACK, HEADER_CONTENT_TYPE, MAX_KEY_BYTES
 from consumer.dedup.hashing import HASH_VERSION, HASH_VERSIONS, payload_hash
 from consumer.errors import BadKey, DecodeError, MissingKey, SchemaError
@@ -92,10 +93,12 @@ def validate(
     *,
     exact: bool = True,
     default_type: str = CONTENT_MSGPACK,
+    codecs: Codecs = DEFAULT,
 ) -> BaseModel:
-    """Decode (``default_type`` when the record has no content-type) and validate."""
+    """Decode by ``codecs`` (``default_type`` when the record has no content-type) and
+    validate. The codec is given the schema: Avro and Protobuf decode by it."""
     ctype = msg.header_str(HEADER_CONTENT_TYPE) or default_type
-    data = codec.decode(msg.value, ctype, exact=exact)
+    data = codecs.decode(msg.value, ctype, handler.schema, exact=exact)
     try:
         model: BaseModel = handler.schema.model_validate(data)
         return model
@@ -132,41 +135,47 @@ def identify(
     msg: Message,
     tenant_header: str = "tenant",
     default_type: str = CONTENT_MSGPACK,
+    codecs: Codecs = DEFAULT,
 ) -> Identity:
     """Decode, validate and derive identity, or raise InvalidMessage with its reason.
 
     ``default_type``: the content type of a record without the header
-    (CONSUMER_DEFAULT_CONTENT_TYPE)."""
-    payload = validate(handler, msg, default_type=default_type)
+    (CONSUMER_DEFAULT_CONTENT_TYPE); ``codecs``: the app's registry (consumer/codecs/).
+    The hash is the validated model's, whichever codec decoded it."""
+    payload = validate(handler, msg, default_type=default_type, codecs=codecs)
     key = key_of(handler, msg, payload)
     ns = namespace_of(handler, msg, tenant_header)
     try:
         digest = payload_hash(payload, handler.hash_exclude)
     except UnicodeEncodeError:
         raise DecodeError("payload holds text that is not valid Unicode (lone surrogate)") from None
-    return Identity(ns, key, digest, payload, _older_digests(handler, msg, default_type))
+    return Identity(ns, key, digest, payload, _older_digests(handler, msg, default_type, codecs))
 
 
 def _older_digests(
-    handler: Handler[Any, Any], msg: Message, default_type: str
+    handler: Handler[Any, Any], msg: Message, default_type: str, codecs: Codecs
 ) -> Callable[[int], str | None]:
     cache: dict[int, str | None] = {}
 
     def older(version: int) -> str | None:
         if version not in cache:
-            cache[version] = _digest_v1(handler, msg, default_type) if version == 1 else None
+            cache[version] = (
+                _digest_v1(handler, msg, default_type, codecs) if version == 1 else None
+            )
         return cache[version]
 
     return older
 
 
-def _digest_v1(handler: Handler[Any, Any], msg: Message, default_type: str) -> str | None:
+def _digest_v1(
+    handler: Handler[Any, Any], msg: Message, default_type: str, codecs: Codecs
+) -> str | None:
     # Exactly as version 1 made it: JSON numbers read as floats, then model_dump. Called
     # inside the batch transaction: anything it raises would fail the batch on every
     # redelivery. A copy version 1 cannot hash (decimal.Overflow, a serialiser that raises)
     # was never recorded by it, so it is not the recorded payload: None, a conflict.
     try:
-        payload = validate(handler, msg, exact=False, default_type=default_type)
+        payload = validate(handler, msg, exact=False, default_type=default_type, codecs=codecs)
         return payload_hash(payload, handler.hash_exclude, version=1)
     except Exception:
         return None

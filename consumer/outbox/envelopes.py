@@ -16,7 +16,8 @@ from typing import Any
 import msgpack
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from consumer import codec, keys, propagation, storable
+from consumer import keys, propagation, storable
+from consumer.codecs.registry import encode_for
 from consumer.constants import (
     CONFLICT_SUFFIX,
     CONTENT_MSGPACK,
@@ -102,14 +103,16 @@ def reply(
     status: str,
     body: Any,
     trace: Trace | None = None,
+    content_type: str = CONTENT_MSGPACK,
 ) -> OutboxRow:
     """The answer to a request; a duplicate request gets the same row (same idempotency key).
 
     ``trace``: the handling span's headers when the answer comes from a handler call.
+    ``content_type``: the codec (consumer/codecs/) the body is encoded with.
     """
     ik = keys.reply_key(namespace, key)
     headers = (
-        (HEADER_CONTENT_TYPE, CONTENT_MSGPACK),
+        (HEADER_CONTENT_TYPE, content_type),
         (HEADER_IDEMPOTENCY_KEY, ik),
         (HEADER_OUTCOME, status),
         (HEADER_NAMESPACE, namespace),
@@ -117,7 +120,7 @@ def reply(
         (HEADER_SOURCE, msg.source),
         *_trace(msg, trace),
     )
-    return OutboxRow(reply_to, key.encode(), codec.encode(body), headers, ik)
+    return OutboxRow(reply_to, key.encode(), encode_for(content_type, body), headers, ik)
 
 
 # The headers dead_letter() adds; consumer/replay.py removes them to send the original again.

@@ -1,7 +1,9 @@
 """A record of a batch as the protocol sees it: its handler, and its identity or its error.
 
-:func:`parse` decodes, validates and derives ``(namespace, key, hash)`` once per record; what
-cannot be identified carries the error its dead letter will name. Never raises for a record.
+:func:`parse` decodes (by the app's codecs), validates and derives ``(namespace, key, hash)``
+once per record; what cannot be identified carries the error its dead letter will name. Never
+raises for a record. It also makes the app's codecs the active registry of the task that
+processes the batch, which ``ctx.publish`` and replies encode with (consumer/codecs/).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from consumer.codecs.registry import Codecs, activate
 from consumer.dedup.identity import Identity, identify
 from consumer.errors import DecodeError, InvalidMessage
 from consumer.handler import Handler
@@ -22,6 +25,7 @@ class Handlers(Protocol):
     """The part of an app the protocol needs: its group and which handler takes a topic."""
 
     group: str
+    codecs: Codecs
 
     @property
     def topics(self) -> list[str]: ...
@@ -39,13 +43,16 @@ class Item:
 
 def parse(msg: Message, handlers: Handlers, tenant_header: str, default_content_type: str) -> Item:
     """The item of ``msg``: identified, or carrying why it cannot be."""
+    codecs = handlers.codecs
+    activate(codecs)  # a no-op after the first record of the task
     handler = handlers.handler_for(msg.topic)
     if msg.undecodable:  # the Kafka client could not parse it: its raw bytes, dead
         return Item(msg, handler, error=DecodeError(msg.undecodable))
     if handler is None:
         return Item(msg, None, error=InvalidMessage(f"no handler for topic {msg.topic}"))
     try:
-        return Item(msg, handler, ident=identify(handler, msg, tenant_header, default_content_type))
+        ident = identify(handler, msg, tenant_header, default_content_type, codecs)
+        return Item(msg, handler, ident=ident)
     except InvalidMessage as exc:
         return Item(msg, handler, error=exc)
     except Exception as exc:

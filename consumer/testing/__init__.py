@@ -24,7 +24,8 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel
 
 from consumer import codec
-from consumer.constants import HEADER_CONTENT_TYPE
+from consumer.codecs.registry import Codecs
+from consumer.constants import CONTENT_MSGPACK, HEADER_CONTENT_TYPE
 from consumer.message import Message
 from consumer.testing.database import DatabaseRequired
 from consumer.testing.harness import TestApp
@@ -38,9 +39,15 @@ M = TypeVar("M", bound=BaseModel)
 @overload
 def payload(message: Message) -> Any: ...
 @overload
-def payload(message: Message, schema: type[M]) -> M: ...
-def payload(message: Message, schema: type[M] | None = None) -> Any:
-    """Decode a message's value by its content-type; validate it with ``schema`` if given."""
+def payload(message: Message, schema: type[M], *, codecs: Codecs | None = None) -> M: ...
+def payload(
+    message: Message, schema: type[M] | None = None, *, codecs: Codecs | None = None
+) -> Any:
+    """Decode a message's value by its content-type; validate it with ``schema`` if given.
+    ``codecs`` (``app.codecs``) decodes content types the app registered, by ``schema``."""
+    if codecs is not None and schema is not None:
+        ctype = message.header_str(HEADER_CONTENT_TYPE) or CONTENT_MSGPACK
+        return schema.model_validate(codecs.decode(message.value, ctype, schema))
     data = codec.decode(message.value, message.header_str(HEADER_CONTENT_TYPE))
     return data if schema is None else schema.model_validate(data)
 

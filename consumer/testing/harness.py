@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from consumer import codec, keys
 from consumer.app import App
+from consumer.codecs.registry import Codecs, JsonCodec, MsgpackCodec
 from consumer.constants import (
     CONFLICT_SUFFIX,
     CONTENT_JSON,
@@ -91,9 +92,14 @@ class _Faults(Probe):
         await self.harness._at(name)
 
 
-def _encode(payload: BaseModel | Mapping[str, Any] | list[Any] | bytes, content_type: str) -> bytes:
+def _encode(
+    payload: BaseModel | Mapping[str, Any] | list[Any] | bytes, content_type: str, codecs: Codecs
+) -> bytes:
     if isinstance(payload, bytes):
         return payload
+    chosen = codecs.get(content_type)
+    if chosen is not None and not isinstance(chosen, MsgpackCodec | JsonCodec):
+        return codecs.encode(content_type, payload)  # a codec the app registered (Avro ...)
     if isinstance(payload, BaseModel):
         return codec.encode(as_sent(payload, content_type == CONTENT_JSON), content_type)
     return codec.encode(dict(payload) if isinstance(payload, Mapping) else payload, content_type)
@@ -214,7 +220,7 @@ class TestApp:
         ]
         if content_type and not any(n.lower() == HEADER_CONTENT_TYPE for n, _ in raw_headers):
             raw_headers.append((HEADER_CONTENT_TYPE, content_type.encode()))
-        value = _encode(payload, content_type or CONTENT_MSGPACK)
+        value = _encode(payload, content_type or CONTENT_MSGPACK, self.app.codecs)
         raw_key = key.encode() if isinstance(key, str) else key
         async with self._lock:
             await self.start()
@@ -239,7 +245,10 @@ class TestApp:
             await self.start()
             msgs = [
                 self.kafka.append(
-                    topic, _encode(p, content_type), headers=headers, partition=partition
+                    topic,
+                    _encode(p, content_type, self.app.codecs),
+                    headers=headers,
+                    partition=partition,
                 )
                 for p in payloads
             ]

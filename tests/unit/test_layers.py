@@ -68,7 +68,13 @@ TOP = (
     "consumer.testing.faulty",  # an entry point: the CLI with test faults installed
 )
 # Imported by every layer, so they import (at most) the base themselves.
-SHARED = ("consumer.types", "consumer.observers", "consumer.probe", "consumer.propagation")
+SHARED = (
+    "consumer.types",
+    "consumer.observers",
+    "consumer.probe",
+    "consumer.propagation",
+    "consumer.codecs",  # the codec registry: decoding (dedup/), publish (context), replies
+)
 # Being replaced by consumer/probe.py: a hook passed in, not a module reached for.
 FAULTS = ("consumer.faults",)
 

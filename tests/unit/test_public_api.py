@@ -15,6 +15,7 @@ EXPECTED = {
     "BadKey",
     "BatchContext",
     "BatchHandler",
+    "Codec",  # what app.codec() takes (docs/codecs.md)
     "ConfigError",
     "ConsumerError",
     "Context",

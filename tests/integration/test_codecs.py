@@ -1,0 +1,101 @@
+"""Avro and Protobuf topics against the real broker and PostgreSQL: good records applied,
+garbage and an unknown content type dead-lettered as ``undecodable`` with the partition moving
+on, and ``ctx.publish(content_type="application/avro")`` encoded by the app's codec."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from consumer import App, Context
+from consumer.codecs.avro import AvroCodec
+from consumer.codecs.protobuf import ProtobufCodec
+from tests.conftest import app_settings, header_map, read_topic, running
+from tests.integration.dedup_support import cleanup, send, wait_offset
+from tests.unit.codec_models import Order
+from tests.unit.protos import payments_pb2
+
+pytestmark = pytest.mark.integration
+
+EFFECTS = "CREATE TABLE IF NOT EXISTS test_codecs_effects (k text NOT NULL, total numeric)"
+AVRO, PROTO = "application/avro", "application/x-protobuf"
+
+
+async def test_avro_and_protobuf_topics_apply_good_records_and_dead_letter_garbage(
+    settings, topics, producer, pg, unique
+):
+    avro_topic = await topics("codec-avro", partitions=1, extra=("codec-out",))
+    proto_topic = await topics("codec-proto", partitions=1)
+    out_topic = f"codec-out-{unique}"
+    group = f"g-{unique}"
+    await pg.execute(EFFECTS)
+    avro = AvroCodec()
+    app = App(group, settings=app_settings(settings, relay_enabled=True))
+    app.codec(AVRO, avro)
+    app.codec(PROTO, ProtobufCodec({Order: payments_pb2.Order}))
+
+    @app.handler(avro_topic, schema=Order, key=lambda o: o.order_id, name="avro-orders")
+    async def from_avro(o: Order, ctx: Context) -> None:
+        await ctx.db.execute("INSERT INTO test_codecs_effects VALUES ($1, $2)", o.order_id, o.total)
+        ctx.publish(out_topic, o.model_copy(update={"qty": o.qty * 10}), content_type=AVRO)
+
+    @app.handler(proto_topic, schema=Order, key=lambda o: o.order_id, name="proto-orders")
+    async def from_proto(o: Order, ctx: Context) -> None:
+        await ctx.db.execute("INSERT INTO test_codecs_effects VALUES ($1, $2)", o.order_id, o.total)
+
+    def order(name: str) -> Order:
+        return Order(order_id=f"{name}-{unique}", qty=2, total=Decimal("1.25"))
+
+    ct_avro = {"content-type": b"application/avro"}
+    ct_proto = {"content-type": b"application/x-protobuf; proto=dedup_test.Order"}
+    try:
+        await send(producer, avro_topic, value=avro.encode(order("a0"), Order), headers=ct_avro)
+        await send(producer, avro_topic, value=b"\x0a\x01garbage", headers=ct_avro)  # offset 1
+        await send(
+            producer, avro_topic, value=b"a,b", headers={"content-type": b"text/csv"}
+        )  # offset 2
+        await send(producer, avro_topic, value=avro.encode(order("a3"), Order), headers=ct_avro)
+        pb = payments_pb2.Order(order_id=f"p0-{unique}", qty=2, total="1.25")
+        await send(producer, proto_topic, value=pb.SerializeToString(), headers=ct_proto)
+        await send(producer, proto_topic, value=b"\x07\xff\xff", headers=ct_proto)  # offset 1
+        pb.order_id = f"p2-{unique}"
+        await send(producer, proto_topic, value=pb.SerializeToString(), headers=ct_proto)
+        async with running(app):
+            await wait_offset(pg, group, avro_topic, 0, 4)
+            await wait_offset(pg, group, proto_topic, 0, 3)
+            avro_dead = await read_topic(settings, avro_topic + ".dlq", expect=2)
+            proto_dead = await read_topic(settings, proto_topic + ".dlq", expect=1)
+            out = await read_topic(settings, out_topic, expect=2)
+        rows = await pg.fetch(
+            "SELECT k, total FROM test_codecs_effects WHERE k LIKE $1", f"%{unique}"
+        )
+        assert sorted((r[0], r[1]) for r in rows) == sorted(
+            (f"{k}-{unique}", Decimal("1.25")) for k in ("a0", "a3", "p0", "p2")
+        )
+        details = {header_map(d)["x-source"]: header_map(d) for d in avro_dead + proto_dead}
+        assert {s: h["x-reason"] for s, h in details.items()} == {
+            f"{avro_topic}/0/1": "undecodable",
+            f"{avro_topic}/0/2": "undecodable",
+            f"{proto_topic}/0/1": "undecodable",
+        }
+        assert details[f"{avro_topic}/0/1"]["x-detail"].startswith("not valid application/avro")
+        assert details[f"{avro_topic}/0/2"]["x-detail"].startswith(
+            "unknown content type: content-type 'text/csv'"
+        )
+        assert details[f"{proto_topic}/0/1"]["x-detail"].startswith(
+            "not valid application/x-protobuf"
+        )
+        # The dead letters carry the original bytes.
+        assert sorted(d.value for d in avro_dead) == [b"\x0a\x01garbage", b"a,b"]
+        assert proto_dead[0].value == b"\x07\xff\xff"
+        # Published as Avro by the app's codec, with its content type.
+        assert {header_map(r)["content-type"] for r in out} == {AVRO}
+        published = [Order.model_validate(avro.decode(r.value, Order)) for r in out]
+        assert sorted((o.order_id, o.qty) for o in published) == [
+            (f"a0-{unique}", 20),
+            (f"a3-{unique}", 20),
+        ]
+    finally:
+        await pg.execute("DELETE FROM test_codecs_effects WHERE k LIKE $1", f"%{unique}")
+        await cleanup(pg, unique)
