@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import asyncpg
 
 from consumer.context import Database
-from consumer.db import guard, offsets
+from consumer.db import flush, guard, offsets
+from consumer.db.flush import Position
 from consumer.dedup import inbox
 from consumer.dedup.inbox import Claim, Completion, InboxRecord
 from consumer.errors import TransactionEnded
@@ -97,6 +98,18 @@ class BatchTx(Protocol):
         self, group: str, topic: str, partition: int, next_offset: int
     ) -> None:
         """Move the stored position forward to ``next_offset`` (never backwards)."""
+        ...
+
+    async def write(
+        self,
+        completions: Sequence[Completion],
+        unclaim: Sequence[Ident],
+        rows: Sequence[OutboxRow],
+        position: Position | None,
+    ) -> None:
+        """``complete``, ``unclaim``, ``outbox`` and ``advance_offset`` (``position``: group,
+        topic, partition, next offset; None to leave it) as one step: on PostgreSQL one
+        statement (consumer/db/flush.py)."""
         ...
 
 
@@ -290,3 +303,14 @@ class PgTx:
         self, group: str, topic: str, partition: int, next_offset: int
     ) -> None:
         await self._exec(offsets.advance(group, topic, partition, next_offset))
+
+    async def write(
+        self,
+        completions: Sequence[Completion],
+        unclaim: Sequence[Ident],
+        rows: Sequence[OutboxRow],
+        position: Position | None,
+    ) -> None:
+        q = flush.statement(completions, unclaim, rows, position)
+        if q is not None:
+            await self.conn.fetchrow(q[0], *q[1])

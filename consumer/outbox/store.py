@@ -49,20 +49,16 @@ def shard_of(topic: str, key: bytes | None) -> int:
     return zlib.crc32(topic.encode() + b"\x00" + (key or b"")) % OUTBOX_SHARDS
 
 
-def insert(rows: Sequence[OutboxRow]) -> Query:
-    # One statement for the whole batch. ORDER BY t.n makes the bigserial ids follow the order
-    # the handler published in. The NOTIFY is delivered only if the transaction commits.
+def insert_rows(rows: Sequence[OutboxRow]) -> Query:
+    """The INSERT alone (no NOTIFY): ORDER BY t.n makes the bigserial ids follow the order
+    the handler published in. consumer/db/flush.py embeds it in the batch's one statement."""
     return (
-        f"""
-        WITH ins AS (
+        """
             INSERT INTO dedup.outbox (topic, key, value, headers, shard, idempotency_key)
             SELECT t.topic, t.key, t.value, t.headers::jsonb, t.shard, t.ik
             FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::text[], $5::int[], $6::text[])
                  WITH ORDINALITY AS t(topic, key, value, headers, shard, ik, n)
             ORDER BY t.n
-            RETURNING 1
-        )
-        SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM (SELECT count(*) FROM ins) c
         """,
         [
             [r.topic for r in rows],
@@ -72,6 +68,19 @@ def insert(rows: Sequence[OutboxRow]) -> Query:
             [r.shard for r in rows],
             [r.idempotency_key for r in rows],
         ],
+    )
+
+
+# Wakes the relay (consumer/outbox/wakeup.py); delivered only if the transaction commits.
+NOTIFY = f"pg_notify('{NOTIFY_CHANNEL}', '')"
+
+
+def insert(rows: Sequence[OutboxRow]) -> Query:
+    # One statement for the whole batch, and the NOTIFY with it.
+    text, args = insert_rows(rows)
+    return (
+        f"WITH ins AS ({text} RETURNING 1) SELECT {NOTIFY} FROM (SELECT count(*) FROM ins) c",
+        args,
     )
 
 

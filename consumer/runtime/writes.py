@@ -3,8 +3,8 @@
 The arms of the transaction (runtime/transaction.py) never write as they go: they append
 completions, outbox rows (dead letters, conflicts, replies, handlers' messages), done markers
 and handled outcomes here, and set where the partition stops. :meth:`Writes.flush` then issues
-the batch's shared statements in a fixed order (complete, unclaim, outbox, stored position),
-so what a batch commits can be read off one object (docs/design.md, "Decide, then write").
+the batch's shared writes (complete, unclaim, outbox, stored position) as one statement on
+PostgreSQL (consumer/db/flush.py), so what a batch commits can be read off one object (docs/design.md, "Decide, then write").
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ class Writes:
     async def flush(
         self, tx: BatchTx, group: str, topic: str, partition: int, stored: int, unclaim: list[Ident]
     ) -> None:
-        """The shared statements, in order. ``unclaim``: claimed rows no run decided."""
-        await tx.complete(self.completions)
-        await tx.unclaim(unclaim)
-        await tx.outbox(self.rows)
+        """The shared statements (one on PostgreSQL). ``unclaim``: claimed rows no run
+        decided."""
+        position = None
         if self.next_offset is not None and self.next_offset > stored:
-            await tx.advance_offset(group, topic, partition, self.next_offset)
+            position = (group, topic, partition, self.next_offset)
+        await tx.write(self.completions, unclaim, self.rows, position)
+        if position is not None:
             self.result.next_offset = self.next_offset

@@ -22,8 +22,9 @@ from consumer.db import migrate, offsets
 from consumer.db.pool import _init as init_connection
 from consumer.db.tx import BatchTx, PgTx
 from consumer.dedup import inbox
-from consumer.dedup.inbox import InboxRecord
+from consumer.dedup.inbox import Completion, InboxRecord
 from consumer.outbox.store import OutboxRow
+from consumer.types import Ident
 
 
 class DatabaseRequired(BaseException):
@@ -116,6 +117,16 @@ class _RecordingPgTx(PgTx):
 
     async def outbox(self, rows: Sequence[OutboxRow]) -> None:
         await super().outbox(rows)
+        self.rows.extend(rows)
+
+    async def write(
+        self,
+        completions: Sequence[Completion],
+        unclaim: Sequence[Ident],
+        rows: Sequence[OutboxRow],
+        position: tuple[str, str, int, int] | None,
+    ) -> None:
+        await super().write(completions, unclaim, rows, position)
         self.rows.extend(rows)
 
 

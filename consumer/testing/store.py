@@ -136,6 +136,19 @@ class MemoryTx:
         if self.state.offsets.get(pos, -1) < next_offset:
             self.state.offsets[pos] = next_offset
 
+    async def write(
+        self,
+        completions: Sequence[Completion],
+        unclaim: Sequence[Ident],
+        rows: Sequence[OutboxRow],
+        position: tuple[str, str, int, int] | None,
+    ) -> None:
+        await self.complete(completions)
+        await self.unclaim(unclaim)
+        await self.outbox(rows)
+        if position is not None:
+            await self.advance_offset(*position)
+
 
 class MemoryStore:
     """The committed state, and transactions on it. The harness's database when it has none."""

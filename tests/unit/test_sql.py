@@ -165,3 +165,24 @@ def test_relay_bookkeeping_queries():
     assert "published_at IS NOT NULL" in text
     assert args == [60.0, 10]
     _placeholders_match(store.backlog())
+
+
+def test_the_batch_end_is_one_statement_with_every_part_numbered_apart():
+    from consumer.db import flush
+    from consumer.outbox.store import OutboxRow
+
+    done = [Completion("ns", "a", "done", '{"n": 1}', None)]
+    rows = [OutboxRow("t", b"k", b"v", (("h", "1"),), "ik")]
+    assert flush.statement([], [], [], None) is None
+    full = flush.statement(done, [("ns", "b")], rows, ("g", "t", 0, 7))
+    assert full is not None
+    _placeholders_match(full)
+    text = _flat(full[0])
+    for part in ("completed AS (", "unclaimed AS (", "written AS (", "advanced AS ("):
+        assert part in text
+    assert "pg_notify" in text and full[1][-1] == 7
+    # Without outbox rows there is nothing to wake the relay for; parts left out entirely.
+    only = flush.statement(done, [], [], ("g", "t", 0, 7))
+    assert only is not None
+    _placeholders_match(only)
+    assert "pg_notify" not in only[0] and "written" not in only[0]
