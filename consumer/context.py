@@ -75,18 +75,30 @@ class Context:
         content_type: str = CONTENT_MSGPACK,
     ) -> None:
         """Publish ``payload`` to ``topic`` through the outbox (committed with this message)."""
-        from consumer.codec import encode
-        from consumer.storable import valid_topic
-
-        if not valid_topic(topic):
-            raise ValueError(f"not a valid Kafka topic name: {topic!r}")
-        if content_type not in (CONTENT_MSGPACK, CONTENT_JSON):
-            raise ValueError(f"content_type must be {CONTENT_MSGPACK!r} or {CONTENT_JSON!r}")
-        raw_key = key.encode() if isinstance(key, str) else key
-        hdrs = dict(headers or {})
-        hdrs[HEADER_CONTENT_TYPE] = content_type
         self.outgoing.append(
-            Outgoing(
-                topic, raw_key, encode(to_jsonable(payload), content_type), tuple(hdrs.items())
-            )
+            outgoing(topic, payload, key=key, headers=headers, content_type=content_type)
         )
+
+
+def outgoing(
+    topic: str,
+    payload: BaseModel | Mapping[str, Any],
+    *,
+    key: str | bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = CONTENT_MSGPACK,
+) -> Outgoing:
+    """One message to publish, checked and encoded: what ``ctx.publish`` and
+    :class:`consumer.Outbox` both build, so a handler's event and a web endpoint's carry the
+    same bytes for the same payload. Raises ValueError for a bad topic or content type."""
+    from consumer.codec import encode
+    from consumer.storable import valid_topic
+
+    if not valid_topic(topic):
+        raise ValueError(f"not a valid Kafka topic name: {topic!r}")
+    if content_type not in (CONTENT_MSGPACK, CONTENT_JSON):
+        raise ValueError(f"content_type must be {CONTENT_MSGPACK!r} or {CONTENT_JSON!r}")
+    raw_key = key.encode() if isinstance(key, str) else key
+    hdrs = dict(headers or {})
+    hdrs[HEADER_CONTENT_TYPE] = content_type
+    return Outgoing(topic, raw_key, encode(to_jsonable(payload), content_type), tuple(hdrs.items()))
