@@ -28,6 +28,8 @@ EXPECTED = {
     "Message",
     "MigrationMismatch",
     "MissingKey",
+    "Outbox",
+    "OutboxError",
     "Outcome",
     "Reject",
     "Retry",
