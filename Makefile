@@ -11,7 +11,7 @@ SERVICES := scripts/services.sh
 LINT_PATHS := consumer handlers schemas tests scripts
 TYPED_PATHS := consumer handlers schemas
 
-.PHONY: help install services services-down services-status migrate lint typecheck test bench demo chaos clean \
+.PHONY: help install services services-down services-status migrate lint typecheck test bench demo orders-demo chaos clean \
 	test-containers compose-demo containers-images
 
 help: ## list the targets
@@ -71,6 +71,10 @@ DEMO_SERVICES ?= services
 DEMO_ENV ?= ./.env
 demo: install $(DEMO_SERVICES) ## the payments service under duplicates, conflicts and a crash, audited
 	set -a; . $(DEMO_ENV); set +a; $(BIN)/python -m scripts.demo $(ARGS)
+
+# Options in ARGS, e.g. `make orders-demo ARGS="--count 1000 --ports 25800-25899"`.
+orders-demo: install services ## HTTP + outbox example: orders posted, relay killed, audited
+	set -a; . ./.env; set +a; $(BIN)/python -m scripts.orders_demo $(ARGS)
 
 # Its own Kafka/Redis/PostgreSQL (.services/chaos, ports 29092/26379/25432), started, faulted
 # and stopped by the run itself: the shared services are never touched. Options in ARGS,

@@ -12,6 +12,12 @@ The public face of the package; everything else is internal::
     @app.batch_handler("payments.bulk", schema=PaymentRequested, key=lambda p: p.payment_id)
     async def settle_many(batch: list[Item[PaymentRequested]], ctx: BatchContext) -> list[Receipt]:
         ...
+
+Outside a handler (a web endpoint), :class:`Outbox` writes an event in your own transaction::
+
+    async with conn.transaction():
+        await conn.execute("INSERT INTO orders ...")
+        await Outbox(conn, source="orders-api").publish("order.created", event, key=order_id)
 """
 
 from consumer.app import App
@@ -36,6 +42,7 @@ from consumer.errors import (
 )
 from consumer.handler import Handler
 from consumer.message import Message
+from consumer.outbox.writer import Outbox, OutboxError
 from consumer.runtime.outcomes import Outcome
 from consumer.settings import Settings, load_settings
 
@@ -58,6 +65,8 @@ __all__ = [
     "Message",
     "MigrationMismatch",
     "MissingKey",
+    "Outbox",
+    "OutboxError",
     "Outcome",
     "Reject",
     "Retry",

@@ -79,13 +79,29 @@ class Context:
         ``content_type`` picks the codec among the app's (msgpack, JSON, and those
         ``app.codec`` registered); a schema codec (Avro, Protobuf) needs ``payload`` to be a
         model. An unknown content type raises ValueError, the handler's error."""
-        from consumer.codecs.registry import encode_for
-        from consumer.storable import valid_topic
+        self.outgoing.append(
+            outgoing(topic, payload, key=key, headers=headers, content_type=content_type)
+        )
 
-        if not valid_topic(topic):
-            raise ValueError(f"not a valid Kafka topic name: {topic!r}")
-        value = encode_for(content_type, payload)
-        raw_key = key.encode() if isinstance(key, str) else key
-        hdrs = dict(headers or {})
-        hdrs[HEADER_CONTENT_TYPE] = content_type
-        self.outgoing.append(Outgoing(topic, raw_key, value, tuple(hdrs.items())))
+
+def outgoing(
+    topic: str,
+    payload: BaseModel | Mapping[str, Any],
+    *,
+    key: str | bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = CONTENT_MSGPACK,
+) -> Outgoing:
+    """One message to publish, checked and encoded: what ``ctx.publish`` and
+    :class:`consumer.Outbox` both build, so a handler's event and a web endpoint's carry the
+    same bytes for the same payload. Raises ValueError for a bad topic or content type."""
+    from consumer.codecs.registry import encode_for
+    from consumer.storable import valid_topic
+
+    if not valid_topic(topic):
+        raise ValueError(f"not a valid Kafka topic name: {topic!r}")
+    value = encode_for(content_type, payload)  # the active registry's codec (consumer/codecs/)
+    raw_key = key.encode() if isinstance(key, str) else key
+    hdrs = dict(headers or {})
+    hdrs[HEADER_CONTENT_TYPE] = content_type
+    return Outgoing(topic, raw_key, value, tuple(hdrs.items()))

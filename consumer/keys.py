@@ -85,6 +85,15 @@ def published_key(ns: str, key: str, index: int) -> str:
     return join(ns, key, str(index))
 
 
+def written_key(source: str, key: str) -> str:
+    """The ``idempotency-key`` of a row :class:`consumer.Outbox` writes: ``<source>:<key>``.
+
+    Two parts, where a handler's published key has three (``<ns>:<key>:<index>``) and a
+    reply's starts with the reserved ``reply``, so no written key equals a derived one.
+    """
+    return join(source, key)
+
+
 def reply_key(ns: str, key: str) -> str:
     """The ``idempotency-key`` of the reply to a request: ``reply:<ns>:<key>``.
 

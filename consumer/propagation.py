@@ -69,14 +69,19 @@ def passthrough(msg: Message) -> list[tuple[str, str]]:
     return out
 
 
+def current() -> list[tuple[str, str]]:
+    """Trace headers of the current span, for a row written outside a handling (an HTTP
+    request's span, say); none when nothing is recorded."""
+    if enabled() and trace.get_current_span().get_span_context().is_valid:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return list(carrier.items())
+    return []
+
+
 def outgoing(msg: Message) -> list[tuple[str, str]]:
     """Trace headers for a row written now on behalf of ``msg``.
 
     The current span's context when one is recorded (the handling span), else ``msg``'s own.
     """
-    if enabled() and trace.get_current_span().get_span_context().is_valid:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        if carrier:
-            return list(carrier.items())
-    return passthrough(msg)
+    return current() or passthrough(msg)

@@ -68,31 +68,47 @@ def _original_headers(msg: Message) -> list[tuple[str, str]]:
 _DERIVED = {HEADER_IDEMPOTENCY_KEY, HEADER_SOURCE, *_PASS_THROUGH}
 
 
+def _stamped(item: Outgoing, ik: str, source: str, trace: Trace) -> OutboxRow:
+    """``item`` as a row: its own headers minus the derived ones, then the derived ones.
+
+    Shared by handler output and :class:`consumer.Outbox` rows, so both carry one envelope.
+    """
+    if not all(storable.text_ok(n) and storable.text_ok(v) for n, v in item.headers):
+        # For a handler: raised while its savepoint is open, so it is the handler's error (a
+        # bounded retry, then a dead letter) and not a batch that can never commit.
+        raise ValueError(
+            f"a header of the message to {item.topic!r} contains NUL or a lone surrogate"
+        )
+    derived = _DERIVED | {name.lower() for name, _ in trace}
+    headers = [
+        *[(n, v) for n, v in item.headers if n.lower() not in derived],
+        (HEADER_IDEMPOTENCY_KEY, ik),
+        (HEADER_SOURCE, source),
+        *trace,
+    ]
+    return OutboxRow(item.topic, item.key, item.value, tuple(headers), ik)
+
+
 def published(msg: Message, namespace: str, key: str, items: list[Outgoing]) -> list[OutboxRow]:
     """Rows for what a handler published; the index makes each key unique within one handling.
 
     A retried handler runs again from scratch, so the same (namespace, key, index) names the
     same message every time it is produced; consumer/keys.py makes the name unambiguous.
     """
-    rows = []
     trace = propagation.outgoing(msg)  # written inside the handling span: that span's context
-    derived = _DERIVED | {name.lower() for name, _ in trace}
-    for index, item in enumerate(items):
-        if not all(storable.text_ok(n) and storable.text_ok(v) for n, v in item.headers):
-            # Raised while the handler's savepoint is open, so it is the handler's error (a
-            # bounded retry, then a dead letter) and not a batch that can never commit.
-            raise ValueError(
-                f"a header of the message to {item.topic!r} contains NUL or a lone surrogate"
-            )
-        ik = keys.published_key(namespace, key, index)
-        headers = [
-            *[(n, v) for n, v in item.headers if n.lower() not in derived],
-            (HEADER_IDEMPOTENCY_KEY, ik),
-            (HEADER_SOURCE, msg.source),
-            *trace,
-        ]
-        rows.append(OutboxRow(item.topic, item.key, item.value, tuple(headers), ik))
-    return rows
+    return [
+        _stamped(item, keys.published_key(namespace, key, index), msg.source, trace)
+        for index, item in enumerate(items)
+    ]
+
+
+def written(source: str, key: str, item: Outgoing) -> OutboxRow:
+    """A row written by application code in its own transaction (:class:`consumer.Outbox`).
+
+    ``idempotency-key`` is ``<source>:<key>`` (consumer/keys.py), ``x-source`` the source
+    name, and the trace headers those of the current span if one is recorded.
+    """
+    return _stamped(item, keys.written_key(source, key), source, propagation.current())
 
 
 def reply(

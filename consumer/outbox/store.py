@@ -1,4 +1,5 @@
-"""SQL for ``dedup.outbox``. Rows are written only inside a batch transaction.
+"""SQL for ``dedup.outbox``. Rows are written only inside a transaction: a batch's, or the
+caller's own (consumer/outbox/writer.py).
 
 A row's ``shard`` is a stable hash of (topic, key). The relay owns a shard through an advisory
 lock held for its transaction and publishes the shard's rows in id order, which keeps per-key

@@ -4,7 +4,8 @@ The arms of the transaction (runtime/transaction.py) never write as they go: the
 completions, outbox rows (dead letters, conflicts, replies, handlers' messages), done markers
 and handled outcomes here, and set where the partition stops. :meth:`Writes.flush` then issues
 the batch's shared writes (complete, unclaim, outbox, stored position) as one statement on
-PostgreSQL (consumer/db/flush.py), so what a batch commits can be read off one object (docs/design.md, "Decide, then write").
+PostgreSQL (consumer/db/flush.py), so what a batch commits can be read off one object
+(docs/design.md, "Decide, then write").
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ EXPECTED = {
     "Message",
     "MigrationMismatch",
     "MissingKey",
+    "Outbox",
+    "OutboxError",
     "Outcome",
     "Reject",
     "Retry",
