@@ -256,3 +256,34 @@ async def test_topics_lists_checks_and_creates_the_apps_topics(settings, unique)
     after = cli(env, "topics", APP, "--check")  # the table, against the broker again
     assert after.returncode == RET_OK, after.stderr
     assert f"{source}.conflicts" in after.stdout and "MISSING" not in after.stdout
+
+
+async def test_worker_no_create_topics_leaves_the_framework_topics_to_the_operator(
+    settings, unique, tmp_path
+):
+    """``consumer worker --no-create-topics`` (as ``run`` has it): the worker starts, warns
+    once that the dlq and conflicts topics are missing, and creates neither."""
+    from tests.conftest import create_topics
+
+    source = f"tn-{unique}"
+    await create_topics(settings, [source], partitions=1)
+    env = {**os.environ, "COUNTING_TOPIC": source, "COUNTING_GROUP": f"gn-{unique}"}
+    env.pop("CONSUMER_TOPICS_CREATE", None)  # the default: create
+    log_path = tmp_path / "worker.log"
+    argv = processes.consumer_argv("worker", APP, "--no-relay", "--no-create-topics")
+    worker = processes.spawn(argv, env, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while "topics missing (rows to them wait in the outbox)" not in log_path.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == RET_OK, log_path.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert f"{source}.dlq, {source}.conflicts" in log_path.read_text()
+    after = cli(env, "topics", APP, "--json")
+    rows = {r["topic"]: r["exists"] for r in json.loads(after.stdout)}
+    assert rows == {source: True, f"{source}.dlq": False, f"{source}.conflicts": False}
