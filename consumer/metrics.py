@@ -73,7 +73,7 @@ class _Metrics:
         self.messages = Counter(
             "consumer_messages_total",
             "Consumed records by handler and outcome "
-            "(applied, duplicate, conflict, rejected, invalid, skipped, retried).",
+            "(applied, duplicate, conflict, rejected, failed, invalid, skipped, retried).",
             ["handler", "outcome"],
         )
         self.handler_duration = Histogram(

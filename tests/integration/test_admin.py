@@ -67,6 +67,10 @@ async def recorded(settings, topics, producer, pg, unique, tmp_path):
     return env, f"{env['COUNTING_GROUP']}.count"
 
 
+def _text(path: Path) -> str:
+    return path.read_text()
+
+
 async def _consume_to(env: dict[str, str], pg, offset: int, log_path: Path) -> None:
     """Run a worker until the group's stored position is ``offset``, then drain it."""
     worker = _spawn_worker(env, log_path)
@@ -78,7 +82,7 @@ async def _consume_to(env: dict[str, str], pg, offset: int, log_path: Path) -> N
             )
             != offset
         ):
-            assert time.monotonic() < deadline, log_path.read_text()
+            assert time.monotonic() < deadline, _text(log_path)
             await asyncio.sleep(0.1)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == RET_OK
