@@ -142,6 +142,50 @@ class _Collect(logging.Filter):
         return True
 
 
+_NOT_FOUND = "Topic %s not found in cluster metadata"  # aiokafka/cluster.py, at ERROR
+QUIET_INTERVAL_S = 300.0
+
+
+class _MissingTopicLines(logging.Filter):
+    """Lets aiokafka's "Topic X not found in cluster metadata" through once per topic per
+    QUIET_INTERVAL_S, with the count of the ones held back. aiokafka logs it on every
+    metadata refresh for every topic a client has asked about (1,520 lines in 15 s in
+    issue 16); the framework says it itself: the worker refuses to start without its source
+    topics (consumer/topics.py), the relay counts and warns about the rows waiting for a
+    missing destination (consumer/outbox/topics.py, ``report_missing``)."""
+
+    def __init__(self, interval_s: float = QUIET_INTERVAL_S) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._until: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _NOT_FOUND or not isinstance(record.args, tuple) or not record.args:
+            return True
+        topic, now = str(record.args[0]), record.created
+        if now < self._until.get(topic, 0.0):
+            self._held[topic] = self._held.get(topic, 0) + 1
+            return False
+        if len(self._until) > 10_000:  # bounded: topics named by requesters' reply-to
+            self._until.clear()
+        self._until[topic] = now + self.interval_s
+        held = self._held.pop(topic, 0)
+        if held:
+            record.msg = f"{_NOT_FOUND} (and {held} more such lines held back)"
+        return True
+
+
+_quiet = _MissingTopicLines()
+
+
+def quiet_missing_topic_lines() -> None:
+    """Install the filter above on aiokafka's cluster logger (idempotent)."""
+    logger = logging.getLogger("aiokafka.cluster")
+    if _quiet not in logger.filters:
+        logger.addFilter(_quiet)
+
+
 @contextlib.contextmanager
 def connection_errors() -> Iterator[list[BaseException]]:
     """While open, the errors aiokafka met connecting (and only logged), oldest first."""

@@ -263,3 +263,6 @@ def setup(json_lines: bool = False, worker: int | None = None, level: int = logg
     _configure_structlog()
     # aiokafka reports every rebalance step at INFO; our own lines say what matters.
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    from consumer.kafka_config import quiet_missing_topic_lines
+
+    quiet_missing_topic_lines()  # one line per missing topic per 5 min, not per refresh

@@ -1,8 +1,32 @@
-"""The record as the runtime sees it: immutable, decoded headers, no Kafka client types."""
+"""The record as the runtime sees it: immutable, decoded headers, no Kafka client types.
+
+Also the one written form of a Kafka position, ``topic/partition/offset`` (:func:`location`):
+the CLI, the logs, the ``x-source`` header and the derived keys ``dlq:<location>`` all use
+it. Not ``topic/partition@offset``: ``@`` already joins a handler name and a tenant
+(consumer/keys.py), and the derived keys (idempotency keys downstream) must never change.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+LOCATION_SEPARATOR = "/"
+
+
+def location(topic: str, partition: int, offset: int) -> str:
+    """A Kafka position as people read it everywhere: ``topic/partition/offset``.
+
+    Unambiguous: Kafka topic names cannot contain ``/``.
+    """
+    return f"{topic}{LOCATION_SEPARATOR}{partition}{LOCATION_SEPARATOR}{offset}"
+
+
+def parse_location(text: str) -> tuple[str, int, int] | None:
+    """``(topic, partition, offset)`` of a :func:`location`, or None if it is not one."""
+    parts = text.rsplit(LOCATION_SEPARATOR, 2)
+    if len(parts) != 3 or not parts[0] or not (parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,4 +63,5 @@ class Message:
 
     @property
     def source(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.offset}"
+        """Where it was read: ``topic/partition/offset`` (:func:`location`)."""
+        return location(self.topic, self.partition, self.offset)

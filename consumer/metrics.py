@@ -73,7 +73,7 @@ class _Metrics:
         self.messages = Counter(
             "consumer_messages_total",
             "Consumed records by handler and outcome "
-            "(applied, duplicate, conflict, rejected, invalid, skipped, retried).",
+            "(applied, duplicate, conflict, rejected, failed, invalid, skipped, retried).",
             ["handler", "outcome"],
         )
         self.handler_duration = Histogram(
@@ -118,6 +118,13 @@ class _Metrics:
         self.outbox_oldest_age = Gauge(
             "consumer_outbox_oldest_row_age_seconds",
             "Age of the oldest unpublished outbox row.",
+            multiprocess_mode="livemax",
+        )
+        self.outbox_missing_topic = Gauge(
+            "consumer_outbox_missing_topic_rows",
+            "Unpublished outbox rows per destination topic the cluster does not have "
+            "(counted every minute, capped at 1e6; 0 once the topic exists).",
+            ["topic"],
             multiprocess_mode="livemax",
         )
         self.relay_published = Counter(
@@ -253,6 +260,7 @@ class _Seen:
     failed: int = 0
     errors: int = 0
     given_up: dict[str, int] = field(default_factory=dict)
+    missing: set[str] = field(default_factory=set)
 
 
 _relays: weakref.WeakKeyDictionary[Any, _Seen] = weakref.WeakKeyDictionary()
@@ -271,6 +279,12 @@ def record_relay(relay: Any) -> None:
         seen.given_up[reason] = n
     m.outbox_backlog.set(relay.backlog)
     m.outbox_oldest_age.set(relay.oldest_age_s)
+    missing: dict[str, int] = getattr(relay, "missing_topic_rows", {})
+    for topic in seen.missing - missing.keys():  # created since: nothing waits any more
+        m.outbox_missing_topic.labels(topic).set(0)
+    for topic, n in missing.items():
+        m.outbox_missing_topic.labels(topic).set(n)
+    seen.missing = set(missing)
 
 
 def record_health(beat_s: float, checks: dict[str, bool]) -> None:

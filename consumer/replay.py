@@ -49,6 +49,7 @@ from consumer.constants import (
 )
 from consumer.errors import ConfigError
 from consumer.kafka_config import client_options
+from consumer.message import location, parse_location
 from consumer.outbox.envelopes import DEAD_LETTER_HEADERS, unpack_headers
 from consumer.runtime import undecodable
 from consumer.settings import Settings
@@ -101,10 +102,8 @@ def own_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
 
 def source_partition(target: str, source: str) -> int | None:
     """The partition in ``x-source: topic/partition/offset``, if it names ``target``."""
-    parts = source.rsplit("/", 2)
-    if len(parts) == 3 and parts[0] == target and parts[1].isdigit():
-        return int(parts[1])
-    return None
+    where = parse_location(source)
+    return where[1] if where is not None and where[0] == target else None
 
 
 def original_headers(
@@ -225,7 +224,8 @@ def _wanted(
     """Whether ``rec`` is replayed; counted in ``summary`` under why, either way."""
     if (bad := undecodable.reason_of(rec)) is not None:
         # Its headers cannot be read, so neither can its reason: skipped.
-        summary.undecodable.append(f"{rec.topic}/{rec.partition}/{rec.offset}: {bad.reason}")
+        where = location(rec.topic, rec.partition, rec.offset)
+        summary.undecodable.append(f"{where}: {bad.reason}")
         return False
     own = own_headers(rec.headers or ())
     reason = _text(own.get(HEADER_REASON))
@@ -250,7 +250,7 @@ async def _send(
     partition = source_partition(target, _text(own_headers(headers).get(HEADER_SOURCE)))
     if partition not in target_parts:
         partition = None  # the topic shrank or was recreated: the record key decides
-    position = f"{rec.topic}/{rec.partition}/{rec.offset}"
+    position = location(rec.topic, rec.partition, rec.offset)
     return await producer.send(
         target,
         rec.value,

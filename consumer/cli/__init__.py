@@ -36,8 +36,8 @@ Exit codes: 0 ok, 1 unexpected error, 2 bad option or setting, 3 app not importa
 4 service unreachable, 5 workers killed after the grace period, 6 worker failed,
 7 no such record, 8 declined, 9 an applied migration changed, 10 not confirmed: --yes
 needed without a terminal, 11 busy: a running batch held the row, nothing changed, retry,
-12 Kafka refused the login or its certificate, 13 a needed topic is missing
-(see docs/operations.md).
+12 Kafka refused the login or its certificate, 13 a needed topic is missing,
+130 interrupted at a question (see docs/operations.md).
 """
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)

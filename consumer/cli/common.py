@@ -87,10 +87,17 @@ def dsn_host(dsn: str) -> str:
     return dsn.split("://", 1)[-1].rpartition("@")[2]
 
 
-def console() -> Console:
-    """A console for tables: piped into a file or grep, lines stay whole (hashes unbroken)."""
-    probe = Console()
-    return probe if probe.is_terminal else Console(width=200)
+# Not a terminal (a pipe, a file, a log collector): rich would fold every table to 80
+# columns, its default width without one. A table never expands past its own width (none is
+# built with expand=True), so this is only a bound: each prints as wide as it needs.
+PIPED_WIDTH = 4096
+
+
+def console(*, highlight: bool = True) -> Console:
+    """A console for tables: at a terminal its width; piped, as wide as each table needs, so
+    lines stay whole (hashes and keys unbroken, one row a line for grep)."""
+    probe = Console(highlight=highlight)
+    return probe if probe.is_terminal else Console(width=PIPED_WIDTH, highlight=highlight)
 
 
 _LEVELS = {

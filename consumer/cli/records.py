@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -19,7 +20,8 @@ from rich.table import Table
 from consumer.cli.common import ADMIN_APP_ARG, LOCK_TIMEOUT, busy, connect, console, fail, load
 from consumer.constants import done_key, lease_key
 from consumer.dedup import inbox
-from consumer.exitcodes import RET_ABORTED, RET_NOT_FOUND
+from consumer.exitcodes import RET_ABORTED, RET_NOT_FOUND, RET_UNCONFIRMED
+from consumer.message import location
 
 if TYPE_CHECKING:
     from consumer.app import App
@@ -60,23 +62,43 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def _record_table(row: asyncpg.Record, redis_state: dict[str, str]) -> Table:
-    table = Table(title=f"{row['namespace']} / {row['key']}", show_header=False)
+def _record(row: asyncpg.Record, redis_state: dict[str, str]) -> dict[str, Any]:
+    """The record of a key in its JSON form (the table shows the same fields)."""
+    result = row["result"]
+    return {
+        "namespace": row["namespace"],
+        "key": row["key"],
+        "status": row["status"],
+        "payload_hash": row["payload_hash"],
+        "hash_alg": row["hash_alg"],
+        "hash_version": row["hash_version"],
+        # The admin connection has no jsonb codec: the value arrives as its JSON text.
+        "result": json.loads(result) if isinstance(result, str) else result,
+        "reason": row["reason"],
+        "first_seen_at": row["first_seen_at"].isoformat(),
+        "completed_at": row["completed_at"].isoformat() if row["completed_at"] else None,
+        "first_seen_in": location(row["topic"], row["partition"], row["offset"]),
+        "redis": redis_state,
+    }
+
+
+def _record_table(rec: dict[str, Any]) -> Table:
+    table = Table(title=f"{rec['namespace']} / {rec['key']}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    result = row["result"]
+    result = rec["result"]
     for name, value in [
-        ("status", row["status"]),
+        ("status", rec["status"]),
         (
             "payload hash",
-            f"{row['payload_hash']} ({row['hash_alg']}, canonical form v{row['hash_version']})",
+            f"{rec['payload_hash']} ({rec['hash_alg']}, canonical form v{rec['hash_version']})",
         ),
-        ("result", result if result is None or isinstance(result, str) else json.dumps(result)),
-        ("reason", row["reason"]),
-        ("first seen at", row["first_seen_at"].isoformat()),
-        ("completed at", row["completed_at"].isoformat() if row["completed_at"] else None),
-        ("first seen in", f"{row['topic']}/{row['partition']}@{row['offset']}"),
-        *redis_state.items(),
+        ("result", None if result is None else json.dumps(result)),
+        ("reason", rec["reason"]),
+        ("first seen at", rec["first_seen_at"]),
+        ("completed at", rec["completed_at"]),
+        ("first seen in", rec["first_seen_in"]),
+        *rec["redis"].items(),
     ]:
         table.add_row(name, "-" if value is None else str(value))
     return table
@@ -93,24 +115,55 @@ async def _fetch(settings: Settings, namespace: str, key: str) -> tuple[asyncpg.
         await conn.close()
 
 
+async def _holding(settings: Settings, key: str, handlers: list[str]) -> list[str]:
+    """The namespaces of ``handlers`` (with or without a tenant) that hold ``key``."""
+    conn = await connect(settings)
+    try:
+        text, args = inbox.namespaces_holding(key, handlers)
+        return [str(r[0]) for r in await conn.fetch(text, *args)]
+    finally:
+        await conn.close()
+
+
+def _not_found(app: App, namespace: str, key: str) -> str:
+    """The one line of a key with no record under ``namespace``: the app's namespaces when
+    the one given is not among them, and the namespaces that do hold the key (a tenant's
+    ``name@tenant``, or the bare name when a tenant was given)."""
+    names = sorted(h.name for h in app.handlers)
+    base = namespace.partition("@")[0]
+    line = f"no record for namespace {namespace!r}, key {key!r}"
+    if base not in names:
+        line += f"; this app's namespaces: {', '.join(names) or 'none'}"
+    found = asyncio.run(_holding(app.settings, key, sorted({base, *names})))
+    holding = [ns for ns in found if ns != namespace]
+    if holding:
+        line += f"; key {key!r} is stored under: {', '.join(holding)}"
+    return line
+
+
 def _found(app: App, namespace: str, key: str) -> tuple[asyncpg.Record, str]:
-    """The record of a key and the epoch, or one line naming the app's namespaces and
-    RET_NOT_FOUND."""
+    """The record of a key and the epoch, or one line (with hints) and RET_NOT_FOUND."""
     row, epoch = asyncio.run(_fetch(app.settings, namespace, key))
     if row is None:
-        names = sorted(h.name for h in app.handlers)
-        base = namespace.partition("@")[0]
-        hint = "" if base in names else f"; this app's namespaces: {', '.join(names) or 'none'}"
-        fail(f"no record for namespace {namespace!r}, key {key!r}{hint}", RET_NOT_FOUND)
+        fail(_not_found(app, namespace, key), RET_NOT_FOUND)
     return row, epoch
 
 
-def inspect(app_spec: str = ADMIN_APP_ARG, namespace: str = NS_ARG, key: str = KEY_ARG) -> None:
+def inspect(
+    app_spec: str = ADMIN_APP_ARG,
+    namespace: str = NS_ARG,
+    key: str = KEY_ARG,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+) -> None:
     """Show the record of one key: status, payload hash, result, first seen at."""
     app = load(app_spec)
     row, epoch = _found(app, namespace, key)
     redis_state = asyncio.run(_redis_state(app.settings, namespace, key, epoch))
-    console().print(_record_table(row, redis_state))
+    rec = _record(row, redis_state)
+    if as_json:
+        typer.echo(json.dumps(rec))
+        return
+    console().print(_record_table(rec))
 
 
 async def evict_record(settings: Settings, namespace: str, key: str, epoch: str) -> int:
@@ -139,6 +192,21 @@ async def evict_record(settings: Settings, namespace: str, key: str, epoch: str)
     return deleted
 
 
+def _confirmed() -> bool:
+    """The answer to the eviction question; no answer at all on a stdin that is not a
+    terminal (a script, a pipe, CI) ends in one line naming --yes and RET_UNCONFIRMED,
+    where click would abort with 130 as for Ctrl-C."""
+    try:
+        return typer.confirm(
+            "Evict this record? The next message with this key will run the handler again",
+            default=False,
+        )
+    except typer.Abort:
+        if sys.stdin.isatty():
+            raise  # Ctrl-C or Ctrl-D at the prompt: 130, as for any interrupted command
+        fail("not a terminal and no answer: give --yes to evict; nothing changed", RET_UNCONFIRMED)
+
+
 def evict(
     app_spec: str = ADMIN_APP_ARG,
     namespace: str = NS_ARG,
@@ -149,11 +217,8 @@ def evict(
     app = load(app_spec)
     row, epoch = _found(app, namespace, key)
     out = console()
-    out.print(_record_table(row, {}))
-    if not yes and not typer.confirm(
-        "Evict this record? The next message with this key will run the handler again",
-        default=False,
-    ):
+    out.print(_record_table(_record(row, {})))
+    if not yes and not _confirmed():
         fail("not evicted; nothing changed", RET_ABORTED)
     deleted = asyncio.run(evict_record(app.settings, namespace, key, epoch))
     if deleted == 0:  # deleted by someone else (or expired) since it was shown

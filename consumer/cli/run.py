@@ -31,6 +31,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("consumer.cli")
 
 
+_CREATE_TOPICS_HELP = "create the dlq/conflicts topics at start (or CONSUMER_TOPICS_CREATE)"
+
+
+def _without_topic_creation(app: App) -> None:
+    """``--no-create-topics``: this process and the workers it starts create no topic."""
+    # Workers are child processes that read CONSUMER_* themselves: the environment is how
+    # the option reaches them.
+    os.environ["CONSUMER_TOPICS_CREATE"] = "false"
+    app.settings = app.settings.model_copy(update={"topics_create": False})
+
+
 def run(
     app_spec: str = APP_ARG,
     workers: int = typer.Option(1, "--workers", "-w", min=1, max=64, help="worker processes"),
@@ -39,18 +50,13 @@ def run(
         False, "--log-json", help="log JSON lines (or CONSUMER_LOG_JSON)"
     ),
     create_topics: bool = typer.Option(
-        True,
-        "--create-topics/--no-create-topics",
-        help="create the dlq/conflicts topics at start (or CONSUMER_TOPICS_CREATE)",
+        True, "--create-topics/--no-create-topics", help=_CREATE_TOPICS_HELP
     ),
 ) -> None:
     """Apply migrations, then consume with N supervised worker processes until SIGTERM."""
     app = load(app_spec)
     if not create_topics:
-        # The workers are child processes that read CONSUMER_* themselves: the environment
-        # is how the option reaches them.
-        os.environ["CONSUMER_TOPICS_CREATE"] = "false"
-        app.settings = app.settings.model_copy(update={"topics_create": False})
+        _without_topic_creation(app)
     json_lines = log_json or app.settings.log_json
     logs.setup(json_lines, level=log_level(app.settings))
     apply_migrations(app)
@@ -68,6 +74,9 @@ def worker(
     relay: bool = typer.Option(True, "--relay/--no-relay"),
     log_json: bool = typer.Option(False, "--log-json"),
     supervisor_pid: int = typer.Option(0, "--supervisor-pid", help="stop when this pid is gone"),
+    create_topics: bool = typer.Option(
+        True, "--create-topics/--no-create-topics", help=_CREATE_TOPICS_HELP
+    ),
 ) -> None:
     """Run one worker in this process (what ``run`` starts N of)."""
     # A stop requested while still importing is kept and honoured once the loop runs.
@@ -75,6 +84,8 @@ def worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: early.append(signum))
     app = load(app_spec)
+    if not create_topics:
+        _without_topic_creation(app)
     logs.setup(log_json or app.settings.log_json, worker=worker_id, level=log_level(app.settings))
     raise typer.Exit(run_worker(app, worker_id, relay, supervisor_pid, early))
 

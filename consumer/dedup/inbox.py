@@ -134,6 +134,34 @@ def get(namespace: str, key: str) -> Query:
     )
 
 
+def namespaces_holding(key: str, handlers: Sequence[str], limit: int = 5) -> Query:
+    """The namespaces of ``handlers`` (the bare name or ``name@<tenant>``) holding ``key``:
+    what ``consumer inspect`` suggests when the namespace given has no record of it.
+
+    The primary key leads with the namespace, and no index has the key first: the distinct
+    namespaces are walked through the primary key (a loose index scan, one probe each; the
+    PostgreSQL wiki's "Loose indexscan"), then each is probed for the key. The cost grows
+    with the number of namespaces (handlers x tenants), never with the number of rows. A
+    range on ``name@`` cannot replace the walk: non-C collations do not sort ``@`` as a byte.
+    """
+    return (
+        """
+        WITH RECURSIVE ns(n) AS (
+            SELECT min(namespace) FROM dedup.inbox
+            UNION ALL
+            SELECT (SELECT min(namespace) FROM dedup.inbox WHERE namespace > ns.n)
+            FROM ns WHERE ns.n IS NOT NULL
+        )
+        SELECT ns.n FROM ns
+        WHERE ns.n IS NOT NULL
+          AND split_part(ns.n, '@', 1) = ANY($2::text[])
+          AND EXISTS (SELECT 1 FROM dedup.inbox i WHERE i.namespace = ns.n AND i.key = $1)
+        LIMIT $3
+        """,
+        [key, list(handlers), limit],
+    )
+
+
 def evict(namespace: str, key: str) -> Query:
     return ("DELETE FROM dedup.inbox WHERE namespace = $1 AND key = $2", [namespace, key])
 

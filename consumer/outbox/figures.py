@@ -13,7 +13,9 @@ class Figures:
     every ``backlog_interval_s`` even while the broker is down; ``published``, ``failed``
     (sends refused or not acked), ``out_of_order`` (a later row of a key acked while an
     earlier one failed), ``errors`` (passes that failed as a whole), ``truncated`` (dead
-    letters sent without their value), ``given_up`` (rows given up, by reason), ``loops``
+    letters sent without their value), ``given_up`` (rows given up, by reason),
+    ``missing_topic_rows`` (rows waiting per destination topic the cluster does not have,
+    counted every MISSING_TOPIC_REPORT_S, capped), ``loops``
     (completed passes: lets a caller see the relay is idle), ``last_error`` (the latest one).
     """
 
@@ -26,5 +28,6 @@ class Figures:
         self.backlog = 0
         self.oldest_age_s = 0.0
         self.given_up: dict[str, int] = {}
+        self.missing_topic_rows: dict[str, int] = {}
         self.loops = 0
         self.last_error = ""

@@ -57,6 +57,10 @@ class Holds:
         keys = [w for w in live if isinstance(w, tuple)][:_MAX_KEY_HOLDS]
         return store.Blocked([w for w in live if isinstance(w, str)], keys)
 
+    def topics(self) -> list[str]:
+        """The topics held back as missing (until they resolve), expired holds included."""
+        return sorted(w for w in self._holds if isinstance(w, str))
+
     def count(self) -> int:
         """How many destinations are held back now."""
         now = time.monotonic()

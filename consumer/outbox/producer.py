@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 
-from consumer.kafka_config import client_options
+from consumer.kafka_config import client_options, quiet_missing_topic_lines
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class BrokerUnavailable(Exception):
 
 async def start(settings: Settings) -> AIOKafkaProducer:
     """A started idempotent producer (``acks=all``) configured from the settings."""
+    quiet_missing_topic_lines()  # the relay reports missing topics itself (outbox/topics.py)
     producer = AIOKafkaProducer(
         **client_options(settings),
         enable_idempotence=True,  # broker-side dedup of the producer's own retries

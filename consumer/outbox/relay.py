@@ -38,7 +38,13 @@ from consumer.outbox.figures import Figures
 from consumer.outbox.holds import Holds
 from consumer.outbox.producer import BrokerUnavailable, Sender
 from consumer.outbox.sending import Publisher, PublishSpan, no_span
-from consumer.outbox.topics import GIVE_UP_REPLY_TOPIC_MISSING, LOCK_BASE, ReplyGiveUp
+from consumer.outbox.topics import (
+    GIVE_UP_REPLY_TOPIC_MISSING,
+    LOCK_BASE,
+    MISSING_TOPIC_REPORT_S,
+    ReplyGiveUp,
+    report_missing,
+)
 from consumer.outbox.wakeup import Wakeup
 from consumer.probe import Probe, installed
 from consumer.settings import Settings
@@ -88,6 +94,7 @@ class Relay(Figures):
         self.wake = self._wakeup.event
         self._next_backlog = 0.0
         self._next_cleanup = 0.0
+        self._next_missing_report = 0.0
 
     # ---------------------------------------------------------------- the loop
 
@@ -192,11 +199,18 @@ class Relay(Figures):
     # ---------------------------------------------------------------- backlog and retention
 
     async def refresh_backlog(self) -> None:
-        """Read the backlog count and the oldest unpublished row's age now."""
+        """Read the backlog count and the oldest unpublished row's age now; every
+        MISSING_TOPIC_REPORT_S, also count (and warn about) rows waiting for missing topics."""
         async with self.pool.acquire() as conn:
             text, args = store.backlog()
             row = await conn.fetchrow(text, *args)
-        self.backlog, self.oldest_age_s = int(row[0]), float(row[1])
+            self.backlog, self.oldest_age_s = int(row[0]), float(row[1])
+            now = time.monotonic()
+            if now >= self._next_missing_report and (
+                self._holds.topics() or self.missing_topic_rows
+            ):
+                self._next_missing_report = now + MISSING_TOPIC_REPORT_S
+                await report_missing(conn, self._holds, self)
 
     async def housekeeping(self) -> None:
         """Backlog figures and retention, each on its own timer. Needs the database only."""

@@ -167,6 +167,21 @@ def give_up_replies(
     )
 
 
+def pending_to(topics: Sequence[str], cap: int) -> Query:
+    """Unpublished rows per topic of ``topics`` (topics the cluster does not have), each
+    count stopping at ``cap``: a topic missing for days may have millions, and the figure
+    is for a warning and a gauge, not worth reading them all every report."""
+    return (
+        """
+        SELECT t.topic, (SELECT count(*) FROM (
+            SELECT 1 FROM dedup.outbox o
+            WHERE o.published_at IS NULL AND o.topic = t.topic LIMIT $2) capped)
+        FROM unnest($1::text[]) AS t(topic)
+        """,
+        [list(topics), cap],
+    )
+
+
 def backlog() -> Query:
     # count(*) walks the partial index of pending rows. The oldest age looks at the first
     # pending row of each shard (64 index probes) rather than every pending row: with a large

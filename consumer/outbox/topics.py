@@ -26,6 +26,9 @@ GIVE_UP_REPLY_TOPIC_MISSING = "reply_topic_missing"  # given_up / metric reason
 _NEW_TOPIC_WAIT_S = 10.0  # a new topic can take seconds to reach a fresh broker's metadata
 _REPLY_PREFIX = keys.KEY_TAG_REPLY + keys.PART_SEPARATOR  # every reply's idempotency key
 _MAX_LOGGED_TOPICS = 10_000  # bound on the topics whose given-up replies were logged
+# How often the rows waiting for missing topics are counted, and each such topic warned about.
+MISSING_TOPIC_REPORT_S = 60.0
+MISSING_TOPIC_COUNT_CAP = 1_000_000  # a count stops here (the gauge then reads the cap)
 
 
 async def missing(
@@ -69,6 +72,34 @@ async def _absent(producer: Sender, unseen: list[str], timeout_s: float) -> set[
         return_exceptions=True,
     )
     return {t for t, f in zip(late, found, strict=True) if isinstance(f, BaseException)}
+
+
+async def report_missing(conn: Any, holds: Holds, figures: Figures) -> None:
+    """Count the rows waiting for each topic held back as missing, and warn about each, in
+    the framework's own words: once per MISSING_TOPIC_REPORT_S per topic (the caller's
+    timer), instead of the Kafka client's line per metadata refresh (kafka_config.py
+    quiets those). The counts go to ``figures.missing_topic_rows`` (the metric
+    ``consumer_outbox_missing_topic_rows``). A held topic with no row left (its replies
+    given up) is released: nothing waits for it."""
+    held = holds.topics()
+    counts: dict[str, int] = {}
+    if held:
+        text, args = store.pending_to(held, MISSING_TOPIC_COUNT_CAP)
+        counts = {str(r[0]): int(r[1]) for r in await conn.fetch(text, *args)}
+    for topic in held:
+        if not counts.get(topic):
+            holds.release(topic)
+            counts.pop(topic, None)
+    figures.missing_topic_rows = counts
+    for topic, n in sorted(counts.items()):
+        log.warning(
+            "relay: %s%d outbox row(s) wait for topic %r, which does not exist; create it "
+            "(`consumer topics MODULE:APP --create` makes the dlq, conflicts and declared ones)",
+            "at least " if n >= MISSING_TOPIC_COUNT_CAP else "",
+            n,
+            topic,
+            extra={"topic": topic, "rows": n},
+        )
 
 
 class ReplyGiveUp:

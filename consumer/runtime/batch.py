@@ -216,10 +216,8 @@ class BatchProcessor:
             # nothing is assumed; the partition is re-read from its first record.
             kind = is_retriable(exc)
             log.warning(
-                "batch %s/%s@%s failed (%s: %s); retrying",
-                items[0].msg.topic,
-                items[0].msg.partition,
-                items[0].msg.offset,
+                "batch from %s failed (%s: %s); retrying",
+                items[0].msg.source,
                 type(exc).__name__,
                 exc,
                 exc_info=kind is None,

@@ -30,7 +30,8 @@ class Stats:
         self.redis_degraded = result.redis_degraded
 
     def fields(self, rate: float) -> dict[str, object]:
-        """The status as data: the ``status`` field of a JSON log line."""
+        """The status as data: the ``status`` field of a JSON log line. ``consumed`` is the
+        sum of the outcomes listed (every Outcome has its field); retries are re-reads."""
         o = self.by_outcome
         return {
             "partitions": len(self.partitions),
@@ -42,6 +43,7 @@ class Stats:
             "rejected": o["rejected"],
             "failed": o["failed"],
             "invalid": o["invalid"],
+            "skipped": o["skipped"],
             "retries": self.retries,
             "rebalances": self.rebalances,
             "lag": sum(self.lag.values()),
@@ -54,6 +56,6 @@ class Stats:
             f"partitions={len(self.partitions)} msgs/s={rate:.0f} consumed={self.consumed} "
             f"applied={o['applied']} duplicates={o['duplicate']} conflicts={o['conflict']} "
             f"rejected={o['rejected']} failed={o['failed']} invalid={o['invalid']} "
-            f"retries={self.retries} lag={sum(self.lag.values())}"
+            f"skipped={o['skipped']} retries={self.retries} lag={sum(self.lag.values())}"
             + (" redis=DEGRADED" if self.redis_degraded else "")
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from consumer.cli.common import console
 from scripts.bench import report, runner
 from scripts.bench.legs import ROOT
 
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
         return redraw(Path(argv[1]))
     cfg = parse(argv)
     err = Console(stderr=True, highlight=False)
-    out = Console(highlight=False)
+    out = console(highlight=False)  # piped into a log: tables at their own width, not 80
     res = asyncio.run(runner.run(cfg, lambda line: err.print(line, markup=False)))
     summary = report.summarize(res)
     saved = ROOT / "out" / "bench" / res.run_id / "summary.json"

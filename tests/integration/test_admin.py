@@ -15,7 +15,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer.constants import done_key
-from consumer.exitcodes import RET_ABORTED, RET_BUSY, RET_NOT_FOUND, RET_OK, RET_TOPICS
+from consumer.exitcodes import (
+    RET_ABORTED,
+    RET_BUSY,
+    RET_NOT_FOUND,
+    RET_OK,
+    RET_TOPICS,
+    RET_UNCONFIRMED,
+)
 from scripts.toolkit import processes
 from tests.apps.counting import EFFECTS_DDL
 from tests.conftest import ROOT
@@ -56,16 +63,26 @@ async def recorded(settings, topics, producer, pg, unique, tmp_path):
     for key, n in (("k1", 1), ("k1", 2), ("k2", 3)):
         headers = [("idempotency-key", key.encode()), ("content-type", b"application/json")]
         await producer.send_and_wait(topic, json.dumps({"n": n}).encode(), headers=headers)
-    worker = _spawn_worker(env, tmp_path / "worker.log")
+    await _consume_to(env, pg, 3, tmp_path / "worker.log")
+    return env, f"{env['COUNTING_GROUP']}.count"
+
+
+def _text(path: Path) -> str:
+    return path.read_text()
+
+
+async def _consume_to(env: dict[str, str], pg, offset: int, log_path: Path) -> None:
+    """Run a worker until the group's stored position is ``offset``, then drain it."""
+    worker = _spawn_worker(env, log_path)
     try:
         deadline = time.monotonic() + 60
         while (
             await pg.fetchval(
                 "SELECT next_offset FROM dedup.offsets WHERE group_id = $1", env["COUNTING_GROUP"]
             )
-            != 3
+            != offset
         ):
-            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, _text(log_path)
             await asyncio.sleep(0.1)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == RET_OK
@@ -73,7 +90,6 @@ async def recorded(settings, topics, producer, pg, unique, tmp_path):
         if worker.poll() is None:
             worker.kill()
             worker.wait()
-    return env, f"{env['COUNTING_GROUP']}.count"
 
 
 async def test_inspect_shows_the_record(recorded, pg):
@@ -97,6 +113,57 @@ async def test_inspect_shows_the_record(recorded, pg):
     wrong_ns = cli(env, "inspect", APP, "other.ns", "k1")
     assert wrong_ns.returncode == RET_NOT_FOUND
     assert f"this app's namespaces: {ns}" in wrong_ns.stderr
+
+
+async def test_inspect_json_has_the_fields_of_the_table(recorded, pg):
+    env, ns = recorded
+    stored = await pg.fetchrow(
+        "SELECT payload_hash, first_seen_at FROM dedup.inbox WHERE namespace = $1 AND key = 'k1'",
+        ns,
+    )
+    out = cli(env, "inspect", APP, ns, "k1", "--json")
+    assert out.returncode == RET_OK, out.stderr
+    rec = json.loads(out.stdout)
+    assert (rec["namespace"], rec["key"], rec["status"]) == (ns, "k1", "done")
+    assert rec["payload_hash"] == stored["payload_hash"] and rec["result"] == 1
+    assert rec["first_seen_at"] == stored["first_seen_at"].isoformat()
+    assert rec["first_seen_in"] == f"{env['COUNTING_TOPIC']}/0/0"  # the one location form
+    assert rec["redis"]["done marker"].startswith(f"done:{stored['payload_hash']}")
+    table = cli(env, "inspect", APP, ns, "k1")
+    assert f"{env['COUNTING_TOPIC']}/0/0" in table.stdout
+
+
+async def test_inspect_names_the_tenant_namespace_that_holds_the_key(
+    recorded, pg, producer, tmp_path
+):
+    """k3 arrives with a tenant header: stored under ``<ns>@acme``. Asked under the bare
+    name (or another tenant), inspect says where it is, in the same one line."""
+    env, ns = recorded
+    headers = [
+        ("idempotency-key", b"k3"),
+        ("tenant", b"acme"),
+        ("content-type", b"application/json"),
+    ]
+    await producer.send_and_wait(env["COUNTING_TOPIC"], b'{"n": 4}', headers=headers)
+    await _consume_to(env, pg, 4, tmp_path / "worker2.log")
+    stored = await pg.fetch(
+        "SELECT namespace FROM dedup.inbox WHERE key = 'k3' AND starts_with(namespace, $1)", ns
+    )
+    assert [r["namespace"] for r in stored] == [f"{ns}@acme"]
+
+    for asked in (ns, f"{ns}@other"):
+        missing = cli(env, "inspect", APP, asked, "k3")
+        assert missing.returncode == RET_NOT_FOUND
+        assert missing.stderr.strip().splitlines() == [
+            f"error: no record for namespace {asked!r}, key 'k3'; "
+            f"key 'k3' is stored under: {ns}@acme"
+        ]
+    found = cli(env, "inspect", APP, f"{ns}@acme", "k3", "--json")
+    assert found.returncode == RET_OK, found.stderr
+    assert json.loads(found.stdout)["result"] == 4
+    # And the other way round: a tenant given for a key stored without one.
+    bare = cli(env, "inspect", APP, f"{ns}@acme", "k1")
+    assert bare.stderr.strip().endswith(f"key 'k1' is stored under: {ns}")
 
 
 async def test_conflicts_lists_the_reused_key_with_both_hashes(recorded, pg):
@@ -142,6 +209,18 @@ async def test_evict_asks_then_forgets_the_key_everywhere(recorded, pg):
     assert again.returncode == RET_NOT_FOUND
 
 
+async def test_evict_without_a_terminal_or_an_answer_asks_for_yes(recorded, pg):
+    """stdin a pipe with nothing on it (a script, CI): one line naming --yes, exit 10, the
+    record kept (not click's bare 130)."""
+    env, ns = recorded
+    out = cli(env, "evict", APP, ns, "k1", stdin="")
+    assert out.returncode == RET_UNCONFIRMED, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: not a terminal and no answer: give --yes to evict; nothing changed"
+    ]
+    assert await pg.fetchval("SELECT count(*) FROM dedup.inbox WHERE namespace = $1", ns) == 2
+
+
 async def test_evict_of_a_record_a_batch_holds_is_busy_and_changes_nothing(recorded, pg):
     """A batch holding the key's inbox row past the lock timeout: one line, RET_BUSY, the
     record (and its done marker) still there."""
@@ -181,3 +260,34 @@ async def test_topics_lists_checks_and_creates_the_apps_topics(settings, unique)
     after = cli(env, "topics", APP, "--check")  # the table, against the broker again
     assert after.returncode == RET_OK, after.stderr
     assert f"{source}.conflicts" in after.stdout and "MISSING" not in after.stdout
+
+
+async def test_worker_no_create_topics_leaves_the_framework_topics_to_the_operator(
+    settings, unique, tmp_path
+):
+    """``consumer worker --no-create-topics`` (as ``run`` has it): the worker starts, warns
+    once that the dlq and conflicts topics are missing, and creates neither."""
+    from tests.conftest import create_topics
+
+    source = f"tn-{unique}"
+    await create_topics(settings, [source], partitions=1)
+    env = {**os.environ, "COUNTING_TOPIC": source, "COUNTING_GROUP": f"gn-{unique}"}
+    env.pop("CONSUMER_TOPICS_CREATE", None)  # the default: create
+    log_path = tmp_path / "worker.log"
+    argv = processes.consumer_argv("worker", APP, "--no-relay", "--no-create-topics")
+    worker = processes.spawn(argv, env, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while "topics missing (rows to them wait in the outbox)" not in log_path.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == RET_OK, log_path.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert f"{source}.dlq, {source}.conflicts" in log_path.read_text()
+    after = cli(env, "topics", APP, "--json")
+    rows = {r["topic"]: r["exists"] for r in json.loads(after.stdout)}
+    assert rows == {source: True, f"{source}.dlq": False, f"{source}.conflicts": False}

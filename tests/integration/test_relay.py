@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -36,7 +37,14 @@ from consumer.outbox import envelopes, store
 from consumer.outbox.relay import Relay
 from consumer.outbox.store import OutboxRow
 from consumer.testing import faults
-from tests.conftest import app_settings, eventually, header_map, read_topic, running
+from tests.conftest import (
+    app_settings,
+    create_topics,
+    eventually,
+    header_map,
+    read_topic,
+    running,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -502,6 +510,67 @@ async def test_replies_to_a_missing_topic_are_given_up_after_the_bound_and_nothi
     await relay.housekeeping()
     left = await pool.fetch("SELECT idempotency_key FROM dedup.outbox ORDER BY id")
     assert [r[0] for r in left] == [r[0] for r in pending_left]
+
+
+def _missing_topic_gauge(topic: str) -> float | None:
+    gauge = metrics._m().outbox_missing_topic  # the object: see _given_up_total
+    for family in gauge.collect():
+        for s in family.samples:
+            if s.labels == {"topic": topic}:
+                return float(s.value)
+    return None
+
+
+async def test_rows_to_a_missing_topic_are_a_metric_and_a_warning_of_our_own(
+    db: Settings, pool: Any, topics: Any, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Auto-creation off (scripts/services.sh): two events and a dead letter to topics that do
+    not exist wait in the outbox. The relay says so itself (one warning per topic, with the
+    row count), the gauge counts them, and aiokafka's own "not found in cluster metadata"
+    line comes at most once per topic, however many metadata refreshes the ticks cause."""
+    caplog.set_level(logging.WARNING)
+    topic = await topics("flowing")
+    missing, missing_dlq = f"no-such-events-{unique}", f"no-such-{unique}.dlq"
+    await insert(
+        pool,
+        [
+            row(missing, "k1", {"n": 1}, keys.published_key("ns", "a", 0)),
+            row(missing, "k2", {"n": 2}, keys.published_key("ns", "b", 0)),
+            row(missing_dlq, "k3", {"n": 3}, f"dlq:{topic}/0/7"),
+            row(topic, "k4", {}, "ok"),
+        ],
+    )
+    relay = Relay(db, pool=pool, shards_per_tick=64)
+    async with producer_of(relay) as kafka:
+        assert await relay.tick(kafka) == 1  # the row to the existing topic
+        for _ in range(3):  # held back: nothing more goes, nothing is given up
+            assert await relay.tick(kafka) == 0
+        await relay.refresh_backlog()
+    assert relay.missing_topic_rows == {missing: 2, missing_dlq: 1}
+    assert await pending(pool) == 3
+    metrics.record_relay(relay)
+    assert (_missing_topic_gauge(missing), _missing_topic_gauge(missing_dlq)) == (2.0, 1.0)
+    ours = [r.getMessage() for r in caplog.records if "wait for topic" in r.getMessage()]
+    assert sorted(ours) == sorted(
+        f"relay: {n} outbox row(s) wait for topic {t!r}, which does not exist; create it "
+        "(`consumer topics MODULE:APP --create` makes the dlq, conflicts and declared ones)"
+        for t, n in ((missing, 2), (missing_dlq, 1))
+    )
+    client = [r for r in caplog.records if "not found in cluster metadata" in r.getMessage()]
+    for name in (missing, missing_dlq):
+        assert len([r for r in client if name in r.getMessage()]) <= 1
+
+    # The topics created, their rows go out; the next report finds nothing waiting.
+    await create_topics(db, [missing, missing_dlq], partitions=1)
+    for name in (missing, missing_dlq):
+        relay._holds.release(name)  # the hold (5 s) ends now rather than in a sleep
+    async with producer_of(relay) as kafka:
+        await drained(pool, relay, kafka)
+    relay._next_missing_report = 0.0  # the report is due (its timer is a minute)
+    await relay.refresh_backlog()
+    assert relay.missing_topic_rows == {}
+    metrics.record_relay(relay)
+    assert (_missing_topic_gauge(missing), _missing_topic_gauge(missing_dlq)) == (0.0, 0.0)
 
 
 # ---------------------------------------------------------------- replies
