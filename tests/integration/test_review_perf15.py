@@ -67,3 +67,32 @@ async def test_0005_applies_under_a_running_batch_and_retention_keeps_what_is_ne
     finally:
         await worker.close()
         await conn.close()
+
+
+async def test_an_optimistic_run_timed_out_mid_statement_keeps_none_of_it(settings, pg, unique):
+    """wait_for cancels the handler while its statement runs: the statement was sent (``used``
+    is set before the await), so the batch falls back and the write is undone."""
+    from consumer import App, Context
+    from tests.integration.dedup_support import Pay, direct_env, direct_processor, record
+
+    await pg.execute("CREATE TABLE IF NOT EXISTS review_perf15 (k text NOT NULL)")
+    async with direct_env(settings, pg, unique, "review15", max_attempts=3, optimistic=True) as e:
+        app = App(e["group"], settings=e["settings"])
+
+        @app.handler(e["topic"], schema=Pay, key=lambda p: p.id, timeout_s=0.5)
+        async def pay(p: Pay, ctx: Context) -> str:
+            if p.id.startswith("slow"):
+                await ctx.db.execute(
+                    f"INSERT INTO review_perf15 (k) VALUES ('{p.id}'); SELECT pg_sleep(30)"
+                )
+            return "ok"
+
+        processor = direct_processor(app, e)
+        keys = [f"ok-{unique}", f"slow-{unique}"]
+        result = await processor.process(
+            [record(e["topic"], i, {"id": k}) for i, k in enumerate(keys)]
+        )
+    assert processor.fallbacks == 1
+    assert result.retry_offset == 1  # the timeout is transient: the batch stops at it
+    rows = await pg.fetch("SELECT k FROM review_perf15 WHERE k = ANY($1)", keys)
+    assert rows == []
