@@ -25,16 +25,20 @@ from consumer.errors import (
     HandlerSignal,
     InvalidMessage,
     LeaseBusy,
+    LifespanError,
     MigrationMismatch,
     MissingKey,
     Reject,
     Retry,
     SchemaError,
+    ShutdownFailed,
+    StartupFailed,
     StoreUnavailable,
     TransientError,
 )
 from consumer.handler import Handler
 from consumer.message import Message
+from consumer.middleware import CallNext, Middleware, MiddlewareMisuse
 from consumer.runtime.outcomes import Outcome
 from consumer.settings import Settings, load_settings
 
@@ -43,6 +47,7 @@ __all__ = [
     "BadKey",
     "BatchContext",
     "BatchHandler",
+    "CallNext",
     "ConfigError",
     "ConsumerError",
     "Context",
@@ -53,7 +58,10 @@ __all__ = [
     "InvalidMessage",
     "Item",
     "LeaseBusy",
+    "LifespanError",
     "Message",
+    "Middleware",
+    "MiddlewareMisuse",
     "MigrationMismatch",
     "MissingKey",
     "Outcome",
@@ -61,6 +69,8 @@ __all__ = [
     "Retry",
     "SchemaError",
     "Settings",
+    "ShutdownFailed",
+    "StartupFailed",
     "StoreUnavailable",
     "TransientError",
     "load_settings",

@@ -104,7 +104,7 @@ async def _optimistic(
     tx.watch()  # a statement error the handler swallows is seen, as with a savepoint
     try:
         await probe.point("mid_handler")
-        value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
+        value = await asyncio.wait_for(handler.invoke(ident.payload, ctx), timeout_s)
         run = _finished(msg, ident, value, ctx)
     except asyncio.CancelledError:
         task = asyncio.current_task()
@@ -153,7 +153,7 @@ async def _call(
     await tx.savepoint()
     try:
         await probe.point("mid_handler")
-        value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
+        value = await asyncio.wait_for(handler.invoke(ident.payload, ctx), timeout_s)
         run = _finished(msg, ident, value, ctx)
         await tx.release_savepoint()
     except storable.Unstorable as exc:
