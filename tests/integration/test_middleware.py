@@ -26,13 +26,15 @@ class Pay(BaseModel):
     id: str
 
 
-async def _run(settings, topics, producer, pg, unique, base, install) -> tuple[App, str, Any]:
+async def _run(
+    settings, topics, producer, pg, unique, base, install, **overrides: Any
+) -> tuple[App, str, Any]:
     """An app whose handler inserts a row per message then (for id ``dup``) re-inserts a
     primary key (unique violation), with ``install(app)``'s middleware, fed three messages."""
     topic = await topics(base)
     table = f"mw_{base}_{unique}".replace("-", "_")
     await pg.execute(f"CREATE TABLE {table} (k text PRIMARY KEY)")
-    app = App(f"g-{base}-{unique}", settings=app_settings(settings, max_attempts=1))
+    app = App(f"g-{base}-{unique}", settings=app_settings(settings, max_attempts=1, **overrides))
     install(app)
 
     @app.handler(topic, schema=Pay, key=lambda p: p.id)
@@ -60,7 +62,10 @@ async def _inbox(pg: asyncpg.Connection, app: App) -> dict[str, str]:
     return {r["key"]: r["status"] for r in rows}
 
 
-async def test_a_swallowed_database_error_records_no_success(settings, topics, producer, pg, unique):
+@pytest.mark.parametrize("optimistic", [False, True])  # a savepoint each, or one for all
+async def test_a_swallowed_database_error_records_no_success(
+    settings, topics, producer, pg, unique, optimistic
+):
     def install(app: App) -> None:
         @app.middleware
         async def swallow(call_next: CallNext, payload: BaseModel, ctx: Context) -> Any:
@@ -69,7 +74,16 @@ async def test_a_swallowed_database_error_records_no_success(settings, topics, p
             except asyncpg.UniqueViolationError:
                 return {"ok": "swallowed"}  # hides the handler's failure: must not count
 
-    app, table, worker = await _run(settings, topics, producer, pg, unique, "swallow", install)
+    app, table, worker = await _run(
+        settings,
+        topics,
+        producer,
+        pg,
+        unique,
+        f"swallow{int(optimistic)}",
+        install,
+        optimistic=optimistic,
+    )
     rows = {r["k"] for r in await pg.fetch(f"SELECT k FROM {table}")}
     assert rows == {"a", "b"}  # the "dup" savepoint was rolled back, its first insert too
     assert await _inbox(pg, app) == {"a": "done", "b": "done"}  # nothing recorded for dup
@@ -89,7 +103,7 @@ async def test_call_next_twice_applies_once(settings, topics, producer, pg, uniq
                 pass
             return first
 
-    app, table, worker = await _run(settings, topics, producer, pg, unique, "twice", install)
+    app, table, _ = await _run(settings, topics, producer, pg, unique, "twice", install)
     # With a second run, "a" and "b" would have failed their primary key (not applied).
     assert {r["k"] for r in await pg.fetch(f"SELECT k FROM {table}")} == {"a", "b"}
     assert await _inbox(pg, app) == {"a": "done", "b": "done"}
@@ -104,7 +118,7 @@ async def test_a_middleware_reject_rolls_back_the_handler(settings, topics, prod
                 raise Reject("audit refused b")  # after the handler's insert
             return result
 
-    app, table, worker = await _run(settings, topics, producer, pg, unique, "reject", install)
+    app, table, _ = await _run(settings, topics, producer, pg, unique, "reject", install)
     assert {r["k"] for r in await pg.fetch(f"SELECT k FROM {table}")} == {"a"}
     assert await _inbox(pg, app) == {"a": "done", "b": "rejected"}
     reasons = await pg.fetchval(
