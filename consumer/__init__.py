@@ -32,16 +32,20 @@ from consumer.errors import (
     HandlerSignal,
     InvalidMessage,
     LeaseBusy,
+    LifespanError,
     MigrationMismatch,
     MissingKey,
     Reject,
     Retry,
     SchemaError,
+    ShutdownFailed,
+    StartupFailed,
     StoreUnavailable,
     TransientError,
 )
 from consumer.handler import Handler
 from consumer.message import Message
+from consumer.middleware import CallNext, Middleware, MiddlewareMisuse
 from consumer.outbox.writer import Outbox, OutboxError
 from consumer.runtime.outcomes import Outcome
 from consumer.settings import Settings, load_settings
@@ -51,6 +55,7 @@ __all__ = [
     "BadKey",
     "BatchContext",
     "BatchHandler",
+    "CallNext",
     "Codec",
     "ConfigError",
     "ConsumerError",
@@ -62,7 +67,10 @@ __all__ = [
     "InvalidMessage",
     "Item",
     "LeaseBusy",
+    "LifespanError",
     "Message",
+    "Middleware",
+    "MiddlewareMisuse",
     "MigrationMismatch",
     "MissingKey",
     "Outbox",
@@ -72,6 +80,8 @@ __all__ = [
     "Retry",
     "SchemaError",
     "Settings",
+    "ShutdownFailed",
+    "StartupFailed",
     "StoreUnavailable",
     "TransientError",
     "load_settings",

@@ -1,13 +1,22 @@
-"""``App``: the consumer group, its handlers and its settings. The user-facing entry point."""
+"""``App``: the consumer group, its handlers, its lifespan hooks, middleware and settings.
+
+The user-facing entry point. Lifespan hooks and the dependency container: docs/lifespan.md
+(run by consumer/lifespan.py); middleware: docs/middleware.md (consumer/middleware.py).
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, overload
+from typing import Any, Generic, Literal, Protocol, overload
 
 from pydantic import BaseModel
+from typing_extensions import TypeVar
 
+from consumer import middleware as mw
 from consumer.batch_handler import BatchFn, BatchHandler, as_batch_handler
 from consumer.codecs.registry import Codec, Codecs
 from consumer.context import Context
@@ -18,20 +27,26 @@ from consumer.settings import Settings, load_settings
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
 H = TypeVar("H", bound=Handler[Any, Any])
+D = TypeVar("D", default=Any)  # the app's dependency container (docs/lifespan.md)
+
+# A lifespan hook: takes the container, or nothing.
+Hook = Callable[[D], Awaitable[None]] | Callable[[], Awaitable[None]]
+F = TypeVar("F", bound=Callable[..., Awaitable[None]])
+W = TypeVar("W", bound=Callable[..., Awaitable[Any]])
 
 
-class Register(Protocol[M]):
+class Register(Protocol[M, D]):
     """What ``@app.handler(...)`` returns: takes an async or a plain (sync) function of
     ``(payload, ctx)``; the Handler's result type is the coroutine's result, not the coroutine."""
 
     @overload
-    def __call__(self, fn: Callable[[M, Context], Awaitable[R]], /) -> Handler[M, R]: ...
+    def __call__(self, fn: Callable[[M, Context[D]], Awaitable[R]], /) -> Handler[M, R]: ...
 
     @overload
-    def __call__(self, fn: Callable[[M, Context], R], /) -> Handler[M, R]: ...
+    def __call__(self, fn: Callable[[M, Context[D]], R], /) -> Handler[M, R]: ...
 
 
-class App:
+class App(Generic[D]):
     """A consumer group and its handlers.
 
     ``App("payments")`` names the Kafka consumer group; settings come from ``CONSUMER_*``
@@ -40,6 +55,10 @@ class App:
     scope the app owns to its folder (``{"payments": "handlers/migrations"}``), which stays
     put when the group is renamed; a plain list is scoped by group and position
     (``payments[0]``). Migrations are never tracked by folder name (see consumer/db/migrate.py).
+
+    ``deps=`` names the app's dependency container: a class (or any function) called with no
+    arguments once per worker process, before the startup hooks, which fill it; handlers
+    read it as ``ctx.deps`` (typed by ``Context[Deps]``). See docs/lifespan.md.
     """
 
     def __init__(
@@ -48,6 +67,7 @@ class App:
         *,
         settings: Settings | None = None,
         migrations: Mapping[str, str | Path] | Sequence[str | Path] = (),
+        deps: Callable[[], D] | None = None,
     ) -> None:
         if not group or not group.replace(".", "").replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"App group {group!r}: use letters, digits, '.', '-' or '_'")
@@ -58,6 +78,51 @@ class App:
         self._by_topic: dict[str, Handler[Any, Any]] = {}
         # Content type -> codec: msgpack and JSON, plus what ``codec()`` registers.
         self.codecs = Codecs()
+        if deps is not None and not callable(deps):
+            raise ConfigError("App(deps=...) takes the container's class, not an instance")
+        self.deps_factory = deps
+        self.startup_hooks: list[Hook[D]] = []
+        self.shutdown_hooks: list[Hook[D]] = []
+        self.middlewares: list[mw.Middleware[D]] = []
+
+    # ---------------------------------------------------------------- lifespan, middleware
+
+    def on_startup(self, fn: F) -> F:
+        """Register ``async def hook(deps)`` (or ``hook()``), run once per worker process
+        before it consumes, in registration order. One that raises stops the worker: one line,
+        exit code RET_STARTUP, nothing consumed (docs/lifespan.md)."""
+        self.startup_hooks.append(_hook(fn, "on_startup"))
+        return fn
+
+    def on_shutdown(self, fn: F) -> F:
+        """Register ``async def hook(deps)`` (or ``hook()``), run once per worker process
+        after its drain (also on SIGTERM), in reverse registration order (docs/lifespan.md)."""
+        self.shutdown_hooks.append(_hook(fn, "on_shutdown"))
+        return fn
+
+    def middleware(self, fn: W) -> W:
+        """Register ``async def mw(call_next, payload, ctx)`` around every per-message
+        handler call; the first registered is the outermost (docs/middleware.md)."""
+        mw.check(fn)
+        self.middlewares.append(fn)
+        return fn
+
+    def bound(self, deps: D | None) -> App[D]:
+        """A copy for one run (a worker, a TestApp): its handlers are copies carrying ``deps``
+        and the middleware chain, composed here once. The app itself is left as it is, so two
+        runs in one process each have their own container."""
+        out = copy.copy(self)
+        out.handlers, out._by_topic = [], {}
+        for h in self.handlers:
+            b = dataclasses.replace(h, deps=deps, chain=None)
+            # Per-message handlers only: a batch handler's batch call has no per-message
+            # signature, and wrapping only its one-at-a-time fallback runs would make a
+            # middleware see some of its messages and not others (docs/middleware.md).
+            if not isinstance(b, BatchHandler):
+                b.chain = mw.compose(b.call, self.middlewares)
+            out.handlers.append(b)
+            out._by_topic.update(dict.fromkeys(b.topics, b))
+        return out
 
     @property
     def given_settings(self) -> Settings | None:
@@ -96,7 +161,7 @@ class App:
         on_error: OnError = "retry",
         timeout_s: float | None = None,
         publishes: Sequence[str] = (),
-    ) -> Register[M]:
+    ) -> Register[M, D]:
         """Register a function ``(payload: schema, ctx: Context) -> result``, async or plain
         (a plain one runs in a thread, docs/handlers.md "Sync handlers").
 
@@ -138,7 +203,7 @@ class App:
         max_attempts: int | None = None,
         on_error: OnError = "retry",
         timeout_s: float | None = None,
-    ) -> Callable[[BatchFn[M]], BatchHandler[M]]:
+    ) -> Callable[[BatchFn[M, D]], BatchHandler[M]]:
         """Register an async function ``(batch: list[Item[schema]], ctx: BatchContext)``
         called once per batch with its new messages (consumer/batch_handler.py).
 
@@ -146,7 +211,7 @@ class App:
         the batch runs again one message at a time, each call bounded by it).
         """
 
-        def register(fn: BatchFn[M]) -> BatchHandler[M]:
+        def register(fn: BatchFn[M, D]) -> BatchHandler[M]:
             h: Handler[M, Any] = make_handler(
                 fn,
                 group=self.group,
@@ -186,6 +251,15 @@ class App:
 
     def handler_for(self, topic: str) -> Handler[Any, Any] | None:
         return self._by_topic.get(topic)
+
+
+def _hook(fn: Callable[..., Awaitable[None]], kind: str) -> Any:
+    name = getattr(fn, "__name__", repr(fn))
+    if not inspect.iscoroutinefunction(fn):
+        raise ConfigError(f"@app.{kind} on {name}: the hook must be an async function")
+    if len(inspect.signature(fn).parameters) > 1:
+        raise ConfigError(f"@app.{kind} on {name}: the hook takes (deps) or nothing")
+    return fn
 
 
 def _migration_sets(

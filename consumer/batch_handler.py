@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from pydantic import BaseModel
+from typing_extensions import TypeVar
 
 from consumer import keys
 from consumer.constants import CONTENT_MSGPACK
@@ -30,6 +31,7 @@ from consumer.handler import Handler
 from consumer.message import Message
 
 M = TypeVar("M", bound=BaseModel)
+D = TypeVar("D", default=Any)  # the app's dependency container, as Context's
 
 Payload = BaseModel | Mapping[str, Any]
 
@@ -56,16 +58,17 @@ Verdict = Any  # a value (the item's result), a Reject or a Retry
 
 
 @dataclass
-class BatchContext:
+class BatchContext(Generic[D]):
     """What a batch handler sees: the batch transaction's connection, publish, and verdicts.
 
     ``publish`` adds an outbox row on behalf of one item: it commits with that item's outcome
     and is dropped if the item is rejected (its ``db`` writes are not: see docs/handlers.md,
-    "Batch handlers").
+    "Batch handlers"). ``deps`` is the app's dependency container, as ``Context.deps``.
     """
 
     db: Database
     items: list[Item[Any]]
+    deps: D = None  # type: ignore[assignment]
     _outgoing: dict[int, list[Outgoing]] = field(default_factory=dict)
     _marked: dict[int, Reject | Retry] = field(default_factory=dict)
 
@@ -155,7 +158,7 @@ def verdicts(ctx: BatchContext, value: object) -> list[Verdict]:
     return out
 
 
-BatchFn = Callable[[list[Item[M]], BatchContext], Awaitable[Any]]
+BatchFn = Callable[[list[Item[M]], BatchContext[D]], Awaitable[Any]]
 
 
 @dataclass(eq=False)
@@ -173,7 +176,7 @@ class BatchHandler(Handler[M, Any]):
             ctx.payload_hash,
             0,
         )
-        bctx = BatchContext(ctx.db, [one])
+        bctx: BatchContext[Any] = BatchContext(ctx.db, [one], ctx.deps)
         value = await self.fn([one], bctx)
         [verdict] = verdicts(bctx, value)
         if isinstance(verdict, (Reject, Retry)):

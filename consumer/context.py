@@ -1,20 +1,26 @@
 """What a handler sees: the transaction's connection, its identity, and ``publish``.
 
 ``publish`` never produces to Kafka directly: it adds an outbox row that commits (or rolls
-back) with the handler's other effects.
+back) with the handler's other effects. ``deps`` is the app's dependency container
+(docs/lifespan.md): ``Context[Deps]`` types it; a bare ``Context`` is ``Context[Any]``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol
 
 from pydantic import BaseModel
+from typing_extensions import TypeVar
 
 from consumer import keys
 from consumer.constants import CONTENT_MSGPACK, HEADER_CONTENT_TYPE
 from consumer.message import Message
+
+# The container's type. Defaults to Any (PEP 696), so that ``ctx: Context`` keeps meaning what it
+# always did under mypy --strict, and ``Context[Deps]`` is accepted by an ``App[Deps]``.
+D = TypeVar("D", default=Any)
 
 
 class Database(Protocol):
@@ -44,8 +50,8 @@ def to_jsonable(value: Any) -> Any:
 
 
 @dataclass
-class Context:
-    """Per-message context passed to handlers."""
+class Context(Generic[D]):
+    """Per-message context passed to handlers (and to middleware, docs/middleware.md)."""
 
     db: Database
     namespace: str
@@ -54,6 +60,10 @@ class Context:
     payload_hash: str
     attempt: int = 1
     outgoing: list[Outgoing] = field(default_factory=list)
+    # Set by Handler.invoke, not by whoever builds the Context: the app's container (None
+    # when it declares none) and the handler's name (its namespace without the tenant).
+    deps: D = None  # type: ignore[assignment]
+    handler: str = ""
 
     @property
     def outside_key(self) -> str:

@@ -7,6 +7,9 @@
     │   ├── MigrationMismatch          an applied migration's file changed or is gone
     │   ├── KafkaAuthError             the broker refused the login or its certificate is untrusted
     │   └── TopicsMissing              a topic the app reads does not exist (never auto-created)
+    ├── LifespanError                  an app's lifespan hook failed (docs/lifespan.md)
+    │   ├── StartupFailed              an on_startup hook raised: the worker consumed nothing
+    │   └── ShutdownFailed             an on_shutdown hook raised (after the drain)
     ├── InvalidMessage                 definite: the message never reached the handler
     │   ├── DecodeError                undecodable bytes (reason "undecodable")
     │   ├── SchemaError                payload fails validation (reason "invalid_schema")
@@ -59,6 +62,20 @@ class TopicsMissing(ConfigError):
     def __init__(self, message: str, topics: list[str]) -> None:
         super().__init__(message)
         self.topics = topics
+
+
+class LifespanError(ConsumerError):
+    """An ``on_startup`` or ``on_shutdown`` hook of the app raised (docs/lifespan.md)."""
+
+
+class StartupFailed(LifespanError):
+    """A startup hook raised: the worker did not consume (exit code RET_STARTUP). Restarted
+    with back-off, as a service that was not reachable yet may be next time."""
+
+
+class ShutdownFailed(LifespanError):
+    """A shutdown hook raised, after the drain; the other hooks still ran (exit code
+    RET_WORKER_FAILED)."""
 
 
 class InvalidMessage(ConsumerError):

@@ -20,6 +20,7 @@ RET_UNCONFIRMED = 10  # admin commands: no --yes and stdin is not a terminal; no
 RET_BUSY = 11  # admin commands: a running batch held the row past the lock timeout; retry
 RET_KAFKA_AUTH = 12  # the broker refused the SASL login or its TLS certificate is untrusted
 RET_TOPICS = 13  # a source topic is missing (run), or `topics --check` found one missing
+RET_STARTUP = 14  # an on_startup hook of the app raised: the worker consumed nothing
 
 NAMES: dict[int, str] = {
     code: name
@@ -30,7 +31,8 @@ NAMES: dict[int, str] = {
 
 def of_error(exc: BaseException) -> int:
     """The code a start-up error exits with: RET_KAFKA_AUTH, RET_TOPICS, RET_MIGRATION or
-    RET_CONFIG for the ConfigError family, RET_ERROR for anything else."""
+    RET_CONFIG for the ConfigError family, RET_STARTUP or RET_WORKER_FAILED for a lifespan
+    hook's failure, RET_ERROR for anything else."""
     from consumer import errors
 
     for kind, code in (
@@ -38,6 +40,8 @@ def of_error(exc: BaseException) -> int:
         (errors.TopicsMissing, RET_TOPICS),
         (errors.MigrationMismatch, RET_MIGRATION),
         (errors.ConfigError, RET_CONFIG),
+        (errors.StartupFailed, RET_STARTUP),
+        (errors.ShutdownFailed, RET_WORKER_FAILED),
     ):
         if isinstance(exc, kind):
             return code

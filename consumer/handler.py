@@ -48,6 +48,10 @@ class Handler(Generic[M, R]):
     # Topics the handler publishes to (ctx.publish), declared so `consumer topics` can list
     # and create them; undeclared ones still work.
     publishes: tuple[str, ...] = ()
+    # Set on the copy a run binds (App.bound, consumer/lifespan.py), never at registration:
+    # the app's dependency container and the middleware chain composed around ``call``.
+    deps: Any = field(default=None, repr=False)
+    chain: Callable[[Any, Any], Awaitable[Any]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         unknown = self.hash_exclude - set(self.schema.model_fields)
@@ -65,6 +69,16 @@ class Handler(Generic[M, R]):
             result: R = await self.fn(payload, ctx)
             return result
         return await asyncio.to_thread(self.fn, payload, ctx)
+
+    def invoke(self, payload: M, ctx: Context) -> Awaitable[R]:
+        """What the runtime calls (runtime/invoke.py): ``ctx.deps`` set, then the middleware
+        chain around :meth:`call` when the app has middleware, else :meth:`call` itself.
+        A plain function returning the awaitable: without middleware, no extra coroutine."""
+        ctx.deps = self.deps
+        ctx.handler = self.name
+        if self.chain is None:
+            return self.call(payload, ctx)
+        return self.chain(payload, ctx)
 
     async def __call__(self, payload: M, ctx: Context) -> R:
         return await self.call(payload, ctx)

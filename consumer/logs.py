@@ -135,7 +135,11 @@ def _drop_formatted(_: Any, __: str, ed: EventDict) -> EventDict:
 _TIMESTAMP = structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts")
 # Applied to the standard library's records before the shared chain: their ``extra=`` fields
 # become event fields, like a structlog call's keywords.
+# merge_contextvars first: fields bound with structlog.contextvars (consumer/middlewares/
+# log_context.py binds the message's) join every line logged while they are bound, through
+# logging or structlog alike; a line's own fields win.
 _FOREIGN: list[Any] = [
+    structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.stdlib.ExtraAdder(),
@@ -236,6 +240,7 @@ def formatter(json_lines: bool, stream: Any = None) -> logging.Formatter:
 def _configure_structlog() -> None:
     """Route ``structlog.get_logger()`` calls through the standard library's handler."""
     chain: Sequence[Any] = [
+        structlog.contextvars.merge_contextvars,
         structlog.stdlib.filter_by_level,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

@@ -20,7 +20,7 @@ import typer
 from consumer import logs
 from consumer.cli.common import APP_ARG, fail, load, log_level
 from consumer.cli.migrate import apply as apply_migrations
-from consumer.errors import ConfigError
+from consumer.errors import ConfigError, LifespanError
 from consumer.exitcodes import RET_CONFIG, RET_ERROR, RET_OK, of_error
 
 if TYPE_CHECKING:
@@ -102,6 +102,9 @@ def run_worker(
     except ConfigError as exc:  # one line (auth, topics, migrations ...): a traceback would
         # not help fixing it; the code names the family (consumer/exitcodes.py)
         log.error("worker %d refused to start: %s", worker_id, exc)
+        return of_error(exc)
+    except LifespanError as exc:  # the app's own hook: one line, RET_STARTUP or RET_WORKER_FAILED
+        log.error("worker %d: %s", worker_id, exc)
         return of_error(exc)
     except Exception:
         log.exception("worker %d failed", worker_id)

@@ -127,7 +127,7 @@ async def _call(
 ) -> list[Run]:
     """The call in its savepoint; ``[]`` when it must fall back (rolled back)."""
     tx = bt.tx
-    ctx = BatchContext(tx.db, batch)
+    ctx = BatchContext(tx.db, batch, handler.deps)  # the app's container (docs/lifespan.md)
     timeout_s = handler.timeout_s or bt.settings.handler_timeout_s
     await tx.savepoint()
     try:

@@ -149,7 +149,7 @@ async def _call(
     await _begin(tx, optimistic)
     try:
         await probe.point("mid_handler")
-        value = await asyncio.wait_for(handler.call(ident.payload, ctx), timeout_s)
+        value = await asyncio.wait_for(handler.invoke(ident.payload, ctx), timeout_s)
         run = _finished(msg, ident, value, ctx)
         await _keep(tx, optimistic)
     except Fallback:

@@ -1,9 +1,10 @@
 """The worker: one Kafka consumer in the app's group, feeding the batch processor.
 
-Its lifecycle lives here: connect (pool, migrations check, Redis), join the group, run the
-fetch loop (runtime/fetch.py) until ``stop``, then drain: leave the group, let the in-worker
-relay finish, close. The rebalance listener (runtime/rebalance.py) finishes the batch in
-flight before partitions go; positions come from the database only (runtime/positions.py).
+Its lifecycle lives here: connect (pool, migrations check, Redis), the app's startup hooks,
+join the group, run the fetch loop (runtime/fetch.py) until ``stop``, then drain: leave the
+group, let the in-worker relay finish, close, and the app's shutdown hooks. The rebalance
+listener (runtime/rebalance.py) finishes the batch in flight before partitions go; positions
+come from the database only (runtime/positions.py).
 Metrics and logs are observers (consumer/observers.py) given to it, never called from here.
 """
 
@@ -27,7 +28,9 @@ from consumer.db import migrate
 from consumer.db.pool import create_pool
 from consumer.dedup.cluster import lease_store
 from consumer.dedup.leases import LeaseStore, NoLeases
+from consumer.errors import ShutdownFailed
 from consumer.kafka_config import client_options
+from consumer.lifespan import Lifespan
 from consumer.observers import Observer
 from consumer.probe import Probe, installed
 from consumer.runtime import undecodable
@@ -146,6 +149,25 @@ class Worker:
             await self.pool.close()
             self.pool = None
             return
+        # The app's startup hooks, before anything consumes (consumer/lifespan.py); a hook
+        # that raises ends the start here (StartupFailed, exit code RET_STARTUP).
+        lifespan = Lifespan(self.app)
+        try:
+            self.app = await lifespan.start()
+        except BaseException:
+            await self.pool.close()
+            raise
+        # The shutdown hooks after the drain, also on SIGTERM; a hook's failure (ShutdownFailed)
+        # never hides the error that ended the run.
+        try:
+            await self._consume(s)
+        except BaseException:
+            with contextlib.suppress(ShutdownFailed):
+                await lifespan.stop()
+            raise
+        await lifespan.stop()
+
+    async def _consume(self, s: Settings) -> None:
         leases = await self._leases()
         self.processor = BatchProcessor(
             self.app,

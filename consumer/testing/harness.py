@@ -27,6 +27,7 @@ from typing import Any
 
 import asyncpg
 from pydantic import BaseModel
+from typing_extensions import TypeVar
 
 from consumer import codec, keys
 from consumer.app import App
@@ -41,6 +42,7 @@ from consumer.constants import (
 from consumer.dedup.inbox import InboxRecord
 from consumer.dedup.leases import MemoryLeases
 from consumer.errors import TransientError
+from consumer.lifespan import Lifespan
 from consumer.message import Message
 from consumer.observers import Observer
 from consumer.probe import Probe
@@ -53,6 +55,8 @@ from consumer.testing.encoding import as_sent
 from consumer.testing.kafka import MemoryKafka
 from consumer.testing.result import HarnessError, SendResult
 from consumer.testing.store import MemoryStore
+
+D = TypeVar("D", default=Any)  # the app's dependency container
 
 
 class _Crash(BaseException):
@@ -112,18 +116,25 @@ class TestApp:
     framework's and the app's migrations are applied, then everything the test does happens
     in one transaction that is rolled back on ``close()``. Without ``db`` the inbox, offsets
     and outbox live in dicts and ``ctx.db`` raises :class:`DatabaseRequired`.
+
+    The app's lifespan runs as in a worker (docs/lifespan.md): its container is built and its
+    startup hooks run on ``start()`` (``async with``), its shutdown hooks on ``close()``.
+    ``deps=`` replaces the container for the test (``ctx.deps`` is that object), and then
+    the hooks do not run unless ``lifespan=True``; ``lifespan=False`` skips them anyway.
     """
 
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(
         self,
-        app: App,
+        app: App[D],
         db: str | asyncpg.Connection | None = None,
         *,
         settings: Settings | None = None,
         migrate: bool = True,
         max_rounds: int = 100,
+        deps: D | None = None,
+        lifespan: bool | None = None,
     ) -> None:
         self.app = app
         # The harness never waits for a lease held elsewhere: such a lease belongs to a
@@ -137,6 +148,10 @@ class TestApp:
         self.group = f"{app.group}.testapp-{uuid.uuid4().hex[:8]}"
         self._app = copy.copy(app)
         self._app.group = self.group
+        self._lifespan = Lifespan(
+            self._app, deps=deps, hooks=(deps is None) if lifespan is None else lifespan
+        )
+        self._bound: App | None = None  # the app bound to the container, while started
         self._db = db
         self._migrate = migrate
         self._max_rounds = max_rounds
@@ -163,14 +178,29 @@ class TestApp:
                 folders = dict(self.app.migrations) if self._migrate else None
                 pg = await PostgresBackend.open(self._db, folders)
                 self._backend, self._conn = pg, pg.conn
+            try:
+                self._bound = await self._lifespan.start()  # StartupFailed if a hook raised
+            except BaseException:
+                await self.close()
+                raise
             self._processor = self._new_processor()
         return self
 
     async def close(self) -> None:
-        """Roll back everything done in PostgreSQL, and close the connection if it is ours."""
+        """Run the app's shutdown hooks, roll back everything done in PostgreSQL, and close
+        the connection if it is ours."""
         backend, self._backend, self._conn = self._backend, None, None
-        if backend is not None:
-            await backend.close()
+        self._bound = None
+        try:
+            await self._lifespan.stop()
+        finally:
+            if backend is not None:
+                await backend.close()
+
+    @property
+    def deps(self) -> Any:
+        """The container the handlers see as ``ctx.deps`` (None before ``start()``)."""
+        return self._lifespan.deps
 
     async def __aenter__(self) -> TestApp:
         return await self.start()
@@ -187,8 +217,9 @@ class TestApp:
         backend = self._backend
         assert backend is not None
         conn = self._conn
+        assert self._bound is not None
         return BatchProcessor(
-            self._app,
+            self._bound,
             self.settings,
             self.leases,
             f"testapp-{uuid.uuid4().hex[:12]}",

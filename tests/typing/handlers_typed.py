@@ -32,3 +32,36 @@ async_ok: Handler[Email, int] = settle  # the coroutine's result, not the corout
 @app.handler("emails.bad", schema=Email, key="record")  # expect-error: payload type
 async def wrong(e: int, ctx: Context) -> None:
     return None
+
+
+# The dependency container (docs/lifespan.md): App(deps=Deps) is an App[Deps]; a handler
+# taking Context[Deps] or a bare Context is accepted, one declaring another container is not.
+class Deps:
+    base_url: str = "https://rates.example"
+
+
+class OtherDeps:
+    token: str = ""
+
+
+typed = App("typing.deps", deps=Deps)
+
+
+@typed.on_startup
+async def fill(deps: Deps) -> None:
+    deps.base_url = "https://rates.internal"
+
+
+@typed.handler("deps.ok", schema=Email, key="record")
+async def uses_deps(e: Email, ctx: Context[Deps]) -> str:
+    return ctx.deps.base_url
+
+
+@typed.handler("deps.bare", schema=Email, key="record")
+async def bare_ctx(e: Email, ctx: Context) -> None:
+    return None
+
+
+@typed.handler("deps.bad", schema=Email, key="record")  # expect-error: another container
+async def wrong_deps(e: Email, ctx: Context[OtherDeps]) -> str:
+    return ctx.deps.token

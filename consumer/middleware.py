@@ -1,0 +1,111 @@
+"""Middleware: async functions around every per-message handler call, composed once per run.
+
+A middleware is ``async def mw(call_next, payload, ctx)``; ``await call_next(payload)`` runs
+the rest of the chain (the next middleware, finally the handler) and returns its result.
+``app.middleware(mw)`` registers it; the first registered is the outermost. The chain runs
+inside the handler's call in runtime/invoke.py: inside the message's savepoint and its
+timeout, so whatever a middleware raises is classified exactly like a handler's error
+(``Reject``, ``Retry``, transient, unknown), and a database error it swallows is still
+found when the savepoint is released. What a middleware must not do: docs/middleware.md.
+
+Composed once when a run binds the app (``App.bound``), as FastStream wraps its consume
+middlewares with ``functools.partial`` (faststream/_internal/endpoint/subscriber/call_item.py),
+but at start rather than per message; with no middleware there is no chain at all.
+
+This module never touches a store and never decides an outcome.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel
+from typing_extensions import TypeVar
+
+from consumer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from consumer.context import Context
+
+D = TypeVar("D", default=Any)
+
+
+class CallNext(Protocol):
+    """What a middleware is given: ``await call_next(payload)`` runs the rest of the chain
+    (the next middleware, finally the handler) once, and returns the handler's result."""
+
+    def __call__(self, payload: BaseModel, /) -> Awaitable[Any]: ...
+
+
+class Middleware(Protocol[D]):
+    """``async def mw(call_next, payload, ctx) -> result``, registered by ``app.middleware``;
+    ``Middleware[Deps]`` when it reads ``ctx.deps``."""
+
+    def __call__(
+        self, call_next: CallNext, payload: BaseModel, ctx: Context[D], /
+    ) -> Awaitable[Any]: ...
+
+
+Call = Callable[[Any, Any], Awaitable[Any]]  # (payload, ctx) -> result: a handler's call
+
+
+class MiddlewareMisuse(RuntimeError):
+    """A middleware called ``call_next`` a second time for one message. Refused, so that a
+    handler's effects are never applied twice in one savepoint; an error of the middleware's
+    code, classified as an unknown error (the handler's ``on_error`` policy)."""
+
+
+def check(fn: object) -> None:
+    """Refuse, at registration, what cannot be a middleware (with how to fix it)."""
+    # A function, or an object with an async __call__ (a configured middleware instance).
+    call = fn if inspect.isroutine(fn) or not callable(fn) else type(fn).__call__.__get__(fn)
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if not callable(call) or not inspect.iscoroutinefunction(call):
+        raise ConfigError(f"app.middleware({name}): a middleware must be an async function")
+    try:
+        params = inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return
+    if len(params) != 3:
+        raise ConfigError(
+            f"app.middleware({name}): the function must take (call_next, payload, ctx); "
+            f"it takes {len(params)} parameters"
+        )
+
+
+class _Next:
+    """``call_next`` of one middleware for one message: runs ``inner`` at most once."""
+
+    __slots__ = ("ctx", "inner", "used")
+
+    def __init__(self, inner: Call, ctx: Any) -> None:
+        self.inner = inner
+        self.ctx = ctx
+        self.used = False
+
+    async def __call__(self, payload: BaseModel) -> Any:
+        if self.used:
+            raise MiddlewareMisuse(
+                "a middleware called call_next twice for one message: the handler runs at "
+                "most once per delivery (retries belong to Retry / retry_on)"
+            )
+        self.used = True
+        return await self.inner(payload, self.ctx)
+
+
+def _layer(mw: Middleware[Any], inner: Call) -> Call:
+    async def layer(payload: Any, ctx: Any) -> Any:
+        return await mw(_Next(inner, ctx), payload, ctx)
+
+    return layer
+
+
+def compose(call: Call, middlewares: Sequence[Middleware[Any]]) -> Call | None:
+    """The chain around ``call``, first middleware outermost; None without middleware."""
+    if not middlewares:
+        return None
+    for mw in reversed(middlewares):
+        call = _layer(mw, call)
+    return call

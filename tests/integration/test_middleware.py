@@ -1,0 +1,127 @@
+"""Middleware that misbehaves cannot break the guarantees: a real worker, Kafka, PostgreSQL.
+
+Each middleware runs inside the message's savepoint (consumer/middleware.py). One that
+swallows the handler's database error returns a value, yet the savepoint is aborted: the
+runtime finds it (RELEASE fails, runtime/invoke.py ``_cause``) and records nothing. One that
+calls ``call_next`` twice gets MiddlewareMisuse and the handler's effects apply once. One
+that raises Reject rejects, and the handler's writes before it are rolled back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import msgpack
+import pytest
+from pydantic import BaseModel
+
+from consumer import App, CallNext, Context, Reject
+from tests.conftest import app_settings, eventually, read_topic, running
+
+pytestmark = pytest.mark.integration
+
+
+class Pay(BaseModel):
+    id: str
+
+
+async def _run(
+    settings, topics, producer, pg, unique, base, install, **overrides: Any
+) -> tuple[App, str, Any]:
+    """An app whose handler inserts a row per message then (for id ``dup``) re-inserts a
+    primary key (unique violation), with ``install(app)``'s middleware, fed three messages."""
+    topic = await topics(base)
+    table = f"mw_{base}_{unique}".replace("-", "_")
+    await pg.execute(f"CREATE TABLE {table} (k text PRIMARY KEY)")
+    app = App(f"g-{base}-{unique}", settings=app_settings(settings, max_attempts=1, **overrides))
+    install(app)
+
+    @app.handler(topic, schema=Pay, key=lambda p: p.id)
+    async def handle(p: Pay, ctx: Context) -> dict[str, str]:
+        await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", p.id)
+        if p.id == "dup":
+            await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", p.id)  # 23505
+        return {"ok": p.id}
+
+    for i, key in enumerate(["a", "dup", "b"]):
+        await producer.send_and_wait(topic, msgpack.packb({"id": key}), partition=i % 3)
+    async with running(app) as worker:
+
+        async def all_seen() -> bool:
+            return worker.stats.consumed >= 3
+
+        await eventually(all_seen)
+    return app, table, worker
+
+
+async def _inbox(pg: asyncpg.Connection, app: App) -> dict[str, str]:
+    rows = await pg.fetch(
+        "SELECT key, status FROM dedup.inbox WHERE namespace = $1", f"{app.group}.handle"
+    )
+    return {r["key"]: r["status"] for r in rows}
+
+
+@pytest.mark.parametrize("optimistic", [False, True])  # a savepoint each, or one for all
+async def test_a_swallowed_database_error_records_no_success(
+    settings, topics, producer, pg, unique, optimistic
+):
+    def install(app: App) -> None:
+        @app.middleware
+        async def swallow(call_next: CallNext, payload: BaseModel, ctx: Context) -> Any:
+            try:
+                return await call_next(payload)
+            except asyncpg.UniqueViolationError:
+                return {"ok": "swallowed"}  # hides the handler's failure: must not count
+
+    app, table, worker = await _run(
+        settings,
+        topics,
+        producer,
+        pg,
+        unique,
+        f"swallow{int(optimistic)}",
+        install,
+        optimistic=optimistic,
+    )
+    rows = {r["k"] for r in await pg.fetch(f"SELECT k FROM {table}")}
+    assert rows == {"a", "b"}  # the "dup" savepoint was rolled back, its first insert too
+    assert await _inbox(pg, app) == {"a": "done", "b": "done"}  # nothing recorded for dup
+    dead = await read_topic(settings, app.handlers[0].topics[0] + ".dlq", expect=1)
+    assert [dict(d.headers)["x-reason"] for d in dead] == [b"failed"]
+    assert worker.stats.by_outcome["applied"] == 2
+
+
+async def test_call_next_twice_applies_once(settings, topics, producer, pg, unique):
+    def install(app: App) -> None:
+        @app.middleware
+        async def twice(call_next: CallNext, payload: BaseModel, ctx: Context) -> Any:
+            first = await call_next(payload)
+            try:
+                await call_next(payload)  # refused: the handler does not run again
+            except RuntimeError:
+                pass
+            return first
+
+    app, table, _ = await _run(settings, topics, producer, pg, unique, "twice", install)
+    # With a second run, "a" and "b" would have failed their primary key (not applied).
+    assert {r["k"] for r in await pg.fetch(f"SELECT k FROM {table}")} == {"a", "b"}
+    assert await _inbox(pg, app) == {"a": "done", "b": "done"}
+
+
+async def test_a_middleware_reject_rolls_back_the_handler(settings, topics, producer, pg, unique):
+    def install(app: App) -> None:
+        @app.middleware
+        async def audit(call_next: CallNext, payload: BaseModel, ctx: Context) -> Any:
+            result = await call_next(payload)
+            if getattr(payload, "id", "") == "b":
+                raise Reject("audit refused b")  # after the handler's insert
+            return result
+
+    app, table, _ = await _run(settings, topics, producer, pg, unique, "reject", install)
+    assert {r["k"] for r in await pg.fetch(f"SELECT k FROM {table}")} == {"a"}
+    assert await _inbox(pg, app) == {"a": "done", "b": "rejected"}
+    reasons = await pg.fetchval(
+        "SELECT reason FROM dedup.inbox WHERE namespace = $1 AND key = 'b'", f"{app.group}.handle"
+    )
+    assert reasons == "audit refused b"
