@@ -4,9 +4,10 @@ An app needs its **source** topics (never created here: their partition count an
 are the producers' decision), ``<source>.dlq``, ``<source>.conflicts`` and, for handlers with
 ``retry="topics"``, ``<source>.retry`` (the framework's own: a dead letter or conflict
 written to a topic that does not exist waits in the outbox forever on a broker with
-auto-creation off, the norm), and the **publish** targets its handlers declare (``@app.handler(..., publishes=[...])``). Reply topics are named by each
-request's ``reply-to`` header, so they cannot be listed: a reply to a missing one is given
-up after CONSUMER_REPLY_TOPIC_MISSING_S (docs/outbox.md).
+auto-creation off, the norm), and the **publish** targets its handlers declare
+(``@app.handler(..., publishes=[...])``). Reply topics are named by each request's
+``reply-to`` header, so they cannot be listed: a reply to a missing one is given up after
+CONSUMER_REPLY_TOPIC_MISSING_S (docs/outbox.md).
 
 The framework's topics are created with the source's partition count and replication factor
 (CONSUMER_TOPICS_REPLICATION_FACTOR overrides the latter). Plain functions returning data;
