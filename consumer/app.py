@@ -19,9 +19,10 @@ from typing_extensions import TypeVar
 from consumer import middleware as mw
 from consumer.batch_handler import BatchFn, BatchHandler, as_batch_handler
 from consumer.codecs.registry import Codec, Codecs
+from consumer.constants import RETRY_SUFFIX
 from consumer.context import Context
 from consumer.errors import ConfigError
-from consumer.handler import Handler, OnError, make_handler
+from consumer.handler import Handler, OnError, RetryMode, make_handler
 from consumer.settings import Settings, load_settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -76,6 +77,7 @@ class App(Generic[D]):
         self.migrations = _migration_sets(group, migrations)
         self.handlers: list[Handler[Any, Any]] = []
         self._by_topic: dict[str, Handler[Any, Any]] = {}
+        self._by_retry_topic: dict[str, Handler[Any, Any]] = {}  # <topic>.retry, retry="topics"
         # Content type -> codec: msgpack and JSON, plus what ``codec()`` registers.
         self.codecs = Codecs()
         if deps is not None and not callable(deps):
@@ -112,7 +114,7 @@ class App(Generic[D]):
         and the middleware chain, composed here once. The app itself is left as it is, so two
         runs in one process each have their own container."""
         out = copy.copy(self)
-        out.handlers, out._by_topic = [], {}
+        out.handlers, out._by_topic, out._by_retry_topic = [], {}, {}
         for h in self.handlers:
             b = dataclasses.replace(h, deps=deps, chain=None)
             # Per-message handlers only: a batch handler's batch call has no per-message
@@ -122,6 +124,8 @@ class App(Generic[D]):
                 b.chain = mw.compose(b.call, self.middlewares)
             out.handlers.append(b)
             out._by_topic.update(dict.fromkeys(b.topics, b))
+            if b.retry == "topics":
+                out._by_retry_topic.update(dict.fromkeys(_retry_topics(b), b))
         return out
 
     @property
@@ -161,6 +165,7 @@ class App(Generic[D]):
         on_error: OnError = "retry",
         timeout_s: float | None = None,
         publishes: Sequence[str] = (),
+        retry: RetryMode = "in-place",
     ) -> Register[M, D]:
         """Register a function ``(payload: schema, ctx: Context) -> result``, async or plain
         (a plain one runs in a thread, docs/handlers.md "Sync handlers").
@@ -169,6 +174,8 @@ class App(Generic[D]):
         ``"header"`` (default, header ``key_header``) or ``"record"`` (the Kafka record key).
         ``hash_exclude`` names payload fields that are not part of its identity.
         ``publishes`` declares the topics it publishes to, for ``consumer topics``.
+        ``retry="topics"`` sends a transiently failed message to ``<topic>.retry`` and lets
+        the partition move on (docs/handlers.md, "Retries that do not block").
         """
 
         def register(fn: Callable[..., Any]) -> Handler[M, Any]:
@@ -186,6 +193,7 @@ class App(Generic[D]):
                 on_error=on_error,
                 timeout_s=timeout_s,
                 publishes=publishes,
+                retry=retry,
             )
             return self._add(h)
 
@@ -240,17 +248,38 @@ class App(Generic[D]):
                 )
         if any(other.name == h.name for other in self.handlers):
             raise ConfigError(f"two handlers named {h.name!r}; pass name= to one of them")
+        retry_topics = _retry_topics(h) if h.retry == "topics" else []
+        for topic in [*h.topics, *retry_topics]:
+            if topic in self._by_retry_topic or (topic in retry_topics and topic in self._by_topic):
+                raise ConfigError(
+                    f"topic {topic!r} is both a source and the retry topic of a handler with "
+                    "retry='topics'; rename the source"
+                )
         for topic in h.topics:
             self._by_topic[topic] = h
+        for topic in retry_topics:
+            self._by_retry_topic[topic] = h
         self.handlers.append(h)
         return h
 
     @property
     def topics(self) -> list[str]:
+        """The source topics (the ones handlers were registered for)."""
         return list(self._by_topic)
 
+    @property
+    def subscribed(self) -> list[str]:
+        """What a worker subscribes to: the sources, and the ``<topic>.retry`` of handlers
+        with ``retry="topics"``."""
+        return [*self._by_topic, *self._by_retry_topic]
+
     def handler_for(self, topic: str) -> Handler[Any, Any] | None:
-        return self._by_topic.get(topic)
+        """The handler of a source topic, or of a handler's ``<topic>.retry``."""
+        return self._by_topic.get(topic) or self._by_retry_topic.get(topic)
+
+
+def _retry_topics(h: Handler[Any, Any]) -> list[str]:
+    return [t + RETRY_SUFFIX for t in h.topics]
 
 
 def _hook(fn: Callable[..., Awaitable[None]], kind: str) -> Any:

@@ -31,12 +31,19 @@ HEADER_REPLAYED_FROM = "x-replayed-from"
 # consumer/outbox/sending.py: a dead letter sent without its value (too large for the producer)
 HEADER_TRUNCATED = "x-truncated"  # consumer/replay.py: the dead letter a copy came from
 TRACEPARENT = "traceparent"
+# consumer/runtime/retry_topics.py: a record on <topic>.retry, the run it is for, when it is
+# due (epoch ms), where the original was (topic/partition/offset), and why it is retried
+HEADER_RETRY_ATTEMPT = "x-retry-attempt"
+HEADER_RETRY_DUE_MS = "x-retry-due-ms"
+HEADER_RETRY_ORIGIN = "x-retry-origin"
+HEADER_RETRY_REASON = "x-retry-reason"
 
 CONTENT_MSGPACK = "application/msgpack"
 CONTENT_JSON = "application/json"
 
 DLQ_SUFFIX = ".dlq"
 CONFLICT_SUFFIX = ".conflicts"
+RETRY_SUFFIX = ".retry"  # consumer/runtime/retry_topics.py: retries that do not block
 
 HASH_ALG = "blake2b-128"
 OUTBOX_SHARDS = 64

@@ -25,6 +25,9 @@ R = TypeVar("R")
 
 KeyFrom = Literal["header", "record", "payload"]
 OnError = Literal["retry", "reject"]
+# "in-place": a transient failure holds the partition and runs again (the default);
+# "topics": it goes to <topic>.retry and the partition moves on (runtime/retry_topics.py).
+RetryMode = Literal["in-place", "topics"]
 HandlerFn = Callable[[M, "Context"], Awaitable[R]] | Callable[[M, "Context"], R]
 
 
@@ -48,6 +51,7 @@ class Handler(Generic[M, R]):
     # Topics the handler publishes to (ctx.publish), declared so `consumer topics` can list
     # and create them; undeclared ones still work.
     publishes: tuple[str, ...] = ()
+    retry: RetryMode = "in-place"
     # Set on the copy a run binds (App.bound, consumer/lifespan.py), never at registration:
     # the app's dependency container and the middleware chain composed around ``call``.
     deps: Any = field(default=None, repr=False)
@@ -62,6 +66,10 @@ class Handler(Generic[M, R]):
             )
         if self.on_error not in ("retry", "reject"):
             raise ConfigError(f"handler {self.name!r}: on_error must be 'retry' or 'reject'")
+        if self.retry not in ("in-place", "topics"):
+            raise ConfigError(
+                f"handler {self.name!r}: retry must be 'in-place' or 'topics', not {self.retry!r}"
+            )
 
     async def call(self, payload: M, ctx: Context) -> R:
         """Run the user's function; sync functions run in a thread so the loop keeps beating."""
@@ -100,6 +108,7 @@ def make_handler(
     timeout_s: float | None,
     publishes: Sequence[str] = (),
     decorator: str = "handler",
+    retry: RetryMode = "in-place",
 ) -> Handler[M, Any]:
     """Validate decorator options and build the Handler (``decorator``: for the messages)."""
     if not topics:
@@ -158,4 +167,5 @@ def make_handler(
         timeout_s=timeout_s,
         is_async=inspect.iscoroutinefunction(fn),
         publishes=tuple(publishes),
+        retry=retry,
     )

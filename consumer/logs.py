@@ -38,6 +38,7 @@ _OUTCOME_LEVEL = {
     "conflict": logging.WARNING,
     "rejected": logging.WARNING,
     "failed": logging.WARNING,
+    "deferred": logging.INFO,  # retry="topics": sent to <topic>.retry, nothing recorded
     "invalid": logging.WARNING,
 }
 outcome_log = logging.getLogger("consumer.outcomes")

@@ -43,6 +43,9 @@ class Message:
     # Set when the Kafka client could not parse the record (consumer/runtime/undecodable.py):
     # why; ``value`` then holds the raw bytes and the record is dead-lettered as undecodable.
     undecodable: str = ""
+    # Set for a record read from ``<topic>.retry`` (consumer/runtime/retry_topics.py): the
+    # source topic it is a retry of, whose .dlq and .conflicts its envelopes go to.
+    retry_of: str = ""
     _index: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     def header(self, name: str) -> bytes | None:

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     exhausted_outcome: Literal["failed", "rejected"] = "failed"
     retry_backoff_ms: int = Field(default=200, ge=0)
     retry_backoff_max_ms: int = Field(default=10_000, ge=0)
+    # Handlers with retry="topics" (consumer/runtime/retry_topics.py): the delay before the
+    # n-th retry through <topic>.retry is base * multiplier**(n-1), capped (Spring Kafka's
+    # @BackOff(delay, multiplier, maxDelay)); a Retry(delay_s) longer than that wins.
+    retry_topic_backoff_ms: int = Field(default=1_000, ge=0)
+    retry_topic_backoff_multiplier: float = Field(default=2.0, ge=1.0, le=100.0)
+    retry_topic_backoff_max_ms: int = Field(default=60_000, ge=0, le=86_400_000)
     redis_retry_s: float = Field(default=5.0, gt=0)
     pg_pool_max: int = Field(default=8, ge=1)
     session_timeout_ms: int = Field(default=10_000, ge=1000)

@@ -1,12 +1,13 @@
 """The topics an app reads and writes, whether they exist, and creating the ones it may create.
 
 An app needs its **source** topics (never created here: their partition count and retention
-are the producers' decision), ``<source>.dlq`` and ``<source>.conflicts`` (the framework's
-own: a dead letter or conflict written to a topic that does not exist waits in the outbox
-forever on a broker with auto-creation off, the norm), and the **publish** targets its
-handlers declare (``@app.handler(..., publishes=[...])``). Reply topics are named by each
-request's ``reply-to`` header, so they cannot be listed: a reply to a missing one is given
-up after CONSUMER_REPLY_TOPIC_MISSING_S (docs/outbox.md).
+are the producers' decision), ``<source>.dlq``, ``<source>.conflicts`` and, for handlers with
+``retry="topics"``, ``<source>.retry`` (the framework's own: a dead letter or conflict
+written to a topic that does not exist waits in the outbox forever on a broker with
+auto-creation off, the norm), and the **publish** targets its handlers declare
+(``@app.handler(..., publishes=[...])``). Reply topics are named by each request's
+``reply-to`` header, so they cannot be listed: a reply to a missing one is given up after
+CONSUMER_REPLY_TOPIC_MISSING_S (docs/outbox.md).
 
 The framework's topics are created with the source's partition count and replication factor
 (CONSUMER_TOPICS_REPLICATION_FACTOR overrides the latter). Plain functions returning data;
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from consumer.app import App
-from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX
+from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX, RETRY_SUFFIX
 from consumer.errors import TopicsMissing
 from consumer.exitcodes import RET_OK, RET_TOPICS
 from consumer.kafka_config import client_options, connection_errors, describe_failure
@@ -32,9 +33,9 @@ from consumer.settings import Settings
 
 log = logging.getLogger("consumer.topics")
 
-Role = Literal["source", "dlq", "conflicts", "publish"]
+Role = Literal["source", "dlq", "conflicts", "retry", "publish"]
 # Roles the framework creates at worker start (CONSUMER_TOPICS_CREATE) and with --create.
-OWNED: frozenset[Role] = frozenset({"dlq", "conflicts"})
+OWNED: frozenset[Role] = frozenset({"dlq", "conflicts", "retry"})
 _TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
 
 
@@ -84,6 +85,8 @@ def needed(app: App) -> list[Need]:
             out.setdefault(
                 src + CONFLICT_SUFFIX, Need(src + CONFLICT_SUFFIX, "conflicts", h.name, src)
             )
+            if h.retry == "topics":
+                out.setdefault(src + RETRY_SUFFIX, Need(src + RETRY_SUFFIX, "retry", h.name, src))
         for target in h.publishes:
             out.setdefault(target, Need(target, "publish", h.name, h.topics[0]))
     return list(out.values())

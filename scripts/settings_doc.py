@@ -37,6 +37,10 @@ DESCRIBED = {
     "max_attempts": "Tries of a transient failure before CONSUMER_EXHAUSTED_OUTCOME applies.",
     "retry_backoff_ms": "First pause of a partition after a transient failure; doubles.",
     "retry_backoff_max_ms": "Cap of that pause.",
+    "retry_topic_backoff_ms": 'retry="topics" handlers: delay before the first retry via '
+    "`<topic>.retry`.",
+    "retry_topic_backoff_multiplier": "Factor of each next retry's delay.",
+    "retry_topic_backoff_max_ms": "Cap of the retry delay.",
     "redis_retry_s": "How often a worker running degraded (Redis away) tries Redis again.",
     "pg_pool_max": "PostgreSQL connections per worker process.",
     "session_timeout_ms": "A silent member is dropped from the group after this.",

@@ -215,8 +215,9 @@ def dead_letter(
     original_ct = msg.header_str(HEADER_CONTENT_TYPE)
     if original_ct is None:
         headers.append((HEADER_CONTENT_TYPE, CONTENT_MSGPACK))
+    home = msg.retry_of or msg.topic  # a record of <topic>.retry dead-letters to <topic>.dlq
     return OutboxRow(
-        msg.topic + DLQ_SUFFIX, msg.key, msg.value or b"", tuple(headers), f"dlq:{msg.source}"
+        home + DLQ_SUFFIX, msg.key, msg.value or b"", tuple(headers), f"dlq:{msg.source}"
     )
 
 
@@ -238,7 +239,7 @@ def conflict(
     if msg.header_str(HEADER_CONTENT_TYPE) is None:
         headers.append((HEADER_CONTENT_TYPE, CONTENT_MSGPACK))
     return OutboxRow(
-        msg.topic + CONFLICT_SUFFIX,
+        (msg.retry_of or msg.topic) + CONFLICT_SUFFIX,
         msg.key,
         msg.value or b"",
         tuple(headers),

@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRa
 
 from consumer.message import Message
 from consumer.observers import Tick
-from consumer.runtime import undecodable
+from consumer.runtime import retry_topics, undecodable
 from consumer.runtime.cursor import next_position, process_partition
 from consumer.runtime.member import Member
 from consumer.runtime.outcomes import BatchResult
@@ -56,11 +56,13 @@ class FetchLoop:
         if not fetched:
             return
         async with w.lock:
-            work = self._live(fetched)
+            work = retry_topics.hold_back(w.app, w.settings, self._live(fetched), self._retry_later)
             size = w.settings.batch_max_records
             per_tp = await asyncio.gather(
                 *(
-                    process_partition(w.processor, [to_message(r) for r in recs], size)
+                    process_partition(
+                        w.processor, retry_topics.arrived(w.app, list(map(to_message, recs))), size
+                    )
                     for recs in work.values()
                 )
             )
@@ -179,4 +181,6 @@ class FetchLoop:
             if tp in consumer.assignment() and tp not in w.positions.halted:
                 consumer.resume(tp)
 
+        if (earlier := w.retry_tasks.pop(tp, None)) is not None:
+            earlier.cancel()  # a retry record's due time, then a stop of the records before it
         w.retry_tasks[tp] = asyncio.get_running_loop().call_later(delay_s, resume)

@@ -17,6 +17,9 @@ class Outcome(StrEnum):
     FAILED = "failed"  # transient failures past max_attempts: dead-lettered, nothing recorded
     INVALID = "invalid"  # never reached a handler: dead-lettered, nothing recorded
     SKIPPED = "skipped"  # below the stored position: already accounted for
+    # retry="topics": a transient failure sent to <topic>.retry, nothing recorded; the copy
+    # there ends as one of the above (consumer/runtime/retry_topics.py)
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from consumer.dedup.leases import DoneMarker, LeaseResult
 from consumer.errors import InvalidMessage
 from consumer.outbox import envelopes
 from consumer.probe import Probe
-from consumer.runtime import batch_run
+from consumer.runtime import batch_run, retry_topics
 from consumer.runtime.decide import Decision, Known, View, decide, wait_reason
 from consumer.runtime.invoke import Run, run_handler
 from consumer.runtime.items import Item
@@ -210,7 +210,7 @@ class BatchTransaction:
         assert it.handler is not None and it.ident is not None
         msg, ident, h = it.msg, it.ident.ident, it.ident.hash
         pos = (msg.topic, msg.partition, msg.offset)
-        attempt = self.attempts.get(pos, 0) + 1
+        attempt = retry_topics.attempt_of(msg, self.attempts.get(pos, 0))
         run = self.prepared.pop(pos, None) or await run_handler(
             self.tx,
             it.handler,
@@ -223,6 +223,8 @@ class BatchTransaction:
             optimistic=self.optimistic,
         )
         w.result.counts.handler_s.append((it.handler.name, run.elapsed_s))
+        if retry_topics.divert(it, run, attempt, self.settings, w):
+            return True  # to <topic>.retry, nothing recorded: the partition moves on
         if run.status == "stop":
             if run.counted:
                 self.attempts[pos] = attempt

@@ -187,7 +187,7 @@ class Worker:
             self.observer,
             self.stop,
         )
-        self.consumer.subscribe(self.app.topics, listener=RebalanceListener(self))
+        self.consumer.subscribe(self.app.subscribed, listener=RebalanceListener(self))
         await self.consumer.start()
         try:
             await self._serve(s)
