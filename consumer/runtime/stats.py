@@ -44,6 +44,7 @@ class Stats:
             "failed": o["failed"],
             "invalid": o["invalid"],
             "skipped": o["skipped"],
+            "deferred": o["deferred"],  # sent to <topic>.retry (retry="topics")
             "retries": self.retries,
             "rebalances": self.rebalances,
             "lag": sum(self.lag.values()),
@@ -56,6 +57,6 @@ class Stats:
             f"partitions={len(self.partitions)} msgs/s={rate:.0f} consumed={self.consumed} "
             f"applied={o['applied']} duplicates={o['duplicate']} conflicts={o['conflict']} "
             f"rejected={o['rejected']} failed={o['failed']} invalid={o['invalid']} "
-            f"skipped={o['skipped']} retries={self.retries} lag={sum(self.lag.values())}"
+            f"skipped={o['skipped']} deferred={o['deferred']} retries={self.retries} lag={sum(self.lag.values())}"
             + (" redis=DEGRADED" if self.redis_degraded else "")
         )

@@ -19,6 +19,7 @@ WORD = {
     Outcome.FAILED: "failed",
     Outcome.INVALID: "invalid",
     Outcome.SKIPPED: "skipped",
+    Outcome.DEFERRED: "deferred",
 }
 
 
