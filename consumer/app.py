@@ -84,6 +84,7 @@ class App:
         on_error: OnError = "retry",
         timeout_s: float | None = None,
         publishes: Sequence[str] = (),
+        reply_content_type: str | None = None,
     ) -> Register[M]:
         """Register a function ``(payload: schema, ctx: Context) -> result``, async or plain
         (a plain one runs in a thread, docs/handlers.md "Sync handlers").
@@ -92,6 +93,7 @@ class App:
         ``"header"`` (default, header ``key_header``) or ``"record"`` (the Kafka record key).
         ``hash_exclude`` names payload fields that are not part of its identity.
         ``publishes`` declares the topics it publishes to, for ``consumer topics``.
+        ``reply_content_type`` fixes its replies' encoding (default: the request's).
         """
 
         def register(fn: Callable[..., Any]) -> Handler[M, Any]:
@@ -109,6 +111,7 @@ class App:
                 on_error=on_error,
                 timeout_s=timeout_s,
                 publishes=publishes,
+                reply_content_type=reply_content_type,
             )
             return self._add(h)
 
@@ -126,6 +129,7 @@ class App:
         max_attempts: int | None = None,
         on_error: OnError = "retry",
         timeout_s: float | None = None,
+        reply_content_type: str | None = None,
     ) -> Callable[[BatchFn[M]], BatchHandler[M]]:
         """Register an async function ``(batch: list[Item[schema]], ctx: BatchContext)``
         called once per batch with its new messages (consumer/batch_handler.py).
@@ -149,6 +153,7 @@ class App:
                 on_error=on_error,
                 timeout_s=timeout_s,
                 decorator="batch_handler",
+                reply_content_type=reply_content_type,
             )
             return self._add(as_batch_handler(h))
 

@@ -17,6 +17,11 @@ HEADER_IDEMPOTENCY_KEY = "idempotency-key"
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_TENANT = "tenant"
 HEADER_REPLY_TO = "reply-to"
+# FastStream's names on Kafka, plain UTF-8 values (faststream/kafka/response.py,
+# KafkaPublishCommand.headers_to_publish; faststream/kafka/parser.py reads them back).
+HEADER_REPLY_TO_FASTSTREAM = "reply_to"
+HEADER_CORRELATION_ID = "correlation-id"
+HEADER_CORRELATION_ID_FASTSTREAM = "correlation_id"
 HEADER_REASON = "x-reason"
 HEADER_DETAIL = "x-detail"
 HEADER_NAMESPACE = "x-namespace"
@@ -31,6 +36,20 @@ HEADER_REPLAYED_FROM = "x-replayed-from"
 # consumer/outbox/sending.py: a dead letter sent without its value (too large for the producer)
 HEADER_TRUNCATED = "x-truncated"  # consumer/replay.py: the dead letter a copy came from
 TRACEPARENT = "traceparent"
+# Headers a reply sets itself (consumer/outbox/envelopes.py::reply): never copied from the
+# request (settings.reply_copy_headers refuses them).
+REPLY_OWN_HEADERS = frozenset(
+    {
+        HEADER_CONTENT_TYPE,
+        HEADER_IDEMPOTENCY_KEY,
+        HEADER_OUTCOME,
+        HEADER_NAMESPACE,
+        HEADER_KEY,
+        HEADER_SOURCE,
+        TRACEPARENT,
+        "tracestate",
+    }
+)
 
 CONTENT_MSGPACK = "application/msgpack"
 CONTENT_JSON = "application/json"

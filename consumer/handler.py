@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel
 
 from consumer import keys
+from consumer.constants import CONTENT_JSON, CONTENT_MSGPACK
 from consumer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ R = TypeVar("R")
 
 KeyFrom = Literal["header", "record", "payload"]
 OnError = Literal["retry", "reject"]
+REPLY_CONTENT_TYPES = (CONTENT_JSON, CONTENT_MSGPACK)  # what consumer/codec.py can encode
 HandlerFn = Callable[[M, "Context"], Awaitable[R]] | Callable[[M, "Context"], R]
 
 
@@ -48,6 +50,8 @@ class Handler(Generic[M, R]):
     # Topics the handler publishes to (ctx.publish), declared so `consumer topics` can list
     # and create them; undeclared ones still work.
     publishes: tuple[str, ...] = ()
+    # The content type of its replies; None: the request's (consumer/runtime/replies.py).
+    reply_content_type: str | None = None
 
     def __post_init__(self) -> None:
         unknown = self.hash_exclude - set(self.schema.model_fields)
@@ -58,6 +62,12 @@ class Handler(Generic[M, R]):
             )
         if self.on_error not in ("retry", "reject"):
             raise ConfigError(f"handler {self.name!r}: on_error must be 'retry' or 'reject'")
+        if self.reply_content_type not in (None, *REPLY_CONTENT_TYPES):
+            raise ConfigError(
+                f"handler {self.name!r}: reply_content_type must be one of "
+                f"{', '.join(REPLY_CONTENT_TYPES)} (or None: the request's), "
+                f"not {self.reply_content_type!r}"
+            )
 
     async def call(self, payload: M, ctx: Context) -> R:
         """Run the user's function; sync functions run in a thread so the loop keeps beating."""
@@ -86,6 +96,7 @@ def make_handler(
     timeout_s: float | None,
     publishes: Sequence[str] = (),
     decorator: str = "handler",
+    reply_content_type: str | None = None,
 ) -> Handler[M, Any]:
     """Validate decorator options and build the Handler (``decorator``: for the messages)."""
     if not topics:
@@ -144,4 +155,5 @@ def make_handler(
         timeout_s=timeout_s,
         is_async=inspect.iscoroutinefunction(fn),
         publishes=tuple(publishes),
+        reply_content_type=reply_content_type,
     )
