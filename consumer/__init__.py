@@ -28,6 +28,7 @@ from consumer.errors import (
     MigrationMismatch,
     MissingKey,
     Reject,
+    RequestTimeout,
     Retry,
     SchemaError,
     StoreUnavailable,
@@ -35,6 +36,7 @@ from consumer.errors import (
 )
 from consumer.handler import Handler
 from consumer.message import Message
+from consumer.requester import Reply, Requester, request
 from consumer.runtime.outcomes import Outcome
 from consumer.settings import Settings, load_settings
 
@@ -58,11 +60,15 @@ __all__ = [
     "MissingKey",
     "Outcome",
     "Reject",
+    "Reply",
+    "RequestTimeout",
+    "Requester",
     "Retry",
     "SchemaError",
     "Settings",
     "StoreUnavailable",
     "TransientError",
     "load_settings",
+    "request",
 ]
 __version__ = "0.1.0"

@@ -30,12 +30,16 @@ EXPECTED = {
     "MissingKey",
     "Outcome",
     "Reject",
+    "Reply",
+    "RequestTimeout",
+    "Requester",
     "Retry",
     "SchemaError",
     "Settings",
     "StoreUnavailable",
     "TransientError",
     "load_settings",
+    "request",
 }
 
 
