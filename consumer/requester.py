@@ -108,13 +108,13 @@ class Requester:
         await consumer.start()
         self._consumer = consumer
         try:
-            await consumer.topics()  # fetches the metadata partitions_for_topic reads
-            parts = consumer.partitions_for_topic(self.reply_to)
-            if not parts:
+            if self.reply_to not in await consumer.topics():  # fresh metadata, every topic
                 raise ConfigError(
                     f"reply topic {self.reply_to!r} does not exist: create it first "
                     "(one partition is enough for one requester)"
                 )
+            # The producer's metadata wait (the consumer's cache is not refreshed by topics()).
+            parts = await self._producer.partitions_for(self.reply_to)
             tps = [TopicPartition(self.reply_to, p) for p in sorted(parts)]
             consumer.assign(tps)
             await consumer.seek_to_end(*tps)
