@@ -101,6 +101,7 @@ class Requester:
         if self._producer is None:
             self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, **self._options)
             await self._producer.start()
+        # A producer passed in knows its servers only in aiokafka's client (no public name).
         servers = self._bootstrap or self._producer.client._bootstrap_servers
         consumer = AIOKafkaConsumer(
             bootstrap_servers=servers, enable_auto_commit=False, **self._options
