@@ -36,6 +36,7 @@ from consumer.errors import (
     MigrationMismatch,
     MissingKey,
     Reject,
+    RequestTimeout,
     Retry,
     SchemaError,
     ShutdownFailed,
@@ -47,6 +48,7 @@ from consumer.handler import Handler
 from consumer.message import Message
 from consumer.middleware import CallNext, Middleware, MiddlewareMisuse
 from consumer.outbox.writer import Outbox, OutboxError
+from consumer.requester import Reply, Requester, request
 from consumer.runtime.outcomes import Outcome
 from consumer.settings import Settings, load_settings
 
@@ -77,6 +79,9 @@ __all__ = [
     "OutboxError",
     "Outcome",
     "Reject",
+    "Reply",
+    "RequestTimeout",
+    "Requester",
     "Retry",
     "SchemaError",
     "Settings",
@@ -85,5 +90,6 @@ __all__ = [
     "StoreUnavailable",
     "TransientError",
     "load_settings",
+    "request",
 ]
 __version__ = "0.1.0"

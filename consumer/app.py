@@ -166,6 +166,7 @@ class App(Generic[D]):
         timeout_s: float | None = None,
         publishes: Sequence[str] = (),
         retry: RetryMode = "in-place",
+        reply_content_type: str | None = None,
     ) -> Register[M, D]:
         """Register a function ``(payload: schema, ctx: Context) -> result``, async or plain
         (a plain one runs in a thread, docs/handlers.md "Sync handlers").
@@ -176,6 +177,7 @@ class App(Generic[D]):
         ``publishes`` declares the topics it publishes to, for ``consumer topics``.
         ``retry="topics"`` sends a transiently failed message to ``<topic>.retry`` and lets
         the partition move on (docs/handlers.md, "Retries that do not block").
+        ``reply_content_type`` fixes its replies' encoding (default: the request's).
         """
 
         def register(fn: Callable[..., Any]) -> Handler[M, Any]:
@@ -194,6 +196,7 @@ class App(Generic[D]):
                 timeout_s=timeout_s,
                 publishes=publishes,
                 retry=retry,
+                reply_content_type=reply_content_type,
             )
             return self._add(h)
 
@@ -211,6 +214,7 @@ class App(Generic[D]):
         max_attempts: int | None = None,
         on_error: OnError = "retry",
         timeout_s: float | None = None,
+        reply_content_type: str | None = None,
     ) -> Callable[[BatchFn[M, D]], BatchHandler[M]]:
         """Register an async function ``(batch: list[Item[schema]], ctx: BatchContext)``
         called once per batch with its new messages (consumer/batch_handler.py).
@@ -234,6 +238,7 @@ class App(Generic[D]):
                 on_error=on_error,
                 timeout_s=timeout_s,
                 decorator="batch_handler",
+                reply_content_type=reply_content_type,
             )
             return self._add(as_batch_handler(h))
 

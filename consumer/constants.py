@@ -17,6 +17,11 @@ HEADER_IDEMPOTENCY_KEY = "idempotency-key"
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_TENANT = "tenant"
 HEADER_REPLY_TO = "reply-to"
+# FastStream's names on Kafka, plain UTF-8 values (faststream/kafka/response.py,
+# KafkaPublishCommand.headers_to_publish; faststream/kafka/parser.py reads them back).
+HEADER_REPLY_TO_FASTSTREAM = "reply_to"
+HEADER_CORRELATION_ID = "correlation-id"
+HEADER_CORRELATION_ID_FASTSTREAM = "correlation_id"
 HEADER_REASON = "x-reason"
 HEADER_DETAIL = "x-detail"
 HEADER_NAMESPACE = "x-namespace"
@@ -37,6 +42,20 @@ HEADER_RETRY_ATTEMPT = "x-retry-attempt"
 HEADER_RETRY_DUE_MS = "x-retry-due-ms"
 HEADER_RETRY_ORIGIN = "x-retry-origin"
 HEADER_RETRY_REASON = "x-retry-reason"
+# Headers a reply sets itself (consumer/outbox/envelopes.py::reply): never copied from the
+# request (settings.reply_copy_headers refuses them).
+REPLY_OWN_HEADERS = frozenset(
+    {
+        HEADER_CONTENT_TYPE,
+        HEADER_IDEMPOTENCY_KEY,
+        HEADER_OUTCOME,
+        HEADER_NAMESPACE,
+        HEADER_KEY,
+        HEADER_SOURCE,
+        TRACEPARENT,
+        "tracestate",
+    }
+)
 
 CONTENT_MSGPACK = "application/msgpack"
 CONTENT_JSON = "application/json"

@@ -18,7 +18,8 @@
     ├── TransientError                 indefinite (retriable = True): nothing is recorded
     │   ├── StoreUnavailable           PostgreSQL or Redis unreachable, commit outcome unknown
     │   ├── LeaseBusy                  another worker holds the key's lease past the wait bound
-    │   └── TransactionEnded           a handler ended the batch transaction behind ctx.db
+    │   ├── TransactionEnded           a handler ended the batch transaction behind ctx.db
+    │   └── RequestTimeout             a requester's reply did not come in time (requester.py)
     └── HandlerSignal                  control flow raised by handlers
         ├── Reject(reason)             definite failure: recorded, dead-lettered, same answer again
         └── Retry(delay_s)             indefinite: roll back, retry after delay_s (bounded)
@@ -116,6 +117,12 @@ class TransientError(ConsumerError):
 
 class StoreUnavailable(TransientError):
     """PostgreSQL or Redis could not be reached, or a commit's outcome is unknown."""
+
+
+class RequestTimeout(TransientError):
+    """No reply to a request within its ``timeout_s`` (consumer/requester.py). The request
+    may still be applied: sending it again with the same idempotency key is safe, a copy
+    gets the stored answer."""
 
 
 class LeaseBusy(TransientError):

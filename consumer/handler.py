@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel
 
 from consumer import keys
+from consumer.constants import CONTENT_JSON, CONTENT_MSGPACK
 from consumer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ OnError = Literal["retry", "reject"]
 # "in-place": a transient failure holds the partition and runs again (the default);
 # "topics": it goes to <topic>.retry and the partition moves on (runtime/retry_topics.py).
 RetryMode = Literal["in-place", "topics"]
+REPLY_CONTENT_TYPES = (CONTENT_JSON, CONTENT_MSGPACK)  # what consumer/codec.py can encode
 HandlerFn = Callable[[M, "Context"], Awaitable[R]] | Callable[[M, "Context"], R]
 
 
@@ -56,6 +58,8 @@ class Handler(Generic[M, R]):
     # the app's dependency container and the middleware chain composed around ``call``.
     deps: Any = field(default=None, repr=False)
     chain: Callable[[Any, Any], Awaitable[Any]] | None = field(default=None, repr=False)
+    # The content type of its replies; None: the request's (consumer/runtime/replies.py).
+    reply_content_type: str | None = None
 
     def __post_init__(self) -> None:
         unknown = self.hash_exclude - set(self.schema.model_fields)
@@ -69,6 +73,12 @@ class Handler(Generic[M, R]):
         if self.retry not in ("in-place", "topics"):
             raise ConfigError(
                 f"handler {self.name!r}: retry must be 'in-place' or 'topics', not {self.retry!r}"
+            )
+        if self.reply_content_type not in (None, *REPLY_CONTENT_TYPES):
+            raise ConfigError(
+                f"handler {self.name!r}: reply_content_type must be one of "
+                f"{', '.join(REPLY_CONTENT_TYPES)} (or None: the request's), "
+                f"not {self.reply_content_type!r}"
             )
 
     async def call(self, payload: M, ctx: Context) -> R:
@@ -109,6 +119,7 @@ def make_handler(
     publishes: Sequence[str] = (),
     decorator: str = "handler",
     retry: RetryMode = "in-place",
+    reply_content_type: str | None = None,
 ) -> Handler[M, Any]:
     """Validate decorator options and build the Handler (``decorator``: for the messages)."""
     if not topics:
@@ -168,4 +179,5 @@ def make_handler(
         is_async=inspect.iscoroutinefunction(fn),
         publishes=tuple(publishes),
         retry=retry,
+        reply_content_type=reply_content_type,
     )

@@ -18,9 +18,10 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from consumer.constants import REPLY_OWN_HEADERS
 from consumer.errors import ConfigError
 
 PREFIX = "CONSUMER_"
@@ -91,6 +92,10 @@ class Settings(BaseSettings):
     # up (docs/outbox.md): the requester chose the topic, and its reply would otherwise wait
     # forever. Events and dead letters to a missing topic are never given up.
     reply_topic_missing_s: int = Field(default=600, ge=0, le=_TEN_YEARS_S)
+    # Request headers copied onto its reply, name and value as the request had them, so the
+    # requester can match the reply: our correlation-id and FastStream's correlation_id
+    # (docs/handlers.md, "Replies"). A JSON list in the environment.
+    reply_copy_headers: tuple[str, ...] = ("correlation-id", "correlation_id")
     cleanup_interval_s: float = Field(default=60.0, gt=0)
     cleanup_batch: int = Field(default=1_000, ge=1)
     hash_keys_in_logs: bool = False
@@ -140,6 +145,16 @@ class Settings(BaseSettings):
     # /healthz fails when a worker's event loop has not beaten for this long (it beats every
     # second unless something blocks the loop): Kubernetes then restarts the pod.
     health_stale_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("reply_copy_headers")
+    @classmethod
+    def _copyable(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        own = sorted({n for n in names if n.lower() in REPLY_OWN_HEADERS})
+        if own or not all(names):
+            raise ValueError(
+                f"cannot copy {own or 'an empty name'}: the reply sets those headers itself"
+            )
+        return names
 
     @model_validator(mode="before")
     @classmethod

@@ -242,7 +242,7 @@ class PgTx:
             return {}
         text, args = inbox.records(idents)
         return {
-            (r[0], r[1]): InboxRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
+            (r[0], r[1]): InboxRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
             for r in await self.conn.fetch(text, *args)
         }
 

@@ -35,6 +35,9 @@ class InboxRecord:
     result: Any
     reason: str | None
     hash_version: int  # the canonical-form version ``hash`` was made with
+    # The content type of every reply to this key (consumer/runtime/replies.py); None: a
+    # record completed before it was stored, answered in msgpack as it always was.
+    reply_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class Completion:
     status: str
     result_json: str | None
     reason: str | None
+    reply_type: str | None = None  # chosen at this completion, kept for every later copy
 
 
 def claim(rows: Sequence[Claim]) -> Query:
@@ -83,7 +87,7 @@ def records(idents: Sequence[Ident]) -> Query:
     return (
         """
         SELECT i.namespace, i.key, i.payload_hash, i.status, i.result, i.reason,
-               i.hash_version
+               i.hash_version, i.reply_type
         FROM dedup.inbox i
         JOIN unnest($1::text[], $2::text[]) AS t(ns, k) ON i.namespace = t.ns AND i.key = t.k
         """,
@@ -96,9 +100,10 @@ def complete(rows: Sequence[Completion]) -> Query:
     return (
         """
         UPDATE dedup.inbox AS i
-        SET status = t.status, result = t.result::jsonb, reason = t.reason, completed_at = now()
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-             AS t(ns, k, status, result, reason)
+        SET status = t.status, result = t.result::jsonb, reason = t.reason,
+            reply_type = t.reply_type, completed_at = now()
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+             AS t(ns, k, status, result, reason, reply_type)
         WHERE i.namespace = t.ns AND i.key = t.k AND i.status = 'pending'
         """,
         [
@@ -107,6 +112,7 @@ def complete(rows: Sequence[Completion]) -> Query:
             [r.status for r in rows],
             [r.result_json for r in rows],
             [r.reason for r in rows],
+            [r.reply_type for r in rows],
         ],
     )
 

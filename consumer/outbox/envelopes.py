@@ -119,22 +119,32 @@ def reply(
     status: str,
     body: Any,
     trace: Trace | None = None,
+    *,
     content_type: str = CONTENT_MSGPACK,
+    copied: Sequence[tuple[str, str]] = (),
 ) -> OutboxRow:
     """The answer to a request; a duplicate request gets the same row (same idempotency key).
 
     ``trace``: the handling span's headers when the answer comes from a handler call.
-    ``content_type``: the codec (consumer/codecs/) the body is encoded with.
+    ``content_type``: the one chosen at the record's completion (runtime/replies.py), so the
+    value is the same bytes for every copy. ``copied``: the request's own headers to send
+    back (its correlation id); one named like a header set here is left out.
     """
     ik = keys.reply_key(namespace, key)
-    headers = (
+    own = (
         (HEADER_CONTENT_TYPE, content_type),
         (HEADER_IDEMPOTENCY_KEY, ik),
         (HEADER_OUTCOME, status),
         (HEADER_NAMESPACE, namespace),
         (HEADER_KEY, key),
         (HEADER_SOURCE, msg.source),
-        *_trace(msg, trace),
+    )
+    trace_headers = _trace(msg, trace)
+    taken = {n for n, _ in own} | {n.lower() for n, _ in trace_headers}
+    headers = (
+        *own,
+        *trace_headers,
+        *((n, v) for n, v in copied if n.lower() not in taken),
     )
     return OutboxRow(reply_to, key.encode(), encode_for(content_type, body), headers, ik)
 

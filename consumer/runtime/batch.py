@@ -67,7 +67,7 @@ class BatchProcessor:
         self.probe = probe or installed()
         # Told of every committed batch transaction (``committed``), before Redis and Kafka.
         self.observer = observer or Observer()
-        self.replies = Replies(app.topics)
+        self.replies = Replies(app.topics, settings.reply_copy_headers)
         self.settings = settings
         self.token = token
         self.redis = Accelerator(leases, settings, token)

@@ -39,6 +39,7 @@ class Known:
     reason: str | None = None
     has_result: bool = False
     version: int = HASH_VERSION  # the canonical-form version ``hash`` was made with
+    reply_type: str | None = None  # every reply's content type (None: msgpack, runtime/replies.py)
 
 
 @dataclass(slots=True)

@@ -1,17 +1,33 @@
 """Replies to ``reply-to``: the outbox row answering a request, for a first run or a copy.
 
-A reply is built from the record's result form (consumer/storable.py), so every copy's reply
-is byte-identical to the first. Replies that cannot or must not be sent are logged and left
-out, never allowed to fail the batch's shared outbox statement.
+A reply is built from the record's result form (consumer/storable.py), encoded in the
+content type chosen when the record was completed (:func:`reply_type`, stored in
+``dedup.inbox.reply_type``), so every copy's reply payload is byte-identical to the first,
+whatever that copy's own content type. The headers named by ``reply_copy_headers``
+(``correlation-id``, FastStream's ``correlation_id``) are copied from the copy being
+answered: its requester waits for its own correlation id (docs/handlers.md, "Replies").
+Replies that cannot or must not be sent are logged and left out, never allowed to fail the
+batch's shared outbox statement.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from consumer import storable
-from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX, HEADER_REPLY_TO
+from consumer.constants import (
+    CONFLICT_SUFFIX,
+    CONTENT_JSON,
+    CONTENT_MSGPACK,
+    DLQ_SUFFIX,
+    HEADER_CONTENT_TYPE,
+    HEADER_CORRELATION_ID,
+    HEADER_CORRELATION_ID_FASTSTREAM,
+    HEADER_REPLY_TO,
+    HEADER_REPLY_TO_FASTSTREAM,
+)
 from consumer.message import Message
 from consumer.outbox import envelopes
 from consumer.outbox.store import OutboxRow
@@ -22,21 +38,67 @@ log = logging.getLogger("consumer.replies")
 
 Trace = tuple[tuple[str, str], ...]
 
+# Where a request names its reply topic: ours first, then FastStream's.
+REPLY_TO_HEADERS = (HEADER_REPLY_TO, HEADER_REPLY_TO_FASTSTREAM)
+DEFAULT_COPY_HEADERS = (HEADER_CORRELATION_ID, HEADER_CORRELATION_ID_FASTSTREAM)
+# The spellings consumer/codec.py decodes as JSON; every other request (msgpack, or no
+# content-type under a msgpack default) is answered in msgpack, the only other type
+# codec.encode writes.
+_JSON_SPELLINGS = {CONTENT_JSON, "json", "text/json"}
+
+
+def reply_type(msg: Message, override: str | None, default_content_type: str) -> str:
+    """The content type of every reply to ``msg``'s key, chosen when its record is completed:
+    the handler's ``reply_content_type`` if it set one, else the request's content type (the
+    ``default_content_type`` setting when it has none, as the decoder read it)."""
+    if override:
+        return override
+    ctype = msg.header_str(HEADER_CONTENT_TYPE) or default_content_type
+    base = ctype.split(";")[0].strip().lower()
+    return CONTENT_JSON if base in _JSON_SPELLINGS else CONTENT_MSGPACK
+
+
+def reply_topic(msg: Message) -> str | None:
+    """The topic ``msg`` asks its reply on (``reply-to``, else ``reply_to``), or None."""
+    for name in REPLY_TO_HEADERS:
+        if topic := msg.header_str(name):
+            return topic
+    return None
+
 
 class Replies:
     """Builds reply rows for an app whose input topics are ``topics``."""
 
-    def __init__(self, topics: list[str]) -> None:
+    def __init__(self, topics: list[str], copy_headers: Sequence[str] = DEFAULT_COPY_HEADERS):
         # A reply there would be consumed by this app as a new message: a requester could
         # feed the app its own results (a loop through every reply-to it can set) or forge
         # dead letters that `consumer replay` re-drives.
         self.refused = {t + sfx for t in topics for sfx in ("", DLQ_SUFFIX, CONFLICT_SUFFIX)}
+        self.copy_headers = {n.lower() for n in copy_headers}
+
+    def copied(self, msg: Message) -> list[tuple[str, str]]:
+        """The request's headers to copy onto its reply, with the request's own names."""
+        out = []
+        for name, raw in msg.headers:
+            if name.lower() not in self.copy_headers:
+                continue
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                text = "\x00"
+            if storable.text_ok(text) and storable.text_ok(name):
+                out.append((name, text))
+            else:
+                # Outbox headers are text (jsonb); a binary id cannot come back as it was
+                # sent, and a changed one would match nothing.
+                log.warning("%s: header %r is not text; not copied to the reply", msg.source, name)
+        return out
 
     def row(
         self, msg: Message, ident: Ident, k: Known, trace: Trace | None = None
     ) -> list[OutboxRow]:
         """The reply to ``msg`` from record ``k`` (none when no reply is wanted or possible)."""
-        reply_to = msg.header_str(HEADER_REPLY_TO)
+        reply_to = reply_topic(msg)
         if not reply_to or not k.has_result:
             return []
         if not storable.valid_topic(reply_to):
@@ -50,8 +112,22 @@ class Replies:
             )
             return []
         body: Any = k.result if k.status == "done" else {"rejected": k.reason}
+        # A record completed before reply types were stored was answered in msgpack.
+        ctype = k.reply_type or CONTENT_MSGPACK
         try:
-            return [envelopes.reply(msg, reply_to, ident[0], ident[1], k.status, body, trace)]
+            return [
+                envelopes.reply(
+                    msg,
+                    reply_to,
+                    ident[0],
+                    ident[1],
+                    k.status,
+                    body,
+                    trace,
+                    content_type=ctype,
+                    copied=self.copied(msg),
+                )
+            ]
         except Exception as exc:
             # Only a record stored before results were checked (runtime/invoke.py) can get
             # here. Failing would fail the batch on every redelivery: no reply, and an error.

@@ -57,6 +57,7 @@ class Stats:
             f"partitions={len(self.partitions)} msgs/s={rate:.0f} consumed={self.consumed} "
             f"applied={o['applied']} duplicates={o['duplicate']} conflicts={o['conflict']} "
             f"rejected={o['rejected']} failed={o['failed']} invalid={o['invalid']} "
-            f"skipped={o['skipped']} deferred={o['deferred']} retries={self.retries} lag={sum(self.lag.values())}"
+            f"skipped={o['skipped']} deferred={o['deferred']} retries={self.retries} "
+            f"lag={sum(self.lag.values())}"
             + (" redis=DEGRADED" if self.redis_degraded else "")
         )

@@ -26,7 +26,7 @@ from consumer.runtime.decide import Decision, Known, View, decide, wait_reason
 from consumer.runtime.invoke import Run, run_handler
 from consumer.runtime.items import Item
 from consumer.runtime.outcomes import Handled, Outcome
-from consumer.runtime.replies import Replies
+from consumer.runtime.replies import Replies, reply_type
 from consumer.runtime.writes import Writes
 from consumer.settings import Settings
 from consumer.types import Ident
@@ -129,7 +129,9 @@ class BatchTransaction:
             # In the result form, as the first copy's reply was built: every copy's reply is
             # byte-identical whatever jsonb made of the stored value.
             result = storable.stored_form(rec.result)
-            view.known[i] = Known(rec.status, rec.hash, result, rec.reason, True, rec.hash_version)
+            view.known[i] = Known(
+                rec.status, rec.hash, result, rec.reason, True, rec.hash_version, rec.reply_type
+            )
         # Markers the inbox confirmed need no re-warm (they keep their own TTL).
         self.confirmed = {
             i
@@ -240,8 +242,13 @@ class BatchTransaction:
             w.result.handled.append(Handled(msg, Outcome.FAILED, *ident, h, run.reason))
             return True
         self.view.processed.add(ident)
-        k = self.view.known[ident] = Known(run.status, h, run.result, run.reason, True)
-        w.completions.append(Completion(*ident, run.status, run.result_json, run.reason or None))
+        # Chosen now, stored with the record: every later copy's reply has the same bytes.
+        ct = reply_type(msg, it.handler.reply_content_type, self.settings.default_content_type)
+        k = Known(run.status, h, run.result, run.reason, True, reply_type=ct)
+        self.view.known[ident] = k
+        w.completions.append(
+            Completion(*ident, run.status, run.result_json, run.reason or None, ct)
+        )
         w.markers.append(DoneMarker(*ident, run.status, marker_digest(h, HASH_VERSION)))
         w.rows += run.outgoing
         if run.status == "rejected":

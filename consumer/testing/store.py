@@ -37,6 +37,7 @@ class InboxRow:
     result: Any = None
     reason: str | None = None
     hash_version: int = HASH_VERSION  # as dedup.inbox.hash_version
+    reply_type: str | None = None  # as dedup.inbox.reply_type
 
 
 @dataclass
@@ -78,7 +79,13 @@ class MemoryTx:
             row = self.state.inbox.get(ident)
             if row is not None:
                 out[ident] = InboxRecord(
-                    *ident, row.hash, row.status, row.result, row.reason, row.hash_version
+                    *ident,
+                    row.hash,
+                    row.status,
+                    row.result,
+                    row.reason,
+                    row.hash_version,
+                    row.reply_type,
                 )
         return out
 
@@ -118,7 +125,9 @@ class MemoryTx:
             # Completion.status is typed str until the runtime's is a RecordStatus (the SQL's
             # CHECK refuses anything else; the runtime writes only "done" and "rejected").
             status = cast(RecordStatus, c.status)
-            self.state.inbox[ident] = replace(row, status=status, result=result, reason=c.reason)
+            self.state.inbox[ident] = replace(
+                row, status=status, result=result, reason=c.reason, reply_type=c.reply_type
+            )
 
     async def unclaim(self, idents: Sequence[Ident]) -> None:
         for ident in idents:
@@ -181,7 +190,14 @@ class MemoryStore:
         if row is None:
             return None
         return InboxRecord(
-            namespace, key, row.hash, row.status, row.result, row.reason, row.hash_version
+            namespace,
+            key,
+            row.hash,
+            row.status,
+            row.result,
+            row.reason,
+            row.hash_version,
+            row.reply_type,
         )
 
     async def close(self) -> None:

@@ -37,6 +37,9 @@ EXPECTED = {
     "OutboxError",
     "Outcome",
     "Reject",
+    "Reply",
+    "RequestTimeout",
+    "Requester",
     "Retry",
     "SchemaError",
     "Settings",
@@ -45,6 +48,7 @@ EXPECTED = {
     "StoreUnavailable",
     "TransientError",
     "load_settings",
+    "request",
 }
 
 

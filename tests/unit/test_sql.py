@@ -73,7 +73,15 @@ def test_complete_touches_only_pending_rows():
     assert flat.startswith("UPDATE dedup.inbox")
     assert "i.status = 'pending'" in flat
     assert "t.result::jsonb" in flat
-    assert args == [["ns", "ns"], ["a", "b"], ["done", "rejected"], ['{"ok":1}', None], [None, "r"]]
+    assert args[:5] == [
+        ["ns", "ns"],
+        ["a", "b"],
+        ["done", "rejected"],
+        ['{"ok":1}', None],
+        [None, "r"],
+    ]
+    # The reply content type chosen at completion (none given here: NULL, answered in msgpack).
+    assert "reply_type = t.reply_type" in flat and args[5] == [None, None]
 
 
 def test_unclaim_deletes_only_pending_rows():
