@@ -196,7 +196,7 @@ async def prepare_for_worker(
     attempt, while the broker is unreachable. False when ``stop`` was set meanwhile: the
     worker then returns at once (it drains on SIGTERM in every state)."""
     backoff = retry_s or (lambda n: min(0.5 * 2**n, 30.0))
-    attempt = 0
+    attempt = looks = 0
     while not stop.is_set():
         work = create(app, s, OWNED) if s.topics_create else inspect(app, s)
         job = asyncio.ensure_future(work)
@@ -232,9 +232,23 @@ async def prepare_for_worker(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             continue
+        if missing_sources(states) and looks < _MISSING_LOOKS:
+            # A topic created a moment ago may not be in the broker's metadata yet (KRaft
+            # propagates it asynchronously; a deploy job that creates topics then starts the
+            # workers, or a test, meets it): look again briefly before refusing to start.
+            looks += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _MISSING_LOOK_S)
+            continue
         _report(states, s)
         return True
     return False
+
+
+# How often, and how far apart, a missing source topic is looked for again before the start
+# is refused: ~2 s in all, beyond the metadata lag of a topic just created.
+_MISSING_LOOKS = 4
+_MISSING_LOOK_S = 0.5
 
 
 def _report(states: Sequence[State], s: Settings) -> None:
