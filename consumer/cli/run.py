@@ -139,7 +139,10 @@ async def _drive(
         await worker.run()
     finally:
         watch.cancel()
-    log.info("worker %d stopped: batch finished, leases released, left the group", worker_id)
+    if worker.processor is None:  # stopped before it consumed (its start not finished)
+        log.info("worker %d stopped before it began consuming", worker_id)
+    else:
+        log.info("worker %d stopped: batch finished, leases released, left the group", worker_id)
 
 
 async def _watch_parent(supervisor_pid: int, stop: Callable[[str], None]) -> None:

@@ -49,7 +49,14 @@ async def _run(
     async with running(app) as worker:
 
         async def all_seen() -> bool:
-            return worker.stats.consumed >= 3
+            # Every record consumed and what it wrote to the outbox (a dead letter) published
+            # by the worker's relay, which stops with the worker.
+            pending = await pg.fetchval(
+                "SELECT count(*) FROM dedup.outbox WHERE published_at IS NULL"
+                " AND topic LIKE $1 || '%'",
+                topic,
+            )
+            return worker.stats.consumed >= 3 and pending == 0
 
         await eventually(all_seen)
     return app, table, worker
