@@ -58,6 +58,5 @@ class Stats:
             f"applied={o['applied']} duplicates={o['duplicate']} conflicts={o['conflict']} "
             f"rejected={o['rejected']} failed={o['failed']} invalid={o['invalid']} "
             f"skipped={o['skipped']} deferred={o['deferred']} retries={self.retries} "
-            f"lag={sum(self.lag.values())}"
-            + (" redis=DEGRADED" if self.redis_degraded else "")
+            f"lag={sum(self.lag.values())}" + (" redis=DEGRADED" if self.redis_degraded else "")
         )
