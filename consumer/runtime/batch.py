@@ -306,6 +306,16 @@ class BatchProcessor:
             log.debug("%s/%s: optimistic run fell back (%s)", *tp, exc)
             self.guarded[tp] = self.settings.optimistic_cooldown_batches
             self.fallbacks += 1
+            # The rolled-back run may have edited its payload models in place: the re-run
+            # gets them as they arrived, parsed again from the records (identities, and
+            # so leases and keys, are equal: the same bytes give the same ones).
+            s = self.settings
+            items = [
+                parse(it.msg, self.app, s.tenant_header, s.default_content_type)
+                if it.ident is not None
+                else it
+                for it in items
+            ]
             return await self._transact(items, states, done_markers, busy, optimistic=False)
 
     async def _transact(

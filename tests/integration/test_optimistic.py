@@ -150,3 +150,42 @@ async def test_a_failure_before_any_statement_needs_no_fallback(env, pg, unique,
         assert calls == keys[:2]
     effects = {keys[0]: 1, **({keys[2]: 1} if bad == "early-reject" else {})}
     assert await _effects(pg, keys) == effects
+
+
+async def test_the_fallback_runs_on_payloads_the_first_run_did_not_change(env, pg, unique):
+    """A handler that edits its payload model (normalising a field in place, say) before a
+    later message of the batch fails: the batch runs again with savepoints, and the re-run
+    must see the message as it arrived, not as the rolled-back run left it."""
+    from pydantic import BaseModel
+
+    class Tagged(BaseModel):
+        id: str
+        tags: list[str]
+
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Tagged, key=lambda p: p.id)
+    async def tag(p: Tagged, ctx: Context) -> str:
+        p.tags.append("seen")  # in place: the rolled-back run's edit must not leak
+        await ctx.db.execute(
+            "INSERT INTO test_optimistic (k, v) VALUES ($1, $2)", p.id, ",".join(p.tags)
+        )
+        if p.id.startswith("reject"):
+            raise Reject("no")
+        return ",".join(p.tags)
+
+    processor = direct_processor(app, env)
+    keys = [f"ok-{unique}-a", f"reject-{unique}", f"ok-{unique}-b"]
+    result = await processor.process(
+        [record(env["topic"], i, {"id": k, "tags": ["t"]}) for i, k in enumerate(keys)]
+    )
+    assert processor.fallbacks == 1
+    assert [h.outcome for h in result.handled] == [
+        Outcome.APPLIED,
+        Outcome.REJECTED,
+        Outcome.APPLIED,
+    ]
+    rows = await pg.fetch("SELECT k, v FROM test_optimistic WHERE k = ANY($1)", keys)
+    assert {r["k"]: r["v"] for r in rows} == {keys[0]: "t,seen", keys[2]: "t,seen"}
+    rows_by_key = await inbox(pg, f"{env['group']}.tag")
+    assert rows_by_key[keys[0]]["result"] == "t,seen"
