@@ -21,6 +21,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from consumer.connection_strings import check_postgres_dsn, check_redis_url
 from consumer.constants import REPLY_OWN_HEADERS
 from consumer.errors import ConfigError
 
@@ -190,6 +191,9 @@ class Settings(BaseSettings):
                 f"{', '.join(missing)} not set (connection settings have no default; "
                 "`make services` writes them to .env)"
             )
+        check_postgres_dsn(self.postgres_dsn, variable("postgres_dsn"))
+        if self.redis_mode == "on":
+            check_redis_url(self.redis_url, variable("redis_url"))
         return self
 
 

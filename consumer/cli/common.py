@@ -78,6 +78,8 @@ async def connect(settings: Settings) -> asyncpg.Connection:
     """A connection to the app's PostgreSQL, or one line and RET_CONNECT."""
     try:
         return await asyncpg.connect(settings.postgres_dsn)
+    except asyncpg.ClientConfigurationError as exc:  # a DSN option asyncpg refuses
+        fail(f"CONSUMER_POSTGRES_DSN: {exc}", RET_CONFIG)
     except (OSError, asyncpg.PostgresError) as exc:
         unreachable("PostgreSQL", exc)
 

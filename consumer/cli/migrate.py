@@ -31,6 +31,8 @@ def apply(app: App) -> list[str]:
         fail(str(exc), RET_MIGRATION)
     except ConfigError as exc:
         fail(str(exc), RET_CONFIG)
+    except asyncpg.ClientConfigurationError as exc:  # a DSN option asyncpg refuses
+        fail(f"CONSUMER_POSTGRES_DSN: {exc}", RET_CONFIG)
     except (
         OSError,
         asyncpg.InvalidAuthorizationSpecificationError,

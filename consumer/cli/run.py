@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import asyncpg
 import typer
 
 from consumer import logs
@@ -103,6 +104,9 @@ def run_worker(
         # not help fixing it; the code names the family (consumer/exitcodes.py)
         log.error("worker %d refused to start: %s", worker_id, exc)
         return of_error(exc)
+    except asyncpg.ClientConfigurationError as exc:  # a DSN option asyncpg refuses
+        log.error("worker %d refused to start: CONSUMER_POSTGRES_DSN: %s", worker_id, exc)
+        return RET_CONFIG
     except LifespanError as exc:  # the app's own hook: one line, RET_STARTUP or RET_WORKER_FAILED
         log.error("worker %d: %s", worker_id, exc)
         return of_error(exc)

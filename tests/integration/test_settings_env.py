@@ -77,3 +77,39 @@ def test_a_worker_given_settings_without_connections_refuses_to_start(settings, 
     refused = [r for r in caplog.records if "refused to start" in r.getMessage()]
     assert refused and "CONSUMER_POSTGRES_DSN" in refused[0].getMessage()
     assert not refused[0].exc_info
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("CONSUMER_POSTGRES_DSN", "notadsn", "is not a PostgreSQL URI"),
+        ("CONSUMER_POSTGRES_DSN", "postgresql://u:s3cret@h:port/db", "port of a host"),
+        ("CONSUMER_POSTGRES_DSN", "{dsn}?sslmode=bogus", "sslmode"),
+        ("CONSUMER_REDIS_URL", "127.0.0.1:6379", "Redis URL must specify"),
+    ],
+)
+@pytest.mark.parametrize("command", ["migrate", "inspect"])
+def test_a_malformed_connection_string_is_one_line_and_ret_config(
+    capsys, settings, monkeypatch, variable, value, said, command
+):
+    # Before: asyncpg's ClientConfigurationError / int() ValueError as a 120-line traceback
+    # and exit 1, and `consumer run` restarting its worker on it forever.
+    monkeypatch.setenv(variable, value.format(dsn=settings.postgres_dsn))
+    argv = ["migrate", "handlers.app:app"]
+    if command == "inspect":
+        argv = ["inspect", "handlers.app:app", "payments.settle", "k"]
+    code, out, err = cli(capsys, *argv)
+    assert code == exitcodes.RET_CONFIG, (code, out, err)
+    line = err.strip()
+    assert "\n" not in line and line.startswith("error: ") and said in line, line
+    assert "s3cret" not in line and "Traceback" not in err
+
+
+def test_a_worker_given_a_dsn_asyncpg_refuses_does_not_restart(settings):
+    app = App(
+        "bad-dsn",
+        settings=settings.model_copy(
+            update={"postgres_dsn": settings.postgres_dsn + "?sslmode=bogus"}
+        ),
+    )
+    assert run_worker(app, 0, relay=False) == exitcodes.RET_CONFIG  # FATAL: never restarted
