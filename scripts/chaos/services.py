@@ -69,6 +69,9 @@ class Instance:
             "KAFKA_CONTROLLER_PORT": str(p["controller"]),
             "REDIS_PORT": str(p["redis"]),
             "PG_PORT": str(p["pg"]),
+            # No SASL_SSL listener: an instance's ports are its own, and an inherited
+            # KAFKA_SECURE_PORT (the shared instance's) would collide with that one.
+            "KAFKA_SECURE_PORT": "",
         }
 
     def consumer_env(self) -> dict[str, str]:
