@@ -282,6 +282,33 @@ def test_tls_and_sasl_settings_are_the_servers_protocol_and_security(node, tmp_p
     assert plain["protocol"] == "kafka" and plain["security"] == []
 
 
+REPO_APPS = [
+    "handlers.app:app",
+    "handlers.orders.ledger:app",
+    "scripts.chaos.downstream:app",
+    "tests.apps.counting:app",
+    "tests.apps.lifespan_app:app",
+]
+
+
+def test_every_app_of_the_repository_has_a_valid_document(node, tmp_path):
+    """The example apps, the test apps and the retry-topic crash test's app (one node run)."""
+    from consumer.loader import load_app
+    from tests.integration.retry_app import build_app
+
+    apps = {spec: load_app(spec) for spec in REPO_APPS}
+    apps["retry_app"] = build_app("g", "pays", "t", "gate")
+    files = []
+    for i, app in enumerate(apps.values()):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(lib.document(app, _settings("h:9092"))))
+    rc, results = validate(node, *files)
+    assert rc == 0, results
+    assert [r["errors"] for r in results] == [0] * len(apps)
+    retry = results[-1]["document"]
+    assert {c["address"] for c in retry["channels"]} >= {"pays", "pays.retry", "pays.dlq"}
+
+
 # ------------------------------------------------------------------ the parser does reject
 
 
