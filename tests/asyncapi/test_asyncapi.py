@@ -382,3 +382,12 @@ def test_errors_are_one_line_with_a_named_exit_code(capsys, tmp_path, monkeypatc
         capsys, "asyncapi", "handlers.app:app", "--bootstrap", "h:1", "-o", str(missing)
     )
     assert code == exitcodes.RET_CONFIG and "cannot write" in _one_line(err)
+
+
+def test_yaml_without_pyyaml_is_one_line_naming_the_way_out(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` raises ImportError
+    code, out, err = run_cli(
+        capsys, "asyncapi", "handlers.app:app", "--bootstrap", "h:1", "-f", "yaml"
+    )
+    assert code == exitcodes.RET_CONFIG and out == ""
+    assert "PyYAML" in _one_line(err) and "--format json" in err
