@@ -12,7 +12,7 @@ LINT_PATHS := consumer handlers schemas tests scripts
 TYPED_PATHS := consumer handlers schemas
 
 .PHONY: help install services services-down services-status migrate lint typecheck test bench demo orders-demo chaos clean \
-	test-containers compose-demo containers-images
+	test-containers compose-demo containers-images asyncapi asyncapi-deps
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -52,8 +52,35 @@ lint: install ## ruff check
 typecheck: install ## mypy on the packages
 	$(BIN)/mypy $(TYPED_PATHS)
 
+# The official AsyncAPI parser the tests validate `consumer asyncapi`'s documents with
+# (tests/asyncapi/): npm ci from the lock file, install scripts off. Without npm, a laptop
+# goes on (those tests skip); CI=true stops here, as the tests would fail there.
+NPM_DIR := tests/asyncapi
+NPM_STAMP := $(NPM_DIR)/node_modules/.installed
+asyncapi-deps: $(NPM_STAMP) ## install @asyncapi/parser (npm ci) into tests/asyncapi/node_modules
+
+$(NPM_STAMP): $(NPM_DIR)/package.json $(NPM_DIR)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix $(NPM_DIR) --ignore-scripts --no-audit --no-fund --loglevel=error \
+		&& touch $@; \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "make: CI=true and npm is missing: tests/asyncapi/ needs Node.js 20+ and npm" >&2; \
+		exit 1; \
+	else \
+		echo "make: npm not found: tests/asyncapi/ will skip (install Node.js 20+ and npm)" >&2; \
+	fi
+
+# The committed docs/asyncapi.yaml, written with no CONSUMER_* setting but the servers (env -i)
+# so it does not depend on a local .env, then validated by the official parser. Servers:
+# ASYNCAPI_BOOTSTRAP, the address `make services` gives Kafka. docs/asyncapi.md shows the command.
+ASYNCAPI_BOOTSTRAP ?= 127.0.0.1:19092
+asyncapi: install asyncapi-deps ## write docs/asyncapi.yaml (handlers.app:app) and validate it
+	env -i PATH="$$PATH" HOME="$$HOME" $(BIN)/consumer asyncapi handlers.app:app \
+		--bootstrap $(ASYNCAPI_BOOTSTRAP) -o docs/asyncapi.yaml
+	node $(NPM_DIR)/validate.mjs docs/asyncapi.yaml >/dev/null
+
 # pytest exits 5 when it collected no test: that is a failure here, we always have tests.
-test: install services ## lint, typecheck, then the whole test suite against the services
+test: install services asyncapi-deps ## lint, typecheck, then the whole test suite against the services
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
 	set -a; . ./.env; set +a; \

@@ -164,7 +164,7 @@ class App(Generic[D]):
         max_attempts: int | None = None,
         on_error: OnError = "retry",
         timeout_s: float | None = None,
-        publishes: Sequence[str] = (),
+        publishes: Sequence[str] | Mapping[str, type[BaseModel]] = (),
         retry: RetryMode = "in-place",
         reply_content_type: str | None = None,
     ) -> Register[M, D]:
@@ -174,7 +174,8 @@ class App(Generic[D]):
         ``key`` says where the idempotency key comes from: a function of the validated payload,
         ``"header"`` (default, header ``key_header``) or ``"record"`` (the Kafka record key).
         ``hash_exclude`` names payload fields that are not part of its identity.
-        ``publishes`` declares the topics it publishes to, for ``consumer topics``.
+        ``publishes`` declares the topics it publishes to, for ``consumer topics``; a
+        mapping ``{topic: Model}`` also names their payloads, for ``consumer asyncapi``.
         ``retry="topics"`` sends a transiently failed message to ``<topic>.retry`` and lets
         the partition move on (docs/handlers.md, "Retries that do not block").
         ``reply_content_type`` fixes its replies' encoding (default: the request's).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -51,8 +51,10 @@ class Handler(Generic[M, R]):
     timeout_s: float | None = None
     is_async: bool = True
     # Topics the handler publishes to (ctx.publish), declared so `consumer topics` can list
-    # and create them; undeclared ones still work.
+    # and create them; undeclared ones still work. ``publishes={topic: Model}`` also names
+    # each one's payload model, for `consumer asyncapi` (consumer/asyncapi.py).
     publishes: tuple[str, ...] = ()
+    publish_schemas: Mapping[str, type[BaseModel]] = field(default_factory=dict)
     retry: RetryMode = "in-place"
     # Set on the copy a run binds (App.bound, consumer/lifespan.py), never at registration:
     # the app's dependency container and the middleware chain composed around ``call``.
@@ -116,7 +118,7 @@ def make_handler(
     max_attempts: int | None,
     on_error: OnError,
     timeout_s: float | None,
-    publishes: Sequence[str] = (),
+    publishes: Sequence[str] | Mapping[str, type[BaseModel]] = (),
     decorator: str = "handler",
     retry: RetryMode = "in-place",
     reply_content_type: str | None = None,
@@ -157,12 +159,22 @@ def make_handler(
     if max_attempts is not None and max_attempts < 1:
         raise ConfigError(f"@{decorator} on {fn.__name__}: max_attempts must be >= 1")
     if isinstance(publishes, str):
-        raise ConfigError(f"@{decorator} on {fn.__name__}: publishes= takes a list of topics")
+        raise ConfigError(
+            f"@{decorator} on {fn.__name__}: publishes= takes a list of topics "
+            "or a {topic: Model} mapping"
+        )
     from consumer.storable import valid_topic
 
     bad = [t for t in publishes if not valid_topic(t)]
     if bad:
         raise ConfigError(f"@{decorator} on {fn.__name__}: publishes= has invalid topics {bad}")
+    models = dict(publishes) if isinstance(publishes, Mapping) else {}
+    odd = [t for t, m in models.items() if not (isinstance(m, type) and issubclass(m, BaseModel))]
+    if odd:
+        raise ConfigError(
+            f"@{decorator} on {fn.__name__}: publishes= maps {odd} to something that is not "
+            "a pydantic BaseModel subclass"
+        )
     return Handler(
         fn=fn,
         topics=topics,
@@ -178,6 +190,7 @@ def make_handler(
         timeout_s=timeout_s,
         is_async=inspect.iscoroutinefunction(fn),
         publishes=tuple(publishes),
+        publish_schemas=models,
         retry=retry,
         reply_content_type=reply_content_type,
     )

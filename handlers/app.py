@@ -40,6 +40,9 @@ app = App(f"{PREFIX}payments", migrations={"payments": Path(__file__).parent / "
     key=lambda p: p.payment_id,
     # Transport details that differ between resends of one logical request.
     hash_exclude={"sent_at", "trace_id"},
+    # Declared for `consumer topics` (lists and creates it) and `consumer asyncapi` (its
+    # channel and PaymentSettled's schema, docs/asyncapi.md).
+    publishes={SETTLED: PaymentSettled},
 )
 async def settle(p: PaymentRequested, ctx: Context) -> Receipt:
     """Apply the payment to its account, or reject an overdraft for good."""

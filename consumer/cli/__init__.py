@@ -2,10 +2,11 @@
 
 One module a noun, none importing another's commands: ``common`` (fail, load, connect,
 console), ``migrate``, ``run`` (run, worker, relay), ``records`` (inspect, evict),
-``conflicts``, ``replay`` and ``positions`` (reset-positions). This package only assembles
-them. Every failure a person can fix (a bad option, a bad setting, an app that does not
-import, a service that does not answer) ends in one ``error: ...`` line and a named exit code
-from :mod:`consumer.exitcodes`; only unexpected errors print a traceback.
+``conflicts``, ``replay``, ``positions`` (reset-positions), ``topics`` and ``asyncapi``.
+This package only assembles them. Every failure a person can fix (a bad option, a bad
+setting, an app that does not import, a service that does not answer) ends in one
+``error: ...`` line and a named exit code from :mod:`consumer.exitcodes`; only unexpected
+errors print a traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ except ImportError:  # pragma: no cover
         UsageError,
     )
 
-from consumer.cli import conflicts, migrate, positions, records, replay, run, topics
+from consumer.cli import asyncapi, conflicts, migrate, positions, records, replay, run, topics
 from consumer.cli.run import run_worker
 from consumer.exitcodes import RET_CONFIG, RET_OK
 
@@ -74,6 +75,7 @@ cli.command("conflicts")(conflicts.conflicts)
 cli.command("replay")(replay.replay)
 cli.command("reset-positions")(positions.reset_positions)
 cli.command("topics")(topics.topics)
+cli.command("asyncapi")(asyncapi.asyncapi)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -53,13 +53,21 @@ def busy(what: str) -> NoReturn:
     )
 
 
-def load(app_spec: str) -> App:
-    """Import the app and validate its settings, failing with one line and a named code."""
+def load(app_spec: str, *, connections: bool = True) -> App:
+    """Import the app and validate its settings, failing with one line and a named code.
+
+    ``connections=False``: a command that connects to nothing (``asyncapi``) also takes an
+    app whose connection settings are not all set."""
     try:
         app = load_app(app_spec)
         # Reads and validates CONSUMER_* now, not in a worker; settings given to App() in
         # code are held to the same rule: no connection setting may be missing.
-        app.settings.require_connections()
+        if connections:
+            app.settings.require_connections()
+        elif app.given_settings is None:
+            from consumer.settings import load_settings
+
+            app.settings = load_settings(require_connections=False)
     except AppImportError as exc:
         fail(str(exc), RET_IMPORT)
     except ConfigError as exc:

@@ -142,6 +142,16 @@ def test_publishes_is_checked_at_import():
         app.handler("orders", schema=Order, publishes="settled")(_noop)
 
 
+def test_publishes_may_name_each_targets_model():
+    app = App("g", settings=BASE)
+    h = app.handler("orders", schema=Order, publishes={"settled": Order, "audit": Order})(_noop)
+    assert h.publishes == ("settled", "audit")
+    assert dict(h.publish_schemas) == {"settled": Order, "audit": Order}
+    assert [n.topic for n in needed(app) if n.role == "publish"] == ["settled", "audit"]
+    with pytest.raises(ConfigError, match="not a pydantic BaseModel"):
+        app.handler("refunds", schema=Order, publishes={"settled": dict})(_noop)
+
+
 async def _noop(p: Order, ctx: Context) -> None:
     return None
 
