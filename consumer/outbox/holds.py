@@ -18,7 +18,9 @@ from consumer.outbox.store import Destination
 
 log = logging.getLogger(__name__)
 HOLD_KEY_S = (1.0, 60.0)  # first and longest hold of a key after a refused row
-HOLD_TOPIC_S = (5.0, 300.0)  # first and longest hold of a topic the cluster does not have
+# First and longest hold of a topic the cluster does not have (or not yet: the first is
+# short, so a topic created a moment ago waits about a second).
+HOLD_TOPIC_S = (1.0, 300.0)
 _MAX_KEY_HOLDS = 1_000  # bound on the SQL arrays; beyond it rows are simply retried
 
 Held = Destination | str  # a (topic, key) destination, or a topic

@@ -23,7 +23,6 @@ from consumer.settings import Settings
 log = logging.getLogger(__name__)
 LOCK_BASE = 0x6F7574  # "out": advisory lock class of the outbox shards
 GIVE_UP_REPLY_TOPIC_MISSING = "reply_topic_missing"  # given_up / metric reason
-_NEW_TOPIC_WAIT_S = 10.0  # a new topic can take seconds to reach a fresh broker's metadata
 _REPLY_PREFIX = keys.KEY_TAG_REPLY + keys.PART_SEPARATOR  # every reply's idempotency key
 _MAX_LOGGED_TOPICS = 10_000  # bound on the topics whose given-up replies were logged
 # How often the rows waiting for missing topics are counted, and each such topic warned about.
@@ -63,15 +62,12 @@ async def _absent(producer: Sender, unseen: list[str], timeout_s: float) -> set[
         cluster = await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout_s)
     except Exception as exc:
         raise BrokerUnavailable(f"no cluster metadata: {type(exc).__name__}: {exc}") from exc
+    # A topic created a moment ago may not be in that answer yet: it is held like a missing
+    # one, whose first hold is short (HOLD_TOPIC_S), rather than waited for here. A wait in
+    # the tick (10 s each, until this change) held back every other topic's rows with it,
+    # at each relay start and each time a missing topic's hold lapsed.
     listed = cluster.topics()
-    # A topic created a moment ago may not be in that answer yet: give each unlisted
-    # one a short wait of its own before holding it back.
-    late = [t for t in unseen if t not in listed]
-    found = await asyncio.gather(
-        *(asyncio.wait_for(producer.partitions_for(t), _NEW_TOPIC_WAIT_S) for t in late),
-        return_exceptions=True,
-    )
-    return {t for t, f in zip(late, found, strict=True) if isinstance(f, BaseException)}
+    return {t for t in unseen if t not in listed}
 
 
 async def report_missing(conn: Any, holds: Holds, figures: Figures) -> None:
