@@ -2,6 +2,7 @@
 resends of some of each (the same payload again; some Avro prices resent as JSON, which the
 app treats as the same payload: the hash is of the validated model, docs/codecs.md).
 
+    python -m handlers.catalog.send --create-topics  # the two source topics, 3 partitions
     python -m handlers.catalog.send --count 50 --resend 10 [--run r1]
 
 Kafka from ``CONSUMER_KAFKA_BOOTSTRAP``, topics under ``CATALOG_TOPIC_PREFIX`` as the app's.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -18,6 +20,8 @@ from decimal import Decimal
 from typing import NamedTuple
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel
 
 from consumer.codecs.avro import CONTENT_AVRO, AvroCodec
@@ -112,17 +116,35 @@ async def send(bootstrap: str, batch: list[Record]) -> None:
         await producer.stop()
 
 
+async def create_sources(bootstrap: str, prefix: str, partitions: int = 3) -> None:
+    """The app's source topics (the framework creates its own .dlq/.conflicts at start)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        for topic in (prices_topic(prefix), quotes_topic(prefix)):
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=50, help="prices, and as many quotes")
     parser.add_argument("--resend", type=int, default=10, help="of each, sent a second time")
     parser.add_argument("--run", default=uuid.uuid4().hex[:8], help="key prefix of this run")
+    parser.add_argument("--create-topics", action="store_true", help="create them, send nothing")
     args = parser.parse_args()
     prefix = os.environ.get("CATALOG_TOPIC_PREFIX", "")
+    bootstrap = os.environ.get("CONSUMER_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    if args.create_topics:
+        asyncio.run(create_sources(bootstrap, prefix))
+        print(f"topics {prices_topic(prefix)} and {quotes_topic(prefix)} exist")
+        return
     batch = records(
         prefix, prices(args.run, args.count), quotes(args.run, args.count), resend=args.resend
     )
-    asyncio.run(send(os.environ.get("CONSUMER_KAFKA_BOOTSTRAP", "127.0.0.1:9092"), batch))
+    asyncio.run(send(bootstrap, batch))
     print(f"sent {len(batch)} records, keys {args.run}-p* and {args.run}-q*")
 
 
