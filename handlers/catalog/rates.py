@@ -4,9 +4,10 @@
 
 ``GET /rates/{currency}`` answers ``{"currency": "EUR", "usd": "1.0850"}`` (how many US dollars
 one unit buys; fixed rates, so a test can recompute every conversion), 404 for a currency it
-does not know. ``GET /health`` answers once it serves. ``GET /calls`` says what it was asked:
-the ``x-request-id`` header of every rate request (the handlers send their message's
-idempotency key), so a test can see that every message used the dependency.
+does not know. ``GET /health`` answers once it serves (with ``RATES_INSTANCE``, if set).
+``GET /calls`` says what it was asked: the ``x-request-id`` header of every rate request (the
+handlers send their message's idempotency key), so a test can see that every message used
+the dependency.
 
 ``RATES_TEST_HOLD_AFTER=K``, a test hook only: after K rate requests, the next ones wait
 (``held`` in ``/calls`` counts them) until ``POST /release``, so a test can stop the consumer
@@ -84,7 +85,8 @@ async def release(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"ok": True})
+    # ``instance``: RATES_INSTANCE, so a test knows it reached its own server on that port.
+    return JSONResponse({"ok": True, "instance": os.environ.get("RATES_INSTANCE", "")})
 
 
 app = Starlette(

@@ -15,10 +15,13 @@ its outbox rows and the counts are exact.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -37,7 +40,7 @@ from handlers.catalog import send
 from handlers.catalog.app import MIGRATIONS, converted_topic, make_app, prices_topic, quotes_topic
 from handlers.catalog.rates import RATES
 from schemas.catalog import PriceInUsd
-from scripts.orders_demo.processes import free_port, healthy
+from scripts.orders_demo.processes import free_port
 from scripts.toolkit import processes
 from tests.conftest import create_topics, eventually, read_topic
 from tests.integration.orders_support import PORTS, own_database
@@ -62,11 +65,8 @@ class Rates:
         return answer
 
 
-@contextlib.asynccontextmanager
-async def rates_service(env: dict[str, str], log: Path) -> AsyncIterator[Rates]:
-    first, _, last = PORTS.partition("-")
-    port = free_port(int(first), int(last))
-    argv = [
+def _rates_argv(port: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "uvicorn",
@@ -79,16 +79,41 @@ async def rates_service(env: dict[str, str], log: Path) -> AsyncIterator[Rates]:
         "--log-level",
         "warning",
     ]
-    proc = processes.spawn(argv, env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not await healthy(url, 30):
-            raise AssertionError(f"the rates service did not come up; see {log}")
-        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            yield Rates(url, client)
-    finally:
-        processes.kill_tree(proc)
-        processes.reap(proc)
+
+
+async def _serving(proc: subprocess.Popen[bytes], url: str, instance: str) -> bool:
+    """True once ``url`` answers as ``instance`` (this process, not another session's server
+    that took the port first); False if the process exited (the port was taken)."""
+    async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+        for _ in range(300):
+            if proc.poll() is not None:
+                return False
+            with contextlib.suppress(httpx.TransportError, ValueError):
+                if (await client.get("/health")).json().get("instance") == instance:
+                    return True
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the rates service did not come up at {url}")
+
+
+@contextlib.asynccontextmanager
+async def rates_service(env: dict[str, str], log: Path) -> AsyncIterator[Rates]:
+    """The service on a free port of PORTS (bound by nobody when checked; if someone binds it
+    before our server does, another port)."""
+    first, _, last = PORTS.partition("-")
+    instance = uuid.uuid4().hex
+    for _ in range(5):
+        port = free_port(int(first), int(last))
+        proc = processes.spawn(_rates_argv(port), {**env, "RATES_INSTANCE": instance}, log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if await _serving(proc, url, instance):
+                async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                    yield Rates(url, client)
+                return
+        finally:
+            processes.kill_tree(proc)
+            processes.reap(proc)
+    raise AssertionError(f"no port of {PORTS} kept free for the rates service; see {log}")
 
 
 @pytest.fixture
