@@ -241,6 +241,13 @@ async def test_two_workers_killed_mid_run_apply_every_price_and_quote_once(
     run2 = text.rsplit("===== start", 1)[1]
     assert run2.count("catalog: rates client open on") == 2  # one client per worker process
     assert run2.count("catalog: rates client closed") == 2  # closed after each drain
+    # LogContext: the handler's own lines carry the message's key and topic.
+    logged = [line for line in run2.splitlines() if "handlers.catalog: price of" in line]
+    assert logged, run2[-3000:]
+    for line in logged:
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        assert fields["key"] in keys and fields["topic"] == prices_topic(prefix), line
+        assert fields["handler"] == namespaces[0] and {"partition", "offset"} <= set(fields)
 
     # Exactly once: one row per key, no other row, nothing dead-lettered.
     price_rows = await conn.fetch(
