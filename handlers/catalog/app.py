@@ -36,8 +36,9 @@ from schemas.catalog import PriceChanged, PriceInUsd, SupplierQuote
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 CENT = Decimal("0.01")
-# The rates service not answering (or answering 5xx) is transient: rolled back and retried,
-# nothing recorded (docs/handlers.md, "Classification"). An unknown currency (404) is not.
+# The rates service not answering, or answering an error status other than 404 (a 5xx, a 429),
+# is transient: rolled back and retried, nothing recorded (docs/handlers.md,
+# "Classification"). An unknown currency (404) is not: usd_rate rejects it.
 UNREACHABLE = (httpx.TransportError, httpx.HTTPStatusError)
 
 log = logging.getLogger("handlers.catalog")
