@@ -11,7 +11,7 @@ SERVICES := scripts/services.sh
 LINT_PATHS := consumer handlers schemas tests scripts
 TYPED_PATHS := consumer handlers schemas
 
-.PHONY: help install services services-down services-status migrate lint typecheck test bench demo orders-demo chaos clean \
+.PHONY: help install services services-down services-status migrate lint typecheck test bench demo orders-demo sample chaos clean \
 	test-containers compose-demo containers-images asyncapi asyncapi-deps
 
 help: ## list the targets
@@ -102,6 +102,13 @@ demo: install $(DEMO_SERVICES) ## the payments service under duplicates, conflic
 # Options in ARGS, e.g. `make orders-demo ARGS="--count 1000 --ports 25800-25899"`.
 orders-demo: install services ## HTTP + outbox example: orders posted, relay killed, audited
 	set -a; . ./.env; set +a; $(BIN)/python -m scripts.orders_demo $(ARGS)
+
+# The catalog sample (docs/sample.md): its TestApp tests, the rates client faked, then the app
+# under `consumer run --workers 2` against the services and the real rates service, SIGKILLed
+# mid-run and run again. Its HTTP server takes a port of DEDUP_TEST_HTTP_PORTS (25800-25899).
+SAMPLE_TESTS := tests/integration/test_catalog_app.py tests/integration/test_catalog_sample.py
+sample: install services ## the catalog sample (lifespan, deps, middleware, Avro + JSON), tested
+	set -a; . ./.env; set +a; $(BIN)/pytest $(SAMPLE_TESTS) $(PYTEST_ARGS)
 
 # Its own Kafka/Redis/PostgreSQL (.services/chaos, ports 29092/26379/25432), started, faulted
 # and stopped by the run itself: the shared services are never touched. Options in ARGS,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,13 +30,16 @@ PORTS = os.environ.get("DEDUP_TEST_HTTP_PORTS", "25800-25899")
 
 
 @contextlib.asynccontextmanager
-async def own_database(settings: Settings, name: str) -> AsyncIterator[Settings]:
-    """Settings on a fresh database ``name`` with the framework's and the orders' tables."""
+async def own_database(
+    settings: Settings, name: str, migrations: Mapping[str, Path] | None = None
+) -> AsyncIterator[Settings]:
+    """Settings on a fresh database ``name`` with the framework's tables and ``migrations``'
+    (default: the orders example's)."""
     admin = await asyncpg.connect(settings.postgres_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     dsn = urlunsplit(urlsplit(settings.postgres_dsn)._replace(path=f"/{name}"))
     try:
-        await migrate_dsn(dsn, {"orders": MIGRATIONS})
+        await migrate_dsn(dsn, {"orders": MIGRATIONS} if migrations is None else migrations)
         yield app_settings(settings, postgres_dsn=dsn, relay_enabled=False)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
