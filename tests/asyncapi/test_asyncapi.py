@@ -285,6 +285,7 @@ def test_tls_and_sasl_settings_are_the_servers_protocol_and_security(node, tmp_p
 REPO_APPS = [
     "handlers.app:app",
     "handlers.orders.ledger:app",
+    "handlers.catalog.app:app",
     "scripts.chaos.downstream:app",
     "tests.apps.counting:app",
     "tests.apps.lifespan_app:app",
