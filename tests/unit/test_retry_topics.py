@@ -3,6 +3,7 @@ handler option and the topics an app with ``retry="topics"`` needs."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ from aiokafka import TopicPartition
 from pydantic import BaseModel
 
 from consumer import App, ConfigError, Context, Settings
+from consumer.errors import MAX_RETRY_DELAY_S
 from consumer.message import Message
 from consumer.outbox.envelopes import unpack_headers
 from consumer.runtime import retry_topics
@@ -108,9 +110,14 @@ def test_the_retry_row_is_the_original_and_restores_exactly_on_arrival() -> None
     assert again["x-retry-origin"] == "orders/2/7" and again["x-retry-attempt"] == "3"
 
 
+def _rec(offset: int, due: bytes, written_ms: int | None = None) -> SimpleNamespace:
+    """A fetched record as aiokafka gives it: ``timestamp`` in ms (written now by default)."""
+    ts = int(time.time() * 1000) if written_ms is None else written_ms
+    return SimpleNamespace(offset=offset, headers=[("x-retry-due-ms", due)], timestamp=ts)
+
+
 def test_hold_back_pauses_a_retry_partition_at_its_first_record_not_due() -> None:
-    def rec(offset: int, due: bytes) -> SimpleNamespace:
-        return SimpleNamespace(offset=offset, headers=[("x-retry-due-ms", due)])
+    rec = _rec
 
     tp_retry, tp_src = TopicPartition("orders.retry", 0), TopicPartition("orders", 0)
     later: list[tuple[object, int]] = []
@@ -124,6 +131,40 @@ def test_hold_back_pauses_a_retry_partition_at_its_first_record_not_due() -> Non
     assert [r.offset for r in out[tp_retry]] == [0, 1]
     assert [r.offset for r in out[tp_src]] == [0]
     assert later == [(tp_retry, 2)]
+
+
+def _held(recs: list[SimpleNamespace], settings: Settings | None = None) -> list[float]:
+    """The pauses ``hold_back`` asks for on one retry partition holding ``recs``."""
+    later: list[float] = []
+    retry_topics.hold_back(
+        _app(),
+        settings or Settings(),
+        {TopicPartition("orders.retry", 0): recs},
+        lambda tp, off, delay_s, why: later.append(delay_s),
+    )
+    return later
+
+
+@pytest.mark.parametrize("due", [b"inf", b"1e999", b"nan", b"-inf", b"Infinity"])
+def test_a_due_time_that_is_not_a_finite_number_is_due_now(due: bytes) -> None:
+    assert _held([_rec(0, due)]) == []
+
+
+def test_a_due_time_far_ahead_is_bounded_by_the_record_timestamp() -> None:
+    """Due in a year: written longer than the cap ago, due now; written now, paused at most
+    the cap; written (by its timestamp) further ahead than the cap, or not at all, due now."""
+    s = Settings(retry_topic_backoff_max_ms=1_000)
+    cap_ms = max(1_000, MAX_RETRY_DELAY_S * 1000)  # the furthest the framework writes
+    now_ms = int(time.time() * 1000)
+    year = str(now_ms + 365 * 86_400_000).encode()
+    assert _held([_rec(0, year, now_ms - int(cap_ms) - 1_000)], s) == []
+    [paused] = _held([_rec(0, year, now_ms)], s)
+    assert cap_ms / 1000 - 5 < paused <= cap_ms / 1000
+    assert _held([_rec(0, year, now_ms + int(cap_ms) + 60_000)], s) == []
+    assert _held([_rec(0, year, -1)], s) == []
+    # What the framework writes is never cut short: due in 10 s, written now, waits 10 s.
+    [waits] = _held([_rec(0, str(now_ms + 10_000).encode(), now_ms)], s)
+    assert 9 < waits <= 10
 
 
 def test_a_bound_app_routes_its_retry_topic_to_the_bound_handler() -> None:
