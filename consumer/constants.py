@@ -63,6 +63,8 @@ CONTENT_JSON = "application/json"
 DLQ_SUFFIX = ".dlq"
 CONFLICT_SUFFIX = ".conflicts"
 RETRY_SUFFIX = ".retry"  # consumer/runtime/retry_topics.py: retries that do not block
+# The topics only the framework writes: no reply goes there (consumer/runtime/replies.py).
+FRAMEWORK_SUFFIXES = (DLQ_SUFFIX, CONFLICT_SUFFIX, RETRY_SUFFIX)
 
 HASH_ALG = "blake2b-128"
 OUTBOX_SHARDS = 64

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from consumer import codec
 from consumer.constants import (
     CONTENT_MSGPACK,
+    FRAMEWORK_SUFFIXES,
     HEADER_CONTENT_TYPE,
     HEADER_CORRELATION_ID,
     HEADER_IDEMPOTENCY_KEY,
@@ -75,6 +76,12 @@ class Requester:
         content_type: str = CONTENT_MSGPACK,
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if reply_to.endswith(FRAMEWORK_SUFFIXES):
+            # Workers never reply there (consumer/runtime/replies.py): it would only time out.
+            raise ConfigError(
+                f"reply topic {reply_to!r} is named like a framework topic "
+                f"({'/'.join(FRAMEWORK_SUFFIXES)}), which gets no replies: use another name"
+            )
         self.reply_to = reply_to
         self.content_type = content_type
         self._options = dict(client_options or {})

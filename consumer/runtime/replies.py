@@ -18,10 +18,9 @@ from typing import Any
 
 from consumer import storable
 from consumer.constants import (
-    CONFLICT_SUFFIX,
     CONTENT_JSON,
     CONTENT_MSGPACK,
-    DLQ_SUFFIX,
+    FRAMEWORK_SUFFIXES,
     HEADER_CONTENT_TYPE,
     HEADER_CORRELATION_ID,
     HEADER_CORRELATION_ID_FASTSTREAM,
@@ -71,9 +70,10 @@ class Replies:
 
     def __init__(self, topics: list[str], copy_headers: Sequence[str] = DEFAULT_COPY_HEADERS):
         # A reply there would be consumed by this app as a new message: a requester could
-        # feed the app its own results (a loop through every reply-to it can set) or forge
-        # dead letters that `consumer replay` re-drives.
-        self.refused = {t + sfx for t in topics for sfx in ("", DLQ_SUFFIX, CONFLICT_SUFFIX)}
+        # feed the app its own results (a loop through every reply-to it can set). The
+        # framework's own topics (dead letters, conflicts, retries) are refused by name, in
+        # row() below.
+        self.refused = set(topics)
         self.copy_headers = {n.lower() for n in copy_headers}
 
     def copied(self, msg: Message) -> list[tuple[str, str]]:
@@ -109,6 +109,16 @@ class Replies:
         if reply_to in self.refused:
             log.warning(
                 "%s: reply-to %r is a topic this app consumes; no reply", msg.source, reply_to
+            )
+            return []
+        if reply_to.endswith(FRAMEWORK_SUFFIXES):
+            # Written by the framework only, this app's or another's: a reply in a .retry
+            # topic would be run as a retry of its source, one in a .dlq replayed.
+            log.warning(
+                "%s: reply-to %r is named like a framework topic (%s); no reply",
+                msg.source,
+                reply_to,
+                "/".join(FRAMEWORK_SUFFIXES),
             )
             return []
         body: Any = k.result if k.status == "done" else {"rejected": k.reason}
