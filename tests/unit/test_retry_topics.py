@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
@@ -177,3 +178,39 @@ def test_a_bound_app_routes_its_retry_topic_to_the_bound_handler() -> None:
     assert handler is not None and handler.deps is deps
     assert run.handler_for("orders.retry") is handler
     assert run.subscribed == ["orders", "other", "orders.retry"]
+
+
+def test_a_handler_on_a_retry_topic_of_a_handler_with_retry_topics_is_refused() -> None:
+    """``<topic>.retry`` belongs to the framework once ``topic``'s handler has
+    ``retry="topics"``: another handler on it, before or after, per-message or batch, or the
+    same handler on both, is refused at registration, one line naming the topic."""
+
+    async def fn(p: Pay, ctx: Context) -> None: ...
+
+    async def batch_fn(batch: list[Any], ctx: Any) -> None: ...
+
+    def after() -> None:
+        app = App("g")
+        app.handler("x", schema=Pay, retry="topics")(fn)
+        app.handler("x.retry", schema=Pay, name="other")(fn)
+
+    def before() -> None:
+        app = App("g")
+        app.handler("x.retry", schema=Pay, name="other")(fn)
+        app.handler("x", schema=Pay, retry="topics")(fn)
+
+    def batch_after() -> None:
+        app = App("g")
+        app.handler("x", schema=Pay, retry="topics")(fn)
+        app.batch_handler("x.retry", schema=Pay, name="other")(batch_fn)
+
+    def both() -> None:
+        App("g").handler("x", "x.retry", schema=Pay, retry="topics")(fn)
+
+    def both_reversed() -> None:
+        App("g").handler("x.retry", "x", schema=Pay, retry="topics")(fn)
+
+    for register in (after, before, batch_after, both, both_reversed):
+        with pytest.raises(ConfigError, match=r"'x\.retry'") as err:
+            register()
+        assert "\n" not in str(err.value), register.__name__
