@@ -44,6 +44,7 @@ from consumer.constants import (
     HEADER_RETRY_DUE_MS,
     HEADER_RETRY_ORIGIN,
     HEADER_RETRY_REASON,
+    MAX_BACKOFF_EXPONENT,
     RETRY_SUFFIX,
 )
 from consumer.errors import MAX_RETRY_DELAY_S
@@ -67,7 +68,8 @@ _STRIPPED = RETRY_HEADERS | {HEADER_ORIGINAL_HEADERS}
 def topic_backoff_s(settings: Settings, attempt: int) -> float:
     """The delay before the run after ``attempt`` (the n-th retry waits base * mult**(n-1))."""
     n = max(attempt, 1) - 1
-    base = settings.retry_topic_backoff_ms * settings.retry_topic_backoff_multiplier ** min(n, 64)
+    n = min(n, MAX_BACKOFF_EXPONENT)
+    base = settings.retry_topic_backoff_ms * settings.retry_topic_backoff_multiplier**n
     return float(min(base, settings.retry_topic_backoff_max_ms)) / 1000
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import msgpack
 import pytest
 
@@ -126,3 +127,39 @@ async def test_a_retry_record_stamped_days_ahead_is_due_at_once(
             return "ahead" in await _applied(pg, table)
 
         await eventually(ran, 30)
+
+
+async def test_a_huge_attempt_header_and_a_deadlock_retry_in_place_then_apply(
+    settings, topics, producer, pg, table, unique
+):
+    """``x-retry-attempt: 10**30`` on a record whose first run meets a deadlock (contention:
+    retried in place with the in-place back-off of that attempt). Before the exponent was
+    capped, ``2 ** (10**30 - 1)`` blocked the worker's event loop for good."""
+    topic = await topics("rbh", partitions=1)
+    s = app_settings(settings, retry_backoff_ms=50, retry_backoff_max_ms=200)
+    app = App(f"g-{unique}", settings=s)
+    runs: list[int] = []
+
+    @app.handler(topic, schema=Pay, key=lambda p: p.id, retry="topics")
+    async def handle(p: Pay, ctx: Context) -> str:
+        runs.append(ctx.attempt)
+        if len(runs) == 1:
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        await ctx.db.execute(f"INSERT INTO {table} (k, at_ms) VALUES ($1, 0)", p.id)
+        return "ok"
+
+    async with running(app, s):
+        now_ms = int(time.time() * 1000)
+        await producer.send_and_wait(
+            topic + ".retry",
+            msgpack.packb({"id": "huge"}),
+            partition=0,
+            headers=[("x-retry-attempt", str(10**30).encode()), ("x-retry-due-ms", b"0")],
+            timestamp_ms=now_ms,
+        )
+
+        async def ran() -> bool:
+            return "huge" in await _applied(pg, table)
+
+        await eventually(ran, 30)
+    assert runs == [10**30, 10**30]  # the deadlock used up no attempt
