@@ -132,6 +132,10 @@ def retry_row(msg: Message, attempt: int, due_ms: int, reason: str) -> OutboxRow
     which the inbox then deduplicates."""
     source = msg.retry_of or msg.topic
     origin = (msg.header_str(HEADER_RETRY_ORIGIN) if msg.retry_of else None) or msg.source
+    if not storable.text_ok(origin):
+        # Read from the record (any producer's): one PostgreSQL cannot store as text would
+        # fail the batch's outbox statement, and the retry would end an unstorable dead letter.
+        origin = msg.source
     original = [(n, v) for n, v in msg.headers if n.lower() not in _STRIPPED]
     visible = []
     for name, raw in original:
@@ -229,8 +233,8 @@ def _header_due_ms(rec: Any) -> float:
     for name, raw in rec.headers or ():
         if name.lower() == HEADER_RETRY_DUE_MS:
             try:
-                due = float(bytes(raw).decode())
-            except (UnicodeDecodeError, ValueError):
+                due = float(bytes(raw).decode())  # a header without a value is None
+            except (TypeError, ValueError):
                 return 0.0  # unreadable: due now, so it cannot stall its partition
             return due if math.isfinite(due) else 0.0  # "inf", "nan", "1e999"
     return 0.0

@@ -19,10 +19,10 @@ import asyncpg
 import msgpack
 import pytest
 
-from consumer import App, Context
+from consumer import App, Context, Retry
 from consumer.errors import MAX_RETRY_DELAY_S
 from consumer.runtime import retry_topics
-from tests.conftest import app_settings, eventually, running
+from tests.conftest import app_settings, eventually, header_map, read_topic, running
 from tests.integration.dedup_support import Pay, cleanup, inbox, send
 
 pytestmark = pytest.mark.integration
@@ -163,3 +163,66 @@ async def test_a_huge_attempt_header_and_a_deadlock_retry_in_place_then_apply(
 
         await eventually(ran, 30)
     assert runs == [10**30, 10**30]  # the deadlock used up no attempt
+
+
+async def test_a_retry_record_with_a_null_due_header_is_due_now(
+    settings, topics, producer, pg, table, unique
+):
+    """Kafka allows a header without a value (aiokafka reads it as None): unreadable, so
+    due now, like any unreadable due time; the fetch loop goes on."""
+    topic = await topics("rbn", partitions=1)
+    s = app_settings(settings)
+    async with running(_app(f"g-{unique}", topic, table, s), s) as worker:
+        await producer.send_and_wait(
+            topic + ".retry",
+            msgpack.packb({"id": "null"}),
+            partition=0,
+            headers=[("x-retry-attempt", None), ("x-retry-due-ms", None)],
+        )
+        await send(producer, topic, {"id": "after"})
+
+        async def both() -> bool:
+            return len(await _applied(pg, table)) == 2
+
+        await eventually(both, 30)
+        assert not worker.stop.is_set()
+
+
+async def test_a_retry_record_with_an_unstorable_origin_is_retried_again(
+    settings, topics, producer, pg, unique
+):
+    """``x-retry-origin`` is copied into the next retry row's headers (jsonb text): one that
+    PostgreSQL cannot store (a NUL) must not turn a transient failure into an ``unstorable``
+    dead letter; the next hop names this record as its origin instead."""
+    topic = await topics("rbo", partitions=1)
+    s = app_settings(settings, retry_topic_backoff_ms=100, retry_topic_backoff_multiplier=1.0)
+    app = App(f"g-{unique}", settings=s)
+    attempts: list[int] = []
+
+    @app.handler(topic, schema=Pay, key=lambda p: p.id, retry="topics", max_attempts=5)
+    async def handle(p: Pay, ctx: Context) -> str:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise Retry(reason="down")
+        return "ok"
+
+    async with running(app, s):
+        await producer.send_and_wait(
+            topic + ".retry",
+            msgpack.packb({"id": "o"}),
+            partition=0,
+            headers=[
+                ("x-retry-attempt", b"2"),
+                ("x-retry-due-ms", b"0"),
+                ("x-retry-origin", b"a\x00b"),
+            ],
+        )
+
+        async def done() -> bool:
+            return (await inbox(pg, f"g-{unique}.handle")).get("o", {}).get("status") == "done"
+
+        await eventually(done, 30)
+    assert attempts == [2, 3]
+    [_, hop] = await read_topic(settings, topic + ".retry", expect=2)
+    assert header_map(hop)["x-retry-origin"] == f"{topic}.retry/0/0"
+    assert await read_topic(settings, topic + ".dlq") == []
