@@ -212,6 +212,10 @@ class Requester:
     def _deliver(self, record: Any) -> None:
         hdrs: dict[str, str] = {}
         for n, v in record.headers:
+            # Anyone can write to the reply topic: a header may have no value (None) or be
+            # binary. Neither is a reply's; one such record must not break the reader.
+            if v is None:
+                continue
             with contextlib.suppress(UnicodeDecodeError):
                 hdrs[n] = v.decode()
         cid = hdrs.get(HEADER_CORRELATION_ID)

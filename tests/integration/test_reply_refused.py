@@ -64,3 +64,24 @@ async def test_a_requester_waiting_on_a_framework_topic_is_refused(settings, top
         async with Requester(settings.kafka_bootstrap, topic + ".dlq"):
             pass
     assert "\n" not in str(err.value)
+
+
+async def test_a_record_with_a_valueless_header_on_the_reply_topic_leaves_the_requester_working(
+    settings, topics, producer, unique
+):
+    """Anyone can write to a reply topic; Kafka allows a header without a value (None in
+    aiokafka). Such a record is not a reply: it is skipped, and the next reply still comes."""
+    topic = await topics("rqn", partitions=1, extra=("rqn-replies",))
+    replies = f"rqn-replies-{unique}"
+    app = App(f"g-{unique}", settings=app_settings(settings))
+
+    @app.handler(topic, schema=Pay, key=lambda p: p.id)
+    async def echo(p: Pay, ctx: Context) -> dict[str, str]:
+        return {"id": p.id}
+
+    async with running(app), Requester(producer, replies) as r:
+        await producer.send_and_wait(
+            replies, b"noise", headers=[("correlation-id", None), ("x", None)]
+        )
+        reply = await r.request(topic, {"id": "after-noise"}, timeout_s=60)
+    assert reply.value == {"id": "after-noise"}
