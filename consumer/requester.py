@@ -36,6 +36,7 @@ from consumer.constants import (
     HEADER_IDEMPOTENCY_KEY,
     HEADER_OUTCOME,
     HEADER_REPLY_TO,
+    KAFKA_INTERNAL_PREFIX,
 )
 from consumer.errors import ConfigError, RequestTimeout
 
@@ -76,6 +77,10 @@ class Requester:
         content_type: str = CONTENT_MSGPACK,
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if reply_to.startswith(KAFKA_INTERNAL_PREFIX):
+            raise ConfigError(
+                f"reply topic {reply_to!r} is a Kafka internal topic: use another name"
+            )
         if reply_to.endswith(FRAMEWORK_SUFFIXES):
             # Workers never reply there (consumer/runtime/replies.py): it would only time out.
             raise ConfigError(

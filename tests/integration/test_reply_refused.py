@@ -28,6 +28,10 @@ pytestmark = pytest.mark.integration
         ("reply-to", "elsewhere-{unique}.retry"),  # another app's retry topic
         ("reply-to", "elsewhere-{unique}.dlq"),
         ("reply-to", "elsewhere-{unique}.conflicts"),
+        # Kafka's own (the broker refuses appends with InvalidTopicError, which the relay
+        # takes for transient: the row would be sent again on every tick, forever).
+        ("reply-to", "__consumer_offsets"),
+        ("reply-to", "__transaction_state"),
     ],
 )
 async def test_a_reply_to_a_framework_topic_is_refused(
@@ -57,11 +61,12 @@ async def test_a_reply_to_a_framework_topic_is_refused(
     assert [r["idempotency_key"] for r in await outbox(pg, good)] == [f"reply:{group}.handle:fine"]
 
 
-async def test_a_requester_waiting_on_a_framework_topic_is_refused(settings, topics):
+@pytest.mark.parametrize("name", ["{topic}.dlq", "__consumer_offsets"])
+async def test_a_requester_waiting_on_a_framework_or_kafka_topic_is_refused(settings, topics, name):
     """Its replies would never come (refused above): one line at once, not a timeout later."""
-    topic = await topics("rqf", partitions=1)  # its .dlq exists: only the name is wrong
-    with pytest.raises(ConfigError, match="framework topic") as err:
-        async with Requester(settings.kafka_bootstrap, topic + ".dlq"):
+    topic = await topics("rqf", partitions=1)  # both exist: only the name is wrong
+    with pytest.raises(ConfigError, match=r"framework topic|Kafka internal topic") as err:
+        async with Requester(settings.kafka_bootstrap, name.format(topic=topic)):
             pass
     assert "\n" not in str(err.value)
 
