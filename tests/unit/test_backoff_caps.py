@@ -66,3 +66,15 @@ def test_the_topic_backoff_of_a_huge_attempt_is_its_cap() -> None:
 
     s = Settings(retry_topic_backoff_multiplier=100.0, retry_topic_backoff_max_ms=60_000)
     assert topic_backoff_s(s, 10**30) == 60.0
+
+
+def test_a_relay_hold_after_thousands_of_refusals_is_its_longest() -> None:
+    """A row the broker refuses for good is held again after every hold (60 s at most): after
+    ~17 hours that is 1,024 failures, and 1.0 * 2**1024 an OverflowError in the relay."""
+    from consumer.outbox.figures import Figures
+    from consumer.outbox.holds import HOLD_KEY_S, Holds
+
+    holds = Holds(Figures())
+    for _ in range(2_000):
+        holds.hold(("t", b"k"), HOLD_KEY_S, "refused")
+    assert holds.blocked().keys == [("t", b"k")]
