@@ -256,7 +256,9 @@ class App(Generic[D]):
             raise ConfigError(f"two handlers named {h.name!r}; pass name= to one of them")
         retry_topics = _retry_topics(h) if h.retry == "topics" else []
         for topic in [*h.topics, *retry_topics]:
-            if topic in self._by_retry_topic or (topic in retry_topics and topic in self._by_topic):
+            # The retry topic is the framework's: no handler's source, not even its own's.
+            sources = (*self._by_topic, *h.topics)
+            if topic in self._by_retry_topic or (topic in retry_topics and topic in sources):
                 raise ConfigError(
                     f"topic {topic!r} is both a source and the retry topic of a handler with "
                     "retry='topics'; rename the source"

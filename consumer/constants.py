@@ -63,6 +63,15 @@ CONTENT_JSON = "application/json"
 DLQ_SUFFIX = ".dlq"
 CONFLICT_SUFFIX = ".conflicts"
 RETRY_SUFFIX = ".retry"  # consumer/runtime/retry_topics.py: retries that do not block
+# The topics only the framework writes: no reply goes there (consumer/runtime/replies.py).
+FRAMEWORK_SUFFIXES = (DLQ_SUFFIX, CONFLICT_SUFFIX, RETRY_SUFFIX)
+# Kafka's own topics (__consumer_offsets, __transaction_state): the broker refuses appends
+# (InvalidTopicError), so a reply there could never be sent.
+KAFKA_INTERNAL_PREFIX = "__"
+
+# The largest n of a back-off's 2**n (or multiplier**n): past it every delay is at its cap
+# anyway, and an exact 2**n of a huge n (an attempt number read from a record) never ends.
+MAX_BACKOFF_EXPONENT = 64
 
 HASH_ALG = "blake2b-128"
 OUTBOX_SHARDS = 64

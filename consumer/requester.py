@@ -30,11 +30,13 @@ from pydantic import BaseModel
 from consumer import codec
 from consumer.constants import (
     CONTENT_MSGPACK,
+    FRAMEWORK_SUFFIXES,
     HEADER_CONTENT_TYPE,
     HEADER_CORRELATION_ID,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_OUTCOME,
     HEADER_REPLY_TO,
+    KAFKA_INTERNAL_PREFIX,
 )
 from consumer.errors import ConfigError, RequestTimeout
 
@@ -75,6 +77,16 @@ class Requester:
         content_type: str = CONTENT_MSGPACK,
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if reply_to.startswith(KAFKA_INTERNAL_PREFIX):
+            raise ConfigError(
+                f"reply topic {reply_to!r} is a Kafka internal topic: use another name"
+            )
+        if reply_to.endswith(FRAMEWORK_SUFFIXES):
+            # Workers never reply there (consumer/runtime/replies.py): it would only time out.
+            raise ConfigError(
+                f"reply topic {reply_to!r} is named like a framework topic "
+                f"({'/'.join(FRAMEWORK_SUFFIXES)}), which gets no replies: use another name"
+            )
         self.reply_to = reply_to
         self.content_type = content_type
         self._options = dict(client_options or {})
@@ -205,6 +217,10 @@ class Requester:
     def _deliver(self, record: Any) -> None:
         hdrs: dict[str, str] = {}
         for n, v in record.headers:
+            # Anyone can write to the reply topic: a header may have no value (None) or be
+            # binary. Neither is a reply's; one such record must not break the reader.
+            if v is None:
+                continue
             with contextlib.suppress(UnicodeDecodeError):
                 hdrs[n] = v.decode()
         cid = hdrs.get(HEADER_CORRELATION_ID)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from consumer import metrics
+from consumer.constants import MAX_BACKOFF_EXPONENT
 from consumer.errors import ConfigError
 from consumer.exitcodes import (
     NAMES,
@@ -66,7 +67,8 @@ def describe_exit(code: int) -> str:
 
 def backoff_s(failures: int, base_s: float, cap_s: float) -> float:
     """Delay before restarting a worker after its ``failures``-th quick failure in a row."""
-    return float(min(cap_s, base_s * 2 ** max(failures - 1, 0)))
+    # Capped exponent: a float times 2**1024 overflows, after hours of crash-looping.
+    return float(min(cap_s, base_s * 2 ** min(max(failures - 1, 0), MAX_BACKOFF_EXPONENT)))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from consumer.app import App
-from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX, RETRY_SUFFIX
+from consumer.constants import CONFLICT_SUFFIX, DLQ_SUFFIX, MAX_BACKOFF_EXPONENT, RETRY_SUFFIX
 from consumer.errors import TopicsMissing
 from consumer.exitcodes import RET_OK, RET_TOPICS
 from consumer.kafka_config import client_options, connection_errors, describe_failure
@@ -188,6 +188,13 @@ def missing_sources(states: Sequence[State]) -> list[str]:
     return [st.need.topic for st in states if st.need.role == "source" and not st.exists]
 
 
+def kafka_wait_s(attempt: int) -> float:
+    """The wait before looking for Kafka again after ``attempt`` failed looks (0.5 s doubling,
+    at most 30 s). The exponent is capped: 0.5 * 2**1024 overflows, which after ~9 hours
+    of an unreachable broker would end the worker instead of waiting on."""
+    return float(min(0.5 * 2 ** min(attempt, MAX_BACKOFF_EXPONENT), 30.0))
+
+
 async def prepare_for_worker(
     app: App, s: Settings, stop: asyncio.Event, *, retry_s: Callable[[int], float] | None = None
 ) -> bool:
@@ -195,7 +202,7 @@ async def prepare_for_worker(
     refuse to start when a source is missing (TopicsMissing, one line), and wait, one line per
     attempt, while the broker is unreachable. False when ``stop`` was set meanwhile: the
     worker then returns at once (it drains on SIGTERM in every state)."""
-    backoff = retry_s or (lambda n: min(0.5 * 2**n, 30.0))
+    backoff = retry_s or kafka_wait_s
     attempt = looks = 0
     while not stop.is_set():
         work = create(app, s, OWNED) if s.topics_create else inspect(app, s)

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from consumer.constants import MAX_BACKOFF_EXPONENT
 from consumer.outbox import store
 from consumer.outbox.figures import Figures
 from consumer.outbox.store import Destination
@@ -43,7 +44,9 @@ class Holds:
         """Hold ``what`` back: ``delays[0]`` after the first failure, doubling to ``delays[1]``."""
         prev = self._holds.get(what)
         failures = prev.failures + 1 if prev else 1
-        delay = min(delays[0] * 2 ** (failures - 1), delays[1])
+        # Capped exponent: a row refused for good is held again and again (1,024 holds of a
+        # key are ~17 h), and a float times 2**1024 overflows.
+        delay = min(delays[0] * 2 ** min(failures - 1, MAX_BACKOFF_EXPONENT), delays[1])
         self._holds[what] = _Hold(time.monotonic() + delay, failures)
         self._figures.last_error = why
         log.warning("relay: %s; holding it back %.0fs (failure %d)", why, delay, failures)

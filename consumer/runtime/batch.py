@@ -101,6 +101,19 @@ class BatchProcessor:
         else:
             self.positions[(topic, partition)] = position
 
+    def parse(self, msg: Message) -> Item:
+        """``msg`` decoded, validated and identified (runtime/items.py).
+
+        Also how a record is run again after a run that was thrown away (an optimistic
+        batch rolled back, a batch refused at a shared statement and run record by record, a
+        batch handler's failed call): decoded again from its bytes, so a handler that
+        changed its payload model in place does not hand the change to the run that counts.
+        Only those paths pay for it; a deep copy per handler call would cost every message
+        (``model_copy(deep=True)``: ~39 µs for the bench's PaymentRequested, a quarter of
+        the batch path's client CPU per message, docs/benchmarks.md)."""
+        s = self.settings
+        return parse(msg, self.app, s.tenant_header, s.default_content_type)
+
     @property
     def leases(self) -> LeaseStore:
         return self.redis.store
@@ -124,8 +137,7 @@ class BatchProcessor:
         if not records:
             return BatchResult()
         started = time.monotonic()
-        s = self.settings
-        items = [parse(m, self.app, s.tenant_header, s.default_content_type) for m in records]
+        items = [self.parse(m) for m in records]
         leaders: dict[Ident, Item] = {}
         for it in items:
             if it.ident is not None:
@@ -174,6 +186,7 @@ class BatchProcessor:
         was refused by a statement they share (runtime/poison.py)."""
 
         def alone(it: Item) -> Awaitable[BatchResult]:
+            it = self.parse(it.msg)  # its payload as sent, whatever the batch run did to it
             one = {it.ident.ident: it} if it.ident else {}
             return self._process([it], one, {i for i in busy if i in one})
 
@@ -306,16 +319,8 @@ class BatchProcessor:
             log.debug("%s/%s: optimistic run fell back (%s)", *tp, exc)
             self.guarded[tp] = self.settings.optimistic_cooldown_batches
             self.fallbacks += 1
-            # The rolled-back run may have edited its payload models in place: the re-run
-            # gets them as they arrived, parsed again from the records (identities, and
-            # so leases and keys, are equal: the same bytes give the same ones).
-            s = self.settings
-            items = [
-                parse(it.msg, self.app, s.tenant_header, s.default_content_type)
-                if it.ident is not None
-                else it
-                for it in items
-            ]
+            # Decoded again: the rolled-back runs may have changed their payloads in place.
+            items = [self.parse(it.msg) for it in items]
             return await self._transact(items, states, done_markers, busy, optimistic=False)
 
     async def _transact(
@@ -349,6 +354,7 @@ class BatchProcessor:
                 replies=self.replies,
                 attempts=self.attempts,
                 optimistic=optimistic and tx.optimistic,
+                parse=self.parse,
             )
             leaders = {it.ident.ident: it for it in reversed(live) if it.ident}
             await batch.read(leaders, states, busy)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consumer import codec, storable, tracing
+from consumer.constants import MAX_BACKOFF_EXPONENT
 from consumer.context import Context, to_jsonable
 from consumer.db.tx import BatchTx
 from consumer.dedup.identity import Identity
@@ -58,7 +59,10 @@ class Run:
 
 
 def backoff_s(settings: Settings, attempt: int) -> float:
-    base = settings.retry_backoff_ms * 2 ** (max(attempt, 1) - 1)
+    """The in-place delay after run ``attempt``: base * 2**(attempt-1), capped. The exponent
+    is capped first: ``attempt`` can come from a record (``x-retry-attempt``)."""
+    n = min(max(attempt, 1) - 1, MAX_BACKOFF_EXPONENT)
+    base = settings.retry_backoff_ms * 2**n
     return float(min(base, settings.retry_backoff_max_ms)) / 1000
 
 

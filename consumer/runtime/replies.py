@@ -18,15 +18,15 @@ from typing import Any
 
 from consumer import storable
 from consumer.constants import (
-    CONFLICT_SUFFIX,
     CONTENT_JSON,
     CONTENT_MSGPACK,
-    DLQ_SUFFIX,
+    FRAMEWORK_SUFFIXES,
     HEADER_CONTENT_TYPE,
     HEADER_CORRELATION_ID,
     HEADER_CORRELATION_ID_FASTSTREAM,
     HEADER_REPLY_TO,
     HEADER_REPLY_TO_FASTSTREAM,
+    KAFKA_INTERNAL_PREFIX,
 )
 from consumer.message import Message
 from consumer.outbox import envelopes
@@ -71,10 +71,30 @@ class Replies:
 
     def __init__(self, topics: list[str], copy_headers: Sequence[str] = DEFAULT_COPY_HEADERS):
         # A reply there would be consumed by this app as a new message: a requester could
-        # feed the app its own results (a loop through every reply-to it can set) or forge
-        # dead letters that `consumer replay` re-drives.
-        self.refused = {t + sfx for t in topics for sfx in ("", DLQ_SUFFIX, CONFLICT_SUFFIX)}
+        # feed the app its own results (a loop through every reply-to it can set). The
+        # framework's own topics (dead letters, conflicts, retries) and Kafka's are refused
+        # by name, in refusal() below.
+        self.refused = set(topics)
         self.copy_headers = {n.lower() for n in copy_headers}
+
+    def refusal(self, reply_to: str) -> str:
+        """Why no reply may go to ``reply_to`` ("" when one may). Whoever sends a request
+        chooses it, so it is checked like any input (tests/integration/test_reply_refused.py)."""
+        if not storable.valid_topic(reply_to):
+            # The requester's mistake. Written as a row, it would fail the batch's outbox
+            # insert on every redelivery.
+            return "is not a valid topic"
+        if reply_to in self.refused:
+            return "is a topic this app consumes"
+        if reply_to.endswith(FRAMEWORK_SUFFIXES):
+            # Written by the framework only, this app's or another's: a reply in a .retry
+            # topic would be run as a retry of its source, one in a .dlq replayed.
+            return f"is named like a framework topic ({'/'.join(FRAMEWORK_SUFFIXES)})"
+        if reply_to.startswith(KAFKA_INTERNAL_PREFIX):
+            # Refused by the broker on every send (InvalidTopicError), which the relay takes
+            # for transient: it would send the row again on every tick, forever.
+            return "is a Kafka internal topic"
+        return ""
 
     def copied(self, msg: Message) -> list[tuple[str, str]]:
         """The request's headers to copy onto its reply, with the request's own names."""
@@ -101,15 +121,8 @@ class Replies:
         reply_to = reply_topic(msg)
         if not reply_to or not k.has_result:
             return []
-        if not storable.valid_topic(reply_to):
-            # The requester's mistake: no reply can go there. Written as a row, it would fail
-            # the batch's outbox insert on every redelivery.
-            log.warning("%s: reply-to %r is not a valid topic; no reply", msg.source, reply_to)
-            return []
-        if reply_to in self.refused:
-            log.warning(
-                "%s: reply-to %r is a topic this app consumes; no reply", msg.source, reply_to
-            )
+        if why := self.refusal(reply_to):
+            log.warning("%s: reply-to %r %s; no reply", msg.source, reply_to, why)
             return []
         body: Any = k.result if k.status == "done" else {"rejected": k.reason}
         # A record completed before reply types were stored was answered in msgpack.

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,7 @@ from consumer.constants import (
     HEADER_RETRY_DUE_MS,
     HEADER_RETRY_ORIGIN,
     HEADER_RETRY_REASON,
+    MAX_BACKOFF_EXPONENT,
     RETRY_SUFFIX,
 )
 from consumer.errors import MAX_RETRY_DELAY_S
@@ -66,7 +68,8 @@ _STRIPPED = RETRY_HEADERS | {HEADER_ORIGINAL_HEADERS}
 def topic_backoff_s(settings: Settings, attempt: int) -> float:
     """The delay before the run after ``attempt`` (the n-th retry waits base * mult**(n-1))."""
     n = max(attempt, 1) - 1
-    base = settings.retry_topic_backoff_ms * settings.retry_topic_backoff_multiplier ** min(n, 64)
+    n = min(n, MAX_BACKOFF_EXPONENT)
+    base = settings.retry_topic_backoff_ms * settings.retry_topic_backoff_multiplier**n
     return float(min(base, settings.retry_topic_backoff_max_ms)) / 1000
 
 
@@ -129,6 +132,10 @@ def retry_row(msg: Message, attempt: int, due_ms: int, reason: str) -> OutboxRow
     which the inbox then deduplicates."""
     source = msg.retry_of or msg.topic
     origin = (msg.header_str(HEADER_RETRY_ORIGIN) if msg.retry_of else None) or msg.source
+    if not storable.text_ok(origin):
+        # Read from the record (any producer's): one PostgreSQL cannot store as text would
+        # fail the batch's outbox statement, and the retry would end an unstorable dead letter.
+        origin = msg.source
     original = [(n, v) for n, v in msg.headers if n.lower() not in _STRIPPED]
     visible = []
     for name, raw in original:
@@ -181,32 +188,53 @@ def hold_back(
     """``work`` (fetched records per partition) without the records of retry partitions
     that are not due yet: each such partition is sought back to its first record not due
     and paused until then (``retry_later``, the fetch loop's own pause); the due ones before
-    it are processed now. A due time further away than the framework ever writes (a record
-    not written by it, a clock far off) is waited for at most that long."""
+    it are processed now. See :func:`due_ms` for how far a record can hold its partition."""
     out: dict[Any, list[Any]] = {}
     now_ms = time.time() * 1000
-    cap_s = max(settings.retry_topic_backoff_max_ms / 1000, MAX_RETRY_DELAY_S)
+    cap_ms = cap_s(settings) * 1000
     for tp, recs in work.items():
         if not origin_of(tp.topic, app.handler_for(tp.topic)):
             out[tp] = recs
             continue
         due = recs
         for i, rec in enumerate(recs):
-            wait_ms = _due_ms(rec) - now_ms
+            wait_ms = due_ms(rec, now_ms, cap_ms) - now_ms
             if wait_ms > 0:
                 due = recs[:i]
-                retry_later(tp, rec.offset, min(wait_ms / 1000, cap_s), "retry not due yet")
+                retry_later(tp, rec.offset, min(wait_ms, cap_ms) / 1000, "retry not due yet")
                 break
         if due:
             out[tp] = due
     return out
 
 
-def _due_ms(rec: Any) -> float:
+def cap_s(settings: Settings) -> float:
+    """The furthest after its write the framework ever makes a retry record due: the
+    topic back-off's cap, or a longer ``Retry(delay_s)`` (clamped to MAX_RETRY_DELAY_S)."""
+    return max(settings.retry_topic_backoff_max_ms / 1000, MAX_RETRY_DELAY_S)
+
+
+def due_ms(rec: Any, now_ms: float, cap_ms: float) -> float:
+    """When ``rec`` (a fetched record of a retry topic) is due, in wall-clock ms.
+
+    Its ``x-retry-due-ms``, but never more than ``cap_ms`` after the record was written (its
+    Kafka timestamp), since nothing else stops a due time far ahead (a record not written by
+    the framework, a clock far off) from pausing its partition again after every capped
+    pause. A record whose timestamp is itself further ahead than the cap (or that has none)
+    has nothing to bound it by: due now, run early rather than hold the partition. An
+    unreadable due time is due now too."""
+    written = getattr(rec, "timestamp", None)
+    if not isinstance(written, int) or written < 0 or written > now_ms + cap_ms:
+        return 0.0
+    return min(_header_due_ms(rec), written + cap_ms)
+
+
+def _header_due_ms(rec: Any) -> float:
     for name, raw in rec.headers or ():
         if name.lower() == HEADER_RETRY_DUE_MS:
             try:
-                return float(bytes(raw).decode())
-            except (UnicodeDecodeError, ValueError):
+                due = float(bytes(raw).decode())  # a header without a value is None
+            except (TypeError, ValueError):
                 return 0.0  # unreadable: due now, so it cannot stall its partition
+            return due if math.isfinite(due) else 0.0  # "inf", "nan", "1e999"
     return 0.0

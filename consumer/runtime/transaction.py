@@ -11,7 +11,7 @@ records below it, claim the new keys and read every other record in one lookup, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from consumer import storable
 from consumer.db.tx import BatchTx
@@ -19,6 +19,7 @@ from consumer.dedup.hashing import HASH_VERSION, marker_digest, parse_marker_dig
 from consumer.dedup.inbox import Claim, Completion
 from consumer.dedup.leases import DoneMarker, LeaseResult
 from consumer.errors import InvalidMessage
+from consumer.message import Message
 from consumer.outbox import envelopes
 from consumer.probe import Probe
 from consumer.runtime import batch_run, retry_topics
@@ -49,6 +50,7 @@ class BatchTransaction:
         replies: Replies,
         attempts: dict[Position, int],
         optimistic: bool = False,
+        parse: Callable[[Message], Item] | None = None,
     ) -> None:
         self.tx = tx
         self.group = group
@@ -60,6 +62,13 @@ class BatchTransaction:
         self.view = View()
         self.confirmed: set[Ident] = set()  # Redis done markers the inbox agreed with
         self.prepared: dict[Position, Run] = {}  # a batch handler's runs (runtime/batch_run.py)
+        self._parse = parse  # the processor's (runtime/batch.py): a record decoded again
+
+    def redecode(self, it: Item) -> None:
+        """Give ``it`` its payload decoded again from its record, for a run after one that
+        was thrown away (a batch handler's failed call, runtime/batch_run.py)."""
+        if self._parse is not None and (fresh := self._parse(it.msg)).ident is not None:
+            it.ident = fresh.ident
 
     async def walk(self, live: list[Item], writes: Writes) -> None:
         """Decide and handle each live record in order, until one stops the batch. A batch

@@ -3,13 +3,16 @@ handler option and the topics an app with ``retry="topics"`` needs."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
 from pydantic import BaseModel
 
 from consumer import App, ConfigError, Context, Settings
+from consumer.errors import MAX_RETRY_DELAY_S
 from consumer.message import Message
 from consumer.outbox.envelopes import unpack_headers
 from consumer.runtime import retry_topics
@@ -108,9 +111,14 @@ def test_the_retry_row_is_the_original_and_restores_exactly_on_arrival() -> None
     assert again["x-retry-origin"] == "orders/2/7" and again["x-retry-attempt"] == "3"
 
 
+def _rec(offset: int, due: bytes, written_ms: int | None = None) -> SimpleNamespace:
+    """A fetched record as aiokafka gives it: ``timestamp`` in ms (written now by default)."""
+    ts = int(time.time() * 1000) if written_ms is None else written_ms
+    return SimpleNamespace(offset=offset, headers=[("x-retry-due-ms", due)], timestamp=ts)
+
+
 def test_hold_back_pauses_a_retry_partition_at_its_first_record_not_due() -> None:
-    def rec(offset: int, due: bytes) -> SimpleNamespace:
-        return SimpleNamespace(offset=offset, headers=[("x-retry-due-ms", due)])
+    rec = _rec
 
     tp_retry, tp_src = TopicPartition("orders.retry", 0), TopicPartition("orders", 0)
     later: list[tuple[object, int]] = []
@@ -126,6 +134,40 @@ def test_hold_back_pauses_a_retry_partition_at_its_first_record_not_due() -> Non
     assert later == [(tp_retry, 2)]
 
 
+def _held(recs: list[SimpleNamespace], settings: Settings | None = None) -> list[float]:
+    """The pauses ``hold_back`` asks for on one retry partition holding ``recs``."""
+    later: list[float] = []
+    retry_topics.hold_back(
+        _app(),
+        settings or Settings(),
+        {TopicPartition("orders.retry", 0): recs},
+        lambda tp, off, delay_s, why: later.append(delay_s),
+    )
+    return later
+
+
+@pytest.mark.parametrize("due", [b"inf", b"1e999", b"nan", b"-inf", b"Infinity"])
+def test_a_due_time_that_is_not_a_finite_number_is_due_now(due: bytes) -> None:
+    assert _held([_rec(0, due)]) == []
+
+
+def test_a_due_time_far_ahead_is_bounded_by_the_record_timestamp() -> None:
+    """Due in a year: written longer than the cap ago, due now; written now, paused at most
+    the cap; written (by its timestamp) further ahead than the cap, or not at all, due now."""
+    s = Settings(retry_topic_backoff_max_ms=1_000)
+    cap_ms = max(1_000, MAX_RETRY_DELAY_S * 1000)  # the furthest the framework writes
+    now_ms = int(time.time() * 1000)
+    year = str(now_ms + 365 * 86_400_000).encode()
+    assert _held([_rec(0, year, now_ms - int(cap_ms) - 1_000)], s) == []
+    [paused] = _held([_rec(0, year, now_ms)], s)
+    assert cap_ms / 1000 - 5 < paused <= cap_ms / 1000
+    assert _held([_rec(0, year, now_ms + int(cap_ms) + 60_000)], s) == []
+    assert _held([_rec(0, year, -1)], s) == []
+    # What the framework writes is never cut short: due in 10 s, written now, waits 10 s.
+    [waits] = _held([_rec(0, str(now_ms + 10_000).encode(), now_ms)], s)
+    assert 9 < waits <= 10
+
+
 def test_a_bound_app_routes_its_retry_topic_to_the_bound_handler() -> None:
     """A worker runs App.bound(deps): a record from ``<topic>.retry`` must reach the copy
     that carries the dependencies and the middleware chain, not the registered original."""
@@ -136,3 +178,39 @@ def test_a_bound_app_routes_its_retry_topic_to_the_bound_handler() -> None:
     assert handler is not None and handler.deps is deps
     assert run.handler_for("orders.retry") is handler
     assert run.subscribed == ["orders", "other", "orders.retry"]
+
+
+def test_a_handler_on_a_retry_topic_of_a_handler_with_retry_topics_is_refused() -> None:
+    """``<topic>.retry`` belongs to the framework once ``topic``'s handler has
+    ``retry="topics"``: another handler on it, before or after, per-message or batch, or the
+    same handler on both, is refused at registration, one line naming the topic."""
+
+    async def fn(p: Pay, ctx: Context) -> None: ...
+
+    async def batch_fn(batch: list[Any], ctx: Any) -> None: ...
+
+    def after() -> None:
+        app = App("g")
+        app.handler("x", schema=Pay, retry="topics")(fn)
+        app.handler("x.retry", schema=Pay, name="other")(fn)
+
+    def before() -> None:
+        app = App("g")
+        app.handler("x.retry", schema=Pay, name="other")(fn)
+        app.handler("x", schema=Pay, retry="topics")(fn)
+
+    def batch_after() -> None:
+        app = App("g")
+        app.handler("x", schema=Pay, retry="topics")(fn)
+        app.batch_handler("x.retry", schema=Pay, name="other")(batch_fn)
+
+    def both() -> None:
+        App("g").handler("x", "x.retry", schema=Pay, retry="topics")(fn)
+
+    def both_reversed() -> None:
+        App("g").handler("x.retry", "x", schema=Pay, retry="topics")(fn)
+
+    for register in (after, before, batch_after, both, both_reversed):
+        with pytest.raises(ConfigError, match=r"'x\.retry'") as err:
+            register()
+        assert "\n" not in str(err.value), register.__name__
