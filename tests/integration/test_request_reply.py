@@ -153,6 +153,26 @@ async def test_duplicate_gets_the_first_reply_payload_under_its_own_correlation_
     assert again.headers["correlation-id"] == again.correlation_id
 
 
+@pytest.mark.parametrize("spelling", ["Application/JSON; charset=utf-8", "json", "text/json"])
+async def test_a_json_request_spelled_with_parameters_or_an_alias_is_sent_as_json(
+    settings, topics, producer, pg, unique, spelling
+):
+    # The worker reads these spellings as JSON (docs/codecs.md: content types match without
+    # their parameters and case). The requester must then send JSON bytes under them: it sent
+    # msgpack, which the worker dead-lettered as undecodable, and the request timed out.
+    topic = await topics("rr-spell", partitions=1, extra=("spell-replies",))
+    reply_topic = f"spell-replies-{unique}"
+    calls: Counter[str] = Counter()
+    app = _doubling_app(f"g-{unique}", settings, topic, calls)
+
+    async with running(app), Requester(producer, reply_topic, content_type=spelling) as r:
+        reply = await r.request(topic, {"id": "s", "cents": 4}, timeout_s=20)
+
+    dead = await pg.fetchval("SELECT count(*) FROM dedup.outbox WHERE topic = $1", topic + ".dlq")
+    assert (dead, calls) == (0, Counter({"s": 1}))
+    assert (reply.content_type, reply.value) == (CONTENT_JSON, {"id": "s", "cents": 8})
+
+
 async def test_a_request_nobody_answers_times_out_with_one_line(settings, topics, unique):
     topic = await topics("rr-none", partitions=1, extra=("none-replies",))
     async with Requester(settings.kafka_bootstrap, f"none-replies-{unique}") as r:
