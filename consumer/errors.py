@@ -3,7 +3,7 @@
 ::
 
     ConsumerError                      root of everything this package raises
-    ├── ConfigError                    bad settings or handler options (at start, never mid-run)
+    ├── ConfigError                    bad settings or options (at start; unknown in a handler)
     │   ├── MigrationMismatch          an applied migration's file changed or is gone
     │   ├── KafkaAuthError             the broker refused the login or its certificate is untrusted
     │   └── TopicsMissing              a topic the app reads does not exist (never auto-created)
@@ -37,9 +37,16 @@ import asyncio
 
 
 class ConsumerError(Exception):
-    """Root of every error this package raises."""
+    """Root of every error this package raises.
 
-    retriable: bool = False
+    ``retriable``: True indefinite, False definite, None unknown (the handler's ``on_error``
+    decides). Only a message's own fault (:class:`InvalidMessage`) and the handler's
+    :class:`Reject` are definite; the others, raised inside a handler (a ConfigError from a
+    codec that cannot map the model of ``ctx.publish``, an OutboxError), are a bug of the
+    app's code or configuration: a fixed app must still be able to apply the key, so they
+    must not burn it."""
+
+    retriable: bool | None = None
 
 
 class ConfigError(ConsumerError):
@@ -83,6 +90,7 @@ class InvalidMessage(ConsumerError):
     """The message cannot reach a handler. Dead-lettered; nothing recorded under its key."""
 
     reason = "invalid"
+    retriable = False
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -145,6 +153,8 @@ class Reject(HandlerSignal):
     may be any object (an exception, a number, None): it is stored as text, with NUL and lone
     surrogates escaped and cut at ``storable.MAX_REASON_CHARS`` characters.
     """
+
+    retriable = False
 
     def __init__(self, reason: object = "rejected") -> None:
         # Imported here: storable is a leaf module, but errors is imported by nearly everything.
@@ -259,7 +269,7 @@ def is_retriable(exc: BaseException, extra: tuple[type[BaseException], ...] = ()
     An exception group (``asyncio.TaskGroup``) is indefinite if any of its exceptions is, and
     definite only if all of them are.
     """
-    if isinstance(exc, ConsumerError):
+    if isinstance(exc, ConsumerError) and exc.retriable is not None:
         return exc.retriable
     if extra and isinstance(exc, extra):
         return True

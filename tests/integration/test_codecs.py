@@ -7,6 +7,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from pydantic import BaseModel
 
 from consumer import App, Context
 from consumer.codecs.avro import AvroCodec
@@ -98,4 +99,45 @@ async def test_avro_and_protobuf_topics_apply_good_records_and_dead_letter_garba
         ]
     finally:
         await pg.execute("DELETE FROM test_codecs_effects WHERE k LIKE $1", f"%{unique}")
+        await cleanup(pg, unique)
+
+
+class Settled(BaseModel):
+    order_id: str
+    total: Decimal  # no decimal_places: the Avro codec cannot map it (a ConfigError)
+
+
+async def test_a_publish_the_codec_refuses_for_its_model_is_the_handlers_bug_not_a_burned_key(
+    settings, topics, producer, pg, unique
+):
+    # ctx.publish(content_type=avro) of a model the codec cannot map raises the codec's
+    # ConfigError inside the handler. That is the app's bug, like any other: under the
+    # default on_error="retry" it is retried, then dead-lettered `failed` with nothing
+    # recorded, so the fixed app's replay still applies the key. It was classified as
+    # definite: recorded `rejected` at the first run, the key burned for good.
+    topic = await topics("codec-bug", partitions=1, extra=("codec-bug-out",))
+    group = f"g-{unique}"
+    app = App(group, settings=app_settings(settings, max_attempts=2, retry_backoff_ms=1))
+    app.codec(AVRO, AvroCodec())
+
+    @app.handler(topic, schema=Order, key=lambda o: o.order_id, name=f"settle-{unique}")
+    async def settle(o: Order, ctx: Context) -> None:
+        ctx.publish(
+            f"codec-bug-out-{unique}",
+            Settled(order_id=o.order_id, total=o.total),
+            content_type=AVRO,
+        )
+
+    try:
+        await send(producer, topic, {"order_id": f"o-{unique}", "qty": 1, "total": "2.50"})
+        async with running(app):
+            await wait_offset(pg, group, topic, 0, 1)
+            [dead] = await read_topic(settings, topic + ".dlq", expect=1)
+        recorded = await pg.fetch(
+            "SELECT status FROM dedup.inbox WHERE namespace = $1", f"settle-{unique}"
+        )
+        assert [r["status"] for r in recorded] == []  # the key is free for the replay
+        assert header_map(dead)["x-reason"] == "failed"
+        assert "ConfigError" in header_map(dead)["x-detail"]
+    finally:
         await cleanup(pg, unique)
