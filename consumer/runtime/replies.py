@@ -27,6 +27,7 @@ from consumer.constants import (
     HEADER_CORRELATION_ID_FASTSTREAM,
     HEADER_REPLY_TO,
     HEADER_REPLY_TO_FASTSTREAM,
+    RETRY_SUFFIX,
 )
 from consumer.message import Message
 from consumer.outbox import envelopes
@@ -71,9 +72,11 @@ class Replies:
 
     def __init__(self, topics: list[str], copy_headers: Sequence[str] = DEFAULT_COPY_HEADERS):
         # A reply there would be consumed by this app as a new message: a requester could
-        # feed the app its own results (a loop through every reply-to it can set) or forge
-        # dead letters that `consumer replay` re-drives.
-        self.refused = {t + sfx for t in topics for sfx in ("", DLQ_SUFFIX, CONFLICT_SUFFIX)}
+        # feed the app its own results (a loop through every reply-to it can set), forge
+        # dead letters that `consumer replay` re-drives, or have a result read back from
+        # <topic>.retry and applied as a retry under the reply's own idempotency key.
+        suffixes = ("", DLQ_SUFFIX, CONFLICT_SUFFIX, RETRY_SUFFIX)
+        self.refused = {t + sfx for t in topics for sfx in suffixes}
         self.copy_headers = {n.lower() for n in copy_headers}
 
     def copied(self, msg: Message) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from consumer import App, Context, Requester, RequestTimeout
 from consumer.constants import CONTENT_JSON, CONTENT_MSGPACK
 from tests.conftest import app_settings, running
-from tests.integration.dedup_support import Pay
+from tests.integration.dedup_support import Pay, cleanup, outbox, send, wait_offset
 
 pytestmark = pytest.mark.integration
 
@@ -188,3 +188,37 @@ async def test_a_missing_reply_topic_is_refused_at_start(settings, unique):
     with pytest.raises(ConfigError, match="does not exist"):
         async with Requester(settings.kafka_bootstrap, f"absent-{unique}"):
             pass
+
+
+async def test_a_reply_to_the_apps_own_retry_topic_is_refused(
+    settings, topics, producer, pg, unique
+):
+    # `<topic>.retry` of a retry="topics" handler is consumed by the app, as its sources are
+    # (which replies are refused to): a reply there was read back as a retry of a message,
+    # under the reply's own idempotency key (reply:<ns>:<key>), and the handler applied its
+    # own result as a second message.
+    topic = await topics("rr-loop", partitions=1)
+    group = f"g-{unique}"
+    table = f"rr_loop_{unique}"
+    await pg.execute(f"CREATE TABLE {table} (k text)")
+    app = App(group, settings=app_settings(settings))
+
+    @app.handler(topic, schema=Pay, retry="topics")
+    async def handle(p: Pay, ctx: Context) -> dict[str, Any]:
+        await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", p.id)
+        return {"id": p.id, "cents": p.cents}
+
+    headers = {"idempotency-key": b"k1", "reply-to": f"{topic}.retry".encode()}
+    try:
+        async with running(app):
+            await send(producer, topic, {"id": "a", "cents": 3}, headers=headers)
+            await send(producer, topic, {"id": "b"}, headers={"idempotency-key": b"k2"})
+            await wait_offset(pg, group, topic, 0, 2)
+            replies = await outbox(pg, f"{topic}.retry")
+            # Read back from <topic>.retry, it would be applied: give it the time to be.
+            await asyncio.sleep(3 if replies else 0)
+        effects = sorted(r["k"] for r in await pg.fetch(f"SELECT k FROM {table}"))
+        assert (effects, replies) == (["a", "b"], [])
+    finally:
+        await pg.execute(f"DROP TABLE IF EXISTS {table}")
+        await cleanup(pg, unique)
