@@ -215,7 +215,13 @@ class Requester:
         try:
             value = codec.decode(record.value, ctype)
         except Exception as exc:
-            fut.set_exception(exc)
+            # Not the DecodeError itself: that class means "the consumed record is bad" and is
+            # definite, so a handler asking through a Requester would have its own key burned
+            # (recorded rejected) for a reply it cannot read. A ValueError is the asker's
+            # error, classified by its handler's on_error (docs/handlers.md#classification).
+            error = ValueError(f"the reply to request {cid} cannot be decoded: {exc}")
+            error.__cause__ = exc
+            fut.set_exception(error)
             return
         outcome = hdrs.get(HEADER_OUTCOME, "done")
         fut.set_result(Reply(value, record.value or b"", ctype, outcome, cid or "", hdrs))

@@ -15,12 +15,14 @@ What each test proves:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from typing import Any
 
 import msgpack
 import pytest
+from aiokafka import AIOKafkaConsumer
 from faststream.exceptions import FeatureNotSupportedException
 from faststream.kafka import KafkaBroker, KafkaMessage
 
@@ -221,4 +223,62 @@ async def test_a_reply_to_the_apps_own_retry_topic_is_refused(
         assert (effects, replies) == (["a", "b"], [])
     finally:
         await pg.execute(f"DROP TABLE IF EXISTS {table}")
+        await cleanup(pg, unique)
+
+
+async def test_a_reply_the_requester_cannot_decode_does_not_burn_the_asking_handlers_key(
+    settings, topics, producer, pg, unique
+):
+    # A handler asks another service (here a responder answering in text/plain, as a
+    # FastStream handler returning a str does). The reply cannot be decoded: that is a
+    # fault of the ask, not of the message being handled, so under on_error="retry" it is
+    # retried, then dead-lettered `failed` with the key free. Requester raised DecodeError,
+    # the class of an undecodable *consumed* record, which is definite: recorded `rejected`.
+    topic = await topics("rr-ask", partitions=1, extra=("ask-svc", "ask-replies"))
+    svc, reply_topic = f"ask-svc-{unique}", f"ask-replies-{unique}"
+    group = f"g-{unique}"
+
+    async def respond() -> None:
+        consumer = AIOKafkaConsumer(
+            svc,
+            bootstrap_servers=settings.kafka_bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            async for rec in consumer:
+                hdrs = dict(rec.headers)
+                await producer.send_and_wait(
+                    hdrs["reply-to"].decode(),
+                    b"pong",
+                    headers=[
+                        ("content-type", b"text/plain"),
+                        ("correlation-id", hdrs["correlation-id"]),
+                    ],
+                )
+        finally:
+            await consumer.stop()
+
+    app = App(group, settings=app_settings(settings, max_attempts=2, retry_backoff_ms=1))
+    responder = asyncio.create_task(respond())
+    try:
+        async with Requester(producer, reply_topic) as r:
+
+            @app.handler(topic, schema=Pay, key=lambda p: p.id, name=f"ask-{unique}")
+            async def ask(p: Pay, ctx: Context) -> Any:
+                return (await r.request(svc, {"q": p.id}, timeout_s=20)).value
+
+            async with running(app):
+                await send(producer, topic, {"id": "a"})
+                await wait_offset(pg, group, topic, 0, 1)
+        recorded = await pg.fetch(
+            "SELECT status FROM dedup.inbox WHERE namespace = $1", f"ask-{unique}"
+        )
+        [dead] = await outbox(pg, topic + ".dlq")
+        assert ([r["status"] for r in recorded], dead["headers"]["x-reason"]) == ([], "failed")
+    finally:
+        responder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await responder
         await cleanup(pg, unique)
