@@ -243,8 +243,13 @@ _RETRIABLE_NAMES = frozenset(
         "TryAgainError",
         "MasterDownError",
         "BusyLoadingError",
+        "KafkaTimeoutError",  # aiokafka's (a Requester's send): a timeout it does not flag
     }
 )
+# The Kafka client's own errors (aiokafka, so a handler asking through consumer.Requester)
+# say themselves whether they are worth retrying: ``retriable = True`` on KafkaConnectionError,
+# RequestTimedOutError, NodeNotReadyError, NotLeaderForPartitionError, ...
+_KAFKA_CLIENTS = frozenset({"aiokafka", "kafka"})
 
 
 def _retriable_sqlstate(sqlstate: object) -> bool:
@@ -258,6 +263,11 @@ def _retriable_class(exc: BaseException) -> bool:
         # A refused argument (asyncpg's client-side DataError is an InterfaceError too, and
         # ctx.db's UnsafeStatement): the handler's bug, never a glitch.
         return False
+    if (
+        type(exc).__module__.partition(".")[0] in _KAFKA_CLIENTS
+        and getattr(exc, "retriable", 0) is True
+    ):
+        return True
     return any(
         c.__name__ in _RETRIABLE_NAMES or c.__name__.endswith("Timeout") for c in type(exc).__mro__
     )

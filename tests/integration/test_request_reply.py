@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from faststream.exceptions import FeatureNotSupportedException
 from faststream.kafka import KafkaBroker, KafkaMessage
 
@@ -281,4 +281,42 @@ async def test_a_reply_the_requester_cannot_decode_does_not_burn_the_asking_hand
         responder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await responder
+        await cleanup(pg, unique)
+
+
+async def test_a_kafka_client_error_while_asking_never_burns_the_key_even_with_on_error_reject(
+    settings, topics, pg, unique
+):
+    # A handler asks through a Requester and the Kafka client fails in a way it flags itself
+    # as retriable (here the topic is not there yet: UnknownTopicOrPartitionError; as well
+    # KafkaConnectionError, RequestTimedOutError, or its KafkaTimeoutError). Indefinite,
+    # whatever on_error says (docs/guarantees.md, promise 3): nothing recorded, a `failed`
+    # dead letter at the end. aiokafka's errors were not recognised (no *Timeout name, not
+    # an OSError): unknown, and on_error="reject" recorded the key `rejected`.
+    topic = await topics("rr-kto", partitions=1, extra=("kto-replies",))
+    reply_topic = f"kto-replies-{unique}"
+    group = f"g-{unique}"
+    app = App(group, settings=app_settings(settings, max_attempts=2, retry_backoff_ms=1))
+    quick = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=1000)
+    await quick.start()
+    try:
+        async with Requester(quick, reply_topic) as r:
+
+            @app.handler(
+                topic, schema=Pay, key=lambda p: p.id, on_error="reject", name=f"kto-{unique}"
+            )
+            async def ask(p: Pay, ctx: Context) -> Any:
+                return (await r.request(f"absent-{unique}", {"q": p.id}, timeout_s=20)).value
+
+            async with running(app):
+                await send(quick, topic, {"id": "a"})
+                await wait_offset(pg, group, topic, 0, 1)
+        recorded = await pg.fetch(
+            "SELECT status FROM dedup.inbox WHERE namespace = $1", f"kto-{unique}"
+        )
+        [dead] = await outbox(pg, topic + ".dlq")
+        assert ([r["status"] for r in recorded], dead["headers"]["x-reason"]) == ([], "failed")
+        assert "UnknownTopicOrPartitionError" in dead["headers"]["x-detail"]
+    finally:
+        await quick.stop()
         await cleanup(pg, unique)

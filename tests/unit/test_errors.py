@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiokafka.errors
 import asyncpg
 import pytest
 import redis.exceptions
@@ -98,6 +99,12 @@ RULE = [
         True,
     ),
     ("botocore ConnectTimeout", _lib("botocore", "ConnectTimeout")(), True),
+    ("aiokafka timeout", aiokafka.errors.KafkaTimeoutError(), True),
+    ("aiokafka connection", aiokafka.errors.KafkaConnectionError(), True),
+    ("aiokafka request timed out", aiokafka.errors.RequestTimedOutError(), True),
+    ("aiokafka not leader", aiokafka.errors.NotLeaderForPartitionError(), True),
+    ("aiokafka node not ready", aiokafka.errors.NodeNotReadyError(), True),
+    ("aiokafka authorization", aiokafka.errors.TopicAuthorizationFailedError(), None),
     ("task group with a timeout", ExceptionGroup("g", [ValueError(), TimeoutError()]), True),
     (
         "task group of definite",
