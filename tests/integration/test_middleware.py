@@ -9,6 +9,7 @@ that raises Reject rejects, and the handler's writes before it are rolled back.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -115,6 +116,31 @@ async def test_call_next_twice_applies_once(settings, topics, producer, pg, uniq
     # With a second run, "a" and "b" would have failed their primary key (not applied).
     assert {r["k"] for r in await pg.fetch(f"SELECT k FROM {table}")} == {"a", "b"}
     assert await _inbox(pg, app) == {"a": "done", "b": "done"}
+
+
+async def test_a_call_next_left_to_run_after_the_middleware_does_not_stall_the_partitions(
+    settings, topics, producer, pg, unique
+):
+    # A middleware that fires the handler off in a task and returns (or a shielded call
+    # that outlives it) would run the handler on the batch's connection after the
+    # message's savepoint ended, concurrently with the batch's next statement: asyncpg's
+    # "another operation is in progress" failed every batch as a whole, retried without
+    # limit, and no partition ever moved. A call_next after its middleware returned is
+    # refused (MiddlewareMisuse) before it touches ctx.db; the middleware's return value is
+    # the recorded result, as for any middleware that returns without calling call_next.
+    strays: list[asyncio.Future[Any]] = []
+
+    def install(app: App) -> None:
+        @app.middleware
+        async def fire_and_forget(call_next: CallNext, payload: BaseModel, ctx: Context) -> Any:
+            strays.append(asyncio.ensure_future(call_next(payload)))
+            return {"queued": True}
+
+    app, table, _ = await _run(settings, topics, producer, pg, unique, "stray", install)
+    await asyncio.gather(*strays, return_exceptions=True)
+    assert [type(f.exception()).__name__ for f in strays] == ["MiddlewareMisuse"] * 3
+    assert await pg.fetch(f"SELECT k FROM {table}") == []  # never outside a savepoint
+    assert await _inbox(pg, app) == {"a": "done", "dup": "done", "b": "done"}
 
 
 async def test_a_middleware_reject_rolls_back_the_handler(settings, topics, producer, pg, unique):
