@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 
 from consumer import codec
+from consumer.codecs.registry import plain
 from consumer.constants import (
     CONTENT_MSGPACK,
     HEADER_CONTENT_TYPE,
@@ -154,13 +155,13 @@ class Requester:
         content_type: str | None = None,
     ) -> Reply:
         """Send ``payload`` to ``topic`` and return its reply; :class:`RequestTimeout` if none
-        comes within ``timeout_s``. A pydantic model is sent as its JSON-mode dump."""
+        comes within ``timeout_s``. A pydantic model is sent as its JSON-mode dump, by alias."""
         if self._producer is None or self._reader is None:
             raise ConfigError("the requester is not started: use `async with Requester(...)`")
         if self._failed is not None:
             raise self._failed
         ctype = content_type or self.content_type
-        body = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+        body = plain(payload)  # a model by alias, the names its schema validates by
         cid = uuid.uuid4().hex
         sent = {
             **(headers or {}),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from consumer import App, Context
 from consumer.codecs.avro import AvroCodec
@@ -140,4 +140,48 @@ async def test_a_publish_the_codec_refuses_for_its_model_is_the_handlers_bug_not
         assert header_map(dead)["x-reason"] == "failed"
         assert "ConfigError" in header_map(dead)["x-detail"]
     finally:
+        await cleanup(pg, unique)
+
+
+class Priced(BaseModel):
+    order_id: str
+    cents: int = Field(alias="amountCents")  # the wire name, as a camelCase producer has it
+
+
+async def test_a_published_model_with_aliases_is_read_back_by_its_own_schema(
+    settings, topics, producer, pg, unique
+):
+    # ctx.publish (and consumer.Outbox, the Requester) sent a model as model_dump(mode=
+    # "json"): by field name, while the model validates by alias (as the Avro and Protobuf
+    # codecs already write it). A consumer with the same schema, this framework's own, then
+    # dead-lettered every such event as invalid_schema ("amountCents: Field required").
+    src = await topics("alias-src", partitions=1, extra=("alias-out",))
+    out = f"alias-out-{unique}"
+    group = f"g-{unique}"
+    table = f"alias_{unique}"
+    await pg.execute(f"CREATE TABLE {table} (k text, cents int)")
+    app = App(group, settings=app_settings(settings))
+
+    @app.handler(src, schema=Order, key=lambda o: o.order_id, name=f"price-{unique}")
+    async def price(o: Order, ctx: Context) -> None:
+        for ct in ("application/json", "application/msgpack"):
+            ctx.publish(
+                out,
+                Priced(order_id=f"{o.order_id}-{ct[12:]}", amountCents=o.qty * 100),
+                content_type=ct,
+            )
+
+    @app.handler(out, schema=Priced, key=lambda p: p.order_id, name=f"book-{unique}")
+    async def book(p: Priced, ctx: Context) -> None:
+        await ctx.db.execute(f"INSERT INTO {table} VALUES ($1, $2)", p.order_id, p.cents)
+
+    try:
+        await send(producer, src, {"order_id": "o", "qty": 3, "total": "1"})
+        async with running(app):
+            await wait_offset(pg, group, out, 0, 2)
+        booked = sorted((r["k"], r["cents"]) for r in await pg.fetch(f"SELECT * FROM {table}"))
+        dead = await pg.fetchval("SELECT count(*) FROM dedup.outbox WHERE topic = $1", out + ".dlq")
+        assert (booked, dead) == ([("o-json", 300), ("o-msgpack", 300)], 0)
+    finally:
+        await pg.execute(f"DROP TABLE IF EXISTS {table}")
         await cleanup(pg, unique)
