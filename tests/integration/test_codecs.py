@@ -7,7 +7,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from consumer import App, Context
 from consumer.codecs.avro import AvroCodec
@@ -184,4 +184,62 @@ async def test_a_published_model_with_aliases_is_read_back_by_its_own_schema(
         assert (booked, dead) == ([("o-json", 300), ("o-msgpack", 300)], 0)
     finally:
         await pg.execute(f"DROP TABLE IF EXISTS {table}")
+        await cleanup(pg, unique)
+
+
+class Address(BaseModel):  # billing's
+    street: str
+
+
+# Another module's class of the same name (shipping's), with a field the first does not have.
+ShippingAddress = create_model(
+    "Address", __module__="shipping", street=(str, ...), instructions=(str, "")
+)
+
+
+class Shipment(BaseModel):
+    shipment_id: str
+    bill_to: Address
+    ship_to: ShippingAddress  # type: ignore[valid-type]
+
+
+async def test_two_nested_models_of_one_name_keep_their_own_avro_schemas(
+    settings, topics, producer, pg, unique
+):
+    # The derived Avro schema named each record by its class name, and a second use of a
+    # name referred to the first: shipping's Address was written and read with billing's
+    # fields, its `instructions` silently dropped. Two shipments differing only there were
+    # the same bytes, so the second was a duplicate, never a conflict, and the handler
+    # received instructions="" for both.
+    topic = await topics("avro-names", partitions=1)
+    group = f"g-{unique}"
+    avro = AvroCodec()
+    app = App(group, settings=app_settings(settings))
+    app.codec(AVRO, avro)
+    seen: list[str] = []
+
+    @app.handler(topic, schema=Shipment, key=lambda s: s.shipment_id, name=f"ship-{unique}")
+    async def ship(s: Shipment, ctx: Context) -> None:
+        seen.append(s.ship_to.instructions)
+
+    def shipment(instructions: str) -> Shipment:
+        return Shipment(
+            shipment_id="s-1",
+            bill_to=Address(street="1 Main St"),
+            ship_to=ShippingAddress(street="2 Side St", instructions=instructions),
+        )
+
+    ct = {"content-type": AVRO.encode()}
+    try:
+        await send(
+            producer, topic, value=avro.encode(shipment("leave at door"), Shipment), headers=ct
+        )
+        await send(producer, topic, value=avro.encode(shipment("ring twice"), Shipment), headers=ct)
+        async with running(app):
+            await wait_offset(pg, group, topic, 0, 2)
+        conflicts = await pg.fetchval(
+            "SELECT count(*) FROM dedup.outbox WHERE topic = $1", topic + ".conflicts"
+        )
+        assert (seen, conflicts) == (["leave at door"], 1)
+    finally:
         await cleanup(pg, unique)
