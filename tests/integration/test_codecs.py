@@ -7,7 +7,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.alias_generators import to_camel
 
 from consumer import App, Context
 from consumer.codecs.avro import AvroCodec
@@ -241,5 +242,46 @@ async def test_two_nested_models_of_one_name_keep_their_own_avro_schemas(
             "SELECT count(*) FROM dedup.outbox WHERE topic = $1", topic + ".conflicts"
         )
         assert (seen, conflicts) == (["leave at door"], 1)
+    finally:
+        await cleanup(pg, unique)
+
+
+class CamelOrder(BaseModel):
+    """Validates by JSON names (orderId), as protobuf's JSON mapping spells the fields."""
+
+    model_config = ConfigDict(alias_generator=to_camel)
+    order_id: str
+    qty: int
+    total: Decimal
+
+
+async def test_a_protobuf_model_with_camel_case_aliases_reads_what_its_codec_writes(
+    settings, topics, producer, pg, unique
+):
+    # ProtobufCodec.encode takes the model's aliases (ParseDict reads JSON names: orderId),
+    # but decode handed the model the proto field names (order_id): a record written by the
+    # app's own codec, with the same model, was dead-lettered invalid_schema ("orderId:
+    # Field required"). Decoded by JSON names when the model validates by them.
+    topic = await topics("proto-camel", partitions=1)
+    group = f"g-{unique}"
+    proto = ProtobufCodec({CamelOrder: payments_pb2.Order})
+    app = App(group, settings=app_settings(settings))
+    app.codec(PROTO, proto)
+    seen: list[tuple[str, int, Decimal]] = []
+
+    @app.handler(topic, schema=CamelOrder, key=lambda o: o.order_id, name=f"camel-{unique}")
+    async def take(o: CamelOrder, ctx: Context) -> None:
+        seen.append((o.order_id, o.qty, o.total))
+
+    sent = CamelOrder(orderId="c-1", qty=2, total=Decimal("1.25"))
+    try:
+        value = proto.encode(sent, CamelOrder)
+        await send(producer, topic, value=value, headers={"content-type": PROTO.encode()})
+        async with running(app):
+            await wait_offset(pg, group, topic, 0, 1)
+        dead = await pg.fetchval(
+            "SELECT count(*) FROM dedup.outbox WHERE topic = $1", topic + ".dlq"
+        )
+        assert (seen, dead) == ([("c-1", 2, Decimal("1.25"))], 0)
     finally:
         await cleanup(pg, unique)
