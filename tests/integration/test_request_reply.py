@@ -320,3 +320,37 @@ async def test_a_kafka_client_error_while_asking_never_burns_the_key_even_with_o
     finally:
         await quick.stop()
         await cleanup(pg, unique)
+
+
+async def test_a_reply_too_large_for_the_relay_is_not_written_to_wait_forever(
+    settings, topics, producer, pg, unique
+):
+    # A result can be far larger than a Kafka message (jsonb holds it). Its reply row was
+    # written anyway: the relay's producer refused it on every tick (MessageSizeTooLarge),
+    # held its key, and the row stayed pending for good, with every later reply of that
+    # key behind it. Like a reply-to that cannot be answered, it is left out and logged;
+    # the message itself is applied.
+    topic = await topics("rr-big", partitions=1, extra=("big-replies",))
+    reply_topic = f"big-replies-{unique}"
+    group = f"g-{unique}"
+    app = App(group, settings=app_settings(settings))
+
+    @app.handler(topic, schema=Pay, key=lambda p: p.id, name=f"big-{unique}")
+    async def big(p: Pay, ctx: Context) -> dict[str, str]:
+        return {"blob": "x" * 1_100_000}
+
+    try:
+        async with running(app):
+            await send(producer, topic, {"id": "a"}, headers={"reply-to": reply_topic.encode()})
+            await wait_offset(pg, group, topic, 0, 1)
+            await asyncio.sleep(1)  # a relay tick or two
+        recorded = await pg.fetch(
+            "SELECT status FROM dedup.inbox WHERE namespace = $1", f"big-{unique}"
+        )
+        pending = await pg.fetchval(
+            "SELECT count(*) FROM dedup.outbox WHERE topic = $1 AND published_at IS NULL",
+            reply_topic,
+        )
+        assert ([r["status"] for r in recorded], pending) == (["done"], 0)
+    finally:
+        await cleanup(pg, unique)
