@@ -45,7 +45,7 @@ def decode(value: bytes | None, content_type: str | None, *, exact: bool = True)
     version 2 did: only to recompute a version-1 hash (dedup/identity.py)."""
     if value is None:
         raise DecodeError("record has no value (tombstone)")
-    ctype = (content_type or CONTENT_MSGPACK).split(";")[0].strip().lower()
+    ctype = _base(content_type or CONTENT_MSGPACK)
     if ctype in _JSON_TYPES:
         try:
             return json.loads(value, parse_float=_json_number if exact else float)
@@ -62,8 +62,22 @@ def decode(value: bytes | None, content_type: str | None, *, exact: bool = True)
 
 
 def encode(obj: Any, content_type: str = CONTENT_MSGPACK) -> bytes:
-    """Encode a JSON-compatible value as msgpack (default) or compact JSON."""
-    if content_type == CONTENT_JSON:
+    """Encode a JSON-compatible value as msgpack (default) or compact JSON.
+
+    ``content_type`` is matched as :func:`decode` matches it (no parameters, any case, the
+    aliases): bytes labelled ``Application/JSON; charset=utf-8`` must be JSON, since that is
+    how a reader decodes them. ValueError for any other content type."""
+    ctype = content_type if content_type in _FAST else _base(content_type)
+    if ctype in _JSON_TYPES:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    if ctype not in _MSGPACK_TYPES:
+        raise ValueError(f"content type {content_type!r} is neither msgpack nor JSON")
     packed: bytes = msgpack.packb(obj, use_bin_type=True)
     return packed
+
+
+_FAST = {CONTENT_JSON, CONTENT_MSGPACK}  # the spellings the framework writes: no string work
+
+
+def _base(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()

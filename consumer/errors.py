@@ -3,7 +3,7 @@
 ::
 
     ConsumerError                      root of everything this package raises
-    ├── ConfigError                    bad settings or handler options (at start, never mid-run)
+    ├── ConfigError                    bad settings or options (at start; unknown in a handler)
     │   ├── MigrationMismatch          an applied migration's file changed or is gone
     │   ├── KafkaAuthError             the broker refused the login or its certificate is untrusted
     │   └── TopicsMissing              a topic the app reads does not exist (never auto-created)
@@ -37,9 +37,16 @@ import asyncio
 
 
 class ConsumerError(Exception):
-    """Root of every error this package raises."""
+    """Root of every error this package raises.
 
-    retriable: bool = False
+    ``retriable``: True indefinite, False definite, None unknown (the handler's ``on_error``
+    decides). Only a message's own fault (:class:`InvalidMessage`) and the handler's
+    :class:`Reject` are definite; the others, raised inside a handler (a ConfigError from a
+    codec that cannot map the model of ``ctx.publish``, an OutboxError), are a bug of the
+    app's code or configuration: a fixed app must still be able to apply the key, so they
+    must not burn it."""
+
+    retriable: bool | None = None
 
 
 class ConfigError(ConsumerError):
@@ -83,6 +90,7 @@ class InvalidMessage(ConsumerError):
     """The message cannot reach a handler. Dead-lettered; nothing recorded under its key."""
 
     reason = "invalid"
+    retriable = False
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -145,6 +153,8 @@ class Reject(HandlerSignal):
     may be any object (an exception, a number, None): it is stored as text, with NUL and lone
     surrogates escaped and cut at ``storable.MAX_REASON_CHARS`` characters.
     """
+
+    retriable = False
 
     def __init__(self, reason: object = "rejected") -> None:
         # Imported here: storable is a leaf module, but errors is imported by nearly everything.
@@ -233,8 +243,13 @@ _RETRIABLE_NAMES = frozenset(
         "TryAgainError",
         "MasterDownError",
         "BusyLoadingError",
+        "KafkaTimeoutError",  # aiokafka's (a Requester's send): a timeout it does not flag
     }
 )
+# The Kafka client's own errors (aiokafka, so a handler asking through consumer.Requester)
+# say themselves whether they are worth retrying: ``retriable = True`` on KafkaConnectionError,
+# RequestTimedOutError, NodeNotReadyError, NotLeaderForPartitionError, ...
+_KAFKA_CLIENTS = frozenset({"aiokafka", "kafka"})
 
 
 def _retriable_sqlstate(sqlstate: object) -> bool:
@@ -248,6 +263,11 @@ def _retriable_class(exc: BaseException) -> bool:
         # A refused argument (asyncpg's client-side DataError is an InterfaceError too, and
         # ctx.db's UnsafeStatement): the handler's bug, never a glitch.
         return False
+    if (
+        type(exc).__module__.partition(".")[0] in _KAFKA_CLIENTS
+        and getattr(exc, "retriable", 0) is True
+    ):
+        return True
     return any(
         c.__name__ in _RETRIABLE_NAMES or c.__name__.endswith("Timeout") for c in type(exc).__mro__
     )
@@ -259,7 +279,7 @@ def is_retriable(exc: BaseException, extra: tuple[type[BaseException], ...] = ()
     An exception group (``asyncio.TaskGroup``) is indefinite if any of its exceptions is, and
     definite only if all of them are.
     """
-    if isinstance(exc, ConsumerError):
+    if isinstance(exc, ConsumerError) and exc.retriable is not None:
         return exc.retriable
     if extra and isinstance(exc, extra):
         return True

@@ -17,6 +17,7 @@ This module never touches a store and never decides an outcome.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -76,28 +77,63 @@ def check(fn: object) -> None:
 
 
 class _Next:
-    """``call_next`` of one middleware for one message: runs ``inner`` at most once."""
+    """``call_next`` of one middleware for one message: runs ``inner`` at most once, and only
+    while the middleware's own call lasts."""
 
-    __slots__ = ("ctx", "inner", "used")
+    __slots__ = ("closed", "ctx", "inner", "running", "used")
 
     def __init__(self, inner: Call, ctx: Any) -> None:
         self.inner = inner
         self.ctx = ctx
         self.used = False
+        self.closed = False
+        self.running: asyncio.Task[Any] | None = None
 
     async def __call__(self, payload: BaseModel) -> Any:
+        if self.closed:
+            raise MiddlewareMisuse(
+                "a middleware's call_next ran after the middleware returned: the handler runs "
+                "only inside the message's savepoint, never in a task left behind"
+            )
         if self.used:
             raise MiddlewareMisuse(
                 "a middleware called call_next twice for one message: the handler runs at "
                 "most once per delivery (retries belong to Retry / retry_on)"
             )
         self.used = True
-        return await self.inner(payload, self.ctx)
+        self.running = asyncio.current_task()
+        try:
+            return await self.inner(payload, self.ctx)
+        finally:
+            self.running = None
+
+    async def close(self) -> bool:
+        """End this call_next: a later call is refused; a call still running in another task
+        (``asyncio.shield``, a task left behind) is cancelled and waited for, so that it never
+        uses ``ctx.db`` outside the message's savepoint (concurrently with the batch's next
+        statement, which would fail the batch on every redelivery). True if there was one."""
+        self.closed = True
+        stray = self.running
+        if stray is None or stray is asyncio.current_task():
+            return False
+        stray.cancel()
+        await asyncio.wait([stray])
+        return True
 
 
 def _layer(mw: Middleware[Any], inner: Call) -> Call:
     async def layer(payload: Any, ctx: Any) -> Any:
-        return await mw(_Next(inner, ctx), payload, ctx)
+        nxt = _Next(inner, ctx)
+        try:
+            result = await mw(nxt, payload, ctx)
+        finally:
+            stray = await nxt.close()
+        if stray:
+            raise MiddlewareMisuse(
+                "a middleware returned while its call_next still ran in another task: the "
+                "handler was cancelled, and its result is not the middleware's to record"
+            )
+        return result
 
     return layer
 

@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 
 from consumer import codec
+from consumer.codecs.registry import plain
 from consumer.constants import (
     CONTENT_MSGPACK,
     FRAMEWORK_SUFFIXES,
@@ -166,13 +167,13 @@ class Requester:
         content_type: str | None = None,
     ) -> Reply:
         """Send ``payload`` to ``topic`` and return its reply; :class:`RequestTimeout` if none
-        comes within ``timeout_s``. A pydantic model is sent as its JSON-mode dump."""
+        comes within ``timeout_s``. A pydantic model is sent as its JSON-mode dump, by alias."""
         if self._producer is None or self._reader is None:
             raise ConfigError("the requester is not started: use `async with Requester(...)`")
         if self._failed is not None:
             raise self._failed
         ctype = content_type or self.content_type
-        body = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+        body = plain(payload)  # a model by alias, the names its schema validates by
         cid = uuid.uuid4().hex
         sent = {
             **(headers or {}),
@@ -231,7 +232,13 @@ class Requester:
         try:
             value = codec.decode(record.value, ctype)
         except Exception as exc:
-            fut.set_exception(exc)
+            # Not the DecodeError itself: that class means "the consumed record is bad" and is
+            # definite, so a handler asking through a Requester would have its own key burned
+            # (recorded rejected) for a reply it cannot read. A ValueError is the asker's
+            # error, classified by its handler's on_error (docs/handlers.md#classification).
+            error = ValueError(f"the reply to request {cid} cannot be decoded: {exc}")
+            error.__cause__ = exc
+            fut.set_exception(error)
             return
         outcome = hdrs.get(HEADER_OUTCOME, "done")
         fut.set_result(Reply(value, record.value or b"", ctype, outcome, cid or "", hdrs))

@@ -13,7 +13,9 @@
 | ``list[T]``, ``tuple[T, ...]``, ``set[T]`` / ``dict[str, T]`` | array / map |
 | a nested model | record (named by class; a second use refers to the name) |
 
-Field names are the names a payload is validated by (the alias where the field has one).
+Another class with an Avro name already used (a second module's ``Address``) is named
+``<module>_<qualname>``: it has its own fields. Field names are the names a payload is
+validated by (the alias where the field has one).
 Anything else raises :class:`~consumer.errors.ConfigError` naming the field: give the schema
 explicitly then (``AvroCodec(schemas={Model: {...}})``). Never reads or writes data.
 """
@@ -37,6 +39,7 @@ from consumer.errors import ConfigError
 __all__ = ["avro_schema"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_]")
 _PRIMITIVES: dict[Any, Any] = {
     str: "string",
     int: "long",
@@ -57,13 +60,30 @@ def avro_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 class _Mapper:
     def __init__(self) -> None:
-        self.named: set[str] = set()  # Avro names defined so far: later uses refer to them
+        self.named: dict[type, str] = {}  # classes defined so far, by their Avro name
+        self.taken: set[str] = set()
+
+    def name_of(self, tp: type) -> tuple[str, bool]:
+        """The Avro name of class ``tp`` and whether it is defined already (later uses refer
+        to it). A second class with the same ``__name__`` (another module's ``Address``)
+        gets its own name, the module's path joined in: referring to the first one's name
+        would read and write it with the first class's fields, and drop the others."""
+        if tp in self.named:
+            return self.named[tp], True
+        name = tp.__name__
+        if name in self.taken:
+            base = _NOT_NAME.sub("_", f"{tp.__module__}_{tp.__qualname__}")
+            name, n = base, 2
+            while name in self.taken:
+                name, n = f"{base}_{n}", n + 1
+        self.named[tp] = name
+        self.taken.add(name)
+        return name, False
 
     def record(self, model: type[BaseModel]) -> Any:
-        name = model.__name__
-        if name in self.named:
+        name, defined = self.name_of(model)
+        if defined:
             return name
-        self.named.add(name)
         fields = []
         for fname, info in model.model_fields.items():
             key = info.validation_alias if isinstance(info.validation_alias, str) else None
@@ -116,10 +136,10 @@ class _Mapper:
     def enum(self, tp: type[enum.Enum], where: str) -> Any:
         values = [m.value for m in tp]
         if all(isinstance(v, str) and _NAME.match(v) for v in values):
-            if tp.__name__ in self.named:
-                return tp.__name__
-            self.named.add(tp.__name__)
-            return {"type": "enum", "name": tp.__name__, "symbols": values}
+            name, defined = self.name_of(tp)
+            if defined:
+                return name
+            return {"type": "enum", "name": name, "symbols": values}
         return self.of(_one_type(tuple(values), where), [], where)
 
 

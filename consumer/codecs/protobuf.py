@@ -43,6 +43,7 @@ class ProtobufCodec:
 
     def __init__(self, messages: Mapping[type[BaseModel], type[Message]]) -> None:
         self._messages = dict(messages)
+        self._json_names: dict[type[BaseModel], bool] = {}
 
     def message_for(self, model: type[BaseModel]) -> type[Message]:
         """The message class of ``model``; LookupError naming the model if none."""
@@ -54,10 +55,15 @@ class ProtobufCodec:
     def decode(self, data: bytes, model: type[BaseModel]) -> object:
         message = self.message_for(model)()
         message.ParseFromString(data)
+        json_names = self._json_names.get(model)
+        if json_names is None:
+            json_names = self._json_names[model] = _by_json_names(model, message.DESCRIPTOR)
         out = json_format.MessageToDict(
-            message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
+            message,
+            always_print_fields_with_no_presence=True,
+            preserving_proto_field_name=not json_names,
         )
-        return _unbase64(out, message.DESCRIPTOR)
+        return _unbase64(out, message.DESCRIPTOR, json_names)
 
     def encode(self, value: object, model: type[BaseModel] | None) -> bytes:
         if model is None:
@@ -85,34 +91,49 @@ def _jsonish(value: Any) -> Any:
     return value
 
 
-def _unbase64(out: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
-    """``out`` with the ``bytes`` fields of ``descriptor`` (nested ones too) as bytes."""
+def _by_json_names(model: type[BaseModel], descriptor: Descriptor) -> bool:
+    """Whether ``model`` validates by the message's JSON names (``orderId``, an
+    ``alias_generator=to_camel`` model) rather than its field names (``order_id``). Encoding
+    takes either (``ParseDict``); decoding must give the model the names it reads, else a
+    model published through this codec is refused by its own schema (invalid_schema)."""
+    keys = set()
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias if isinstance(info.validation_alias, str) else None
+        keys.add(alias or info.alias or name)
+    names = {f.name for f in descriptor.fields}
+    return not keys <= names and keys <= {f.json_name for f in descriptor.fields}
+
+
+def _unbase64(out: dict[str, Any], descriptor: Descriptor, json: bool = False) -> dict[str, Any]:
+    """``out`` with the ``bytes`` fields of ``descriptor`` (nested ones too) as bytes; its
+    keys are the fields' JSON names when ``json``, else their names."""
     for field in descriptor.fields:
-        if field.name not in out:
+        key = field.json_name if json else field.name
+        if key not in out:
             continue
-        value = out[field.name]
+        value = out[key]
         if field.type == FieldDescriptor.TYPE_BYTES:
-            out[field.name] = (
+            out[key] = (
                 [base64.b64decode(v) for v in value]
                 if isinstance(value, list)
                 else base64.b64decode(value)
             )
         elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
-            out[field.name] = _nested(value, field)
+            out[key] = _nested(value, field, json)
     return out
 
 
-def _nested(value: Any, field: FieldDescriptor) -> Any:
+def _nested(value: Any, field: FieldDescriptor, json: bool) -> Any:
     sub = field.message_type
     if sub.GetOptions().map_entry:
         values = sub.fields_by_name["value"]
         if values.type == FieldDescriptor.TYPE_BYTES:
             return {k: base64.b64decode(v) for k, v in value.items()}
         if values.type == FieldDescriptor.TYPE_MESSAGE:
-            return {k: _unbase64(v, values.message_type) for k, v in value.items()}
+            return {k: _unbase64(v, values.message_type, json) for k, v in value.items()}
         return value
     if sub.full_name.startswith("google.protobuf."):
         return value  # well-known types have their own JSON form (Timestamp as text)
     if isinstance(value, list):
-        return [_unbase64(v, sub) for v in value]
-    return _unbase64(value, sub) if isinstance(value, dict) else value
+        return [_unbase64(v, sub, json) for v in value]
+    return _unbase64(value, sub, json) if isinstance(value, dict) else value

@@ -61,9 +61,11 @@ class Codec(Protocol):
 
 
 def plain(value: object) -> Any:
-    """A model as JSON-compatible data (``model_dump(mode="json")``), other values as they are."""
+    """A model as JSON-compatible data (``model_dump(mode="json", by_alias=True)``), other
+    values as they are. By alias: the names the model validates by (as the Avro and Protobuf
+    codecs write it), so a consumer with the same schema reads what was published."""
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return value.model_dump(mode="json", by_alias=True)
     return value
 
 

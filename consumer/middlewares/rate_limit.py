@@ -7,8 +7,9 @@ once, no polling. ``max_concurrent`` also bounds the calls of one handler runnin
 
 The wait happens inside the message's savepoint and its handler timeout: the batch
 transaction stays open meanwhile, and a wait longer than the timeout is a timeout (a
-transient failure: retried, nothing recorded). Limits are per process: ``--workers N``
-allows N times the rate. Built on the public API only (consumer/__init__.py).
+transient failure: retried, nothing recorded) that gives its token back. Limits are per
+process: ``--workers N`` allows N times the rate. Built on the public API only
+(consumer/__init__.py).
 """
 
 from __future__ import annotations
@@ -84,10 +85,24 @@ class RateLimit:
             burst = self._burst if self._burst is not None else max(rate, 1.0)
             bucket = self._buckets[ctx.handler] = _Bucket(rate, burst, now)
         wait_s = bucket.reserve(now)
-        if wait_s > 0:
-            await self._sleep(wait_s)
-        if self._max_concurrent is None:
+        sem = None
+        if self._max_concurrent is not None:
+            sem = self._running.setdefault(ctx.handler, asyncio.Semaphore(self._max_concurrent))
+        try:
+            if wait_s > 0:
+                await self._sleep(wait_s)
+            if sem is not None:
+                await sem.acquire()
+        except BaseException:
+            # Cancelled before the call (the handler timeout, a stop): it never ran, so its
+            # token goes back. Kept, each timed-out wait would add to the waits of the calls
+            # after it and of its own retry, until every wait outlasts the timeout and
+            # nothing runs at all (tests/integration/test_middleware.py).
+            bucket.tokens += 1
+            raise
+        if sem is None:
             return await call_next(payload)
-        sem = self._running.setdefault(ctx.handler, asyncio.Semaphore(self._max_concurrent))
-        async with sem:
+        try:
             return await call_next(payload)
+        finally:
+            sem.release()

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from consumer import keys
+from consumer import keys, storable
 from consumer.constants import CONTENT_MSGPACK
 from consumer.context import outgoing
 from consumer.errors import ConsumerError
@@ -75,6 +75,18 @@ def _in_transaction(conn: Any, kind: str) -> bool:
     # INTRANS only: IDLE would make psycopg open a transaction of its own (or, in autocommit,
     # none at all), and INERROR is a transaction that can only roll back.
     return bool(conn.info.transaction_status == TransactionStatus.INTRANS)
+
+
+def _key_problem(key: object) -> str | None:
+    """Why ``key`` cannot be a message's idempotency key, or None (the rules a consumer
+    applies to the key it reads back, consumer/dedup/identity.py)."""
+    if not isinstance(key, str):
+        return "must be text"
+    if not key:
+        return "is empty (leave it out, None, for a fresh key)"
+    if not storable.text_ok(key):
+        return "contains NUL or a lone surrogate"
+    return None
 
 
 class Outbox:
@@ -122,8 +134,14 @@ class Outbox:
                 "(`async with conn.transaction():`): a row written outside one would be "
                 "published even if the changes it announces were never committed"
             )
+        if idempotency_key is not None and (problem := _key_problem(idempotency_key)):
+            # Refused here, not by PostgreSQL: a NUL would abort the caller's transaction.
+            # And "" is not "no key": a fresh UUID for it would make every retry of the
+            # request another event, applied again downstream.
+            raise ValueError(f"idempotency_key {idempotency_key!r} {problem}")
         item = outgoing(topic, payload, key=key, headers=headers, content_type=content_type)
-        row = envelopes.written(self.source, idempotency_key or uuid.uuid4().hex, item)
+        key_text = uuid.uuid4().hex if idempotency_key is None else idempotency_key
+        row = envelopes.written(self.source, key_text, item)
         if (size := envelopes.row_size(row)) > envelopes.MAX_ROW_BYTES:
             # The relay's producer would refuse it on every tick and hold back its key.
             raise ValueError(

@@ -128,19 +128,29 @@ class Replies:
         # A record completed before reply types were stored was answered in msgpack.
         ctype = k.reply_type or CONTENT_MSGPACK
         try:
-            return [
-                envelopes.reply(
-                    msg,
+            row = envelopes.reply(
+                msg,
+                reply_to,
+                ident[0],
+                ident[1],
+                k.status,
+                body,
+                trace,
+                content_type=ctype,
+                copied=self.copied(msg),
+            )
+            if (size := envelopes.row_size(row)) > envelopes.MAX_ROW_BYTES:
+                # The relay's producer would refuse it on every tick and hold back its key:
+                # pending forever, with every later reply of the key behind it.
+                log.warning(
+                    "%s: the reply to %s is %d bytes, more than the relay can send (%d); no reply",
+                    msg.source,
                     reply_to,
-                    ident[0],
-                    ident[1],
-                    k.status,
-                    body,
-                    trace,
-                    content_type=ctype,
-                    copied=self.copied(msg),
+                    size,
+                    envelopes.MAX_ROW_BYTES,
                 )
-            ]
+                return []
+            return [row]
         except Exception as exc:
             # Only a record stored before results were checked (runtime/invoke.py) can get
             # here. Failing would fail the batch on every redelivery: no reply, and an error.

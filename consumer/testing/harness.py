@@ -34,7 +34,6 @@ from consumer.app import App
 from consumer.codecs.registry import Codecs, JsonCodec, MsgpackCodec
 from consumer.constants import (
     CONFLICT_SUFFIX,
-    CONTENT_JSON,
     CONTENT_MSGPACK,
     DLQ_SUFFIX,
     HEADER_CONTENT_TYPE,
@@ -105,7 +104,7 @@ def _encode(
     if chosen is not None and not isinstance(chosen, MsgpackCodec | JsonCodec):
         return codecs.encode(content_type, payload)  # a codec the app registered (Avro ...)
     if isinstance(payload, BaseModel):
-        return codec.encode(as_sent(payload, content_type == CONTENT_JSON), content_type)
+        return codec.encode(as_sent(payload, isinstance(chosen, JsonCodec)), content_type)
     return codec.encode(dict(payload) if isinstance(payload, Mapping) else payload, content_type)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.alias_generators import to_camel
 
 from consumer import App, Context
 from consumer.codecs.avro import AvroCodec
@@ -98,4 +100,188 @@ async def test_avro_and_protobuf_topics_apply_good_records_and_dead_letter_garba
         ]
     finally:
         await pg.execute("DELETE FROM test_codecs_effects WHERE k LIKE $1", f"%{unique}")
+        await cleanup(pg, unique)
+
+
+class Settled(BaseModel):
+    order_id: str
+    total: Decimal  # no decimal_places: the Avro codec cannot map it (a ConfigError)
+
+
+async def test_a_publish_the_codec_refuses_for_its_model_is_the_handlers_bug_not_a_burned_key(
+    settings, topics, producer, pg, unique
+):
+    # ctx.publish(content_type=avro) of a model the codec cannot map raises the codec's
+    # ConfigError inside the handler. That is the app's bug, like any other: under the
+    # default on_error="retry" it is retried, then dead-lettered `failed` with nothing
+    # recorded, so the fixed app's replay still applies the key. It was classified as
+    # definite: recorded `rejected` at the first run, the key burned for good.
+    topic = await topics("codec-bug", partitions=1, extra=("codec-bug-out",))
+    group = f"g-{unique}"
+    app = App(group, settings=app_settings(settings, max_attempts=2, retry_backoff_ms=1))
+    app.codec(AVRO, AvroCodec())
+
+    @app.handler(topic, schema=Order, key=lambda o: o.order_id, name=f"settle-{unique}")
+    async def settle(o: Order, ctx: Context) -> None:
+        ctx.publish(
+            f"codec-bug-out-{unique}",
+            Settled(order_id=o.order_id, total=o.total),
+            content_type=AVRO,
+        )
+
+    try:
+        await send(producer, topic, {"order_id": f"o-{unique}", "qty": 1, "total": "2.50"})
+        async with running(app):
+            await wait_offset(pg, group, topic, 0, 1)
+            [dead] = await read_topic(settings, topic + ".dlq", expect=1)
+        recorded = await pg.fetch(
+            "SELECT status FROM dedup.inbox WHERE namespace = $1", f"settle-{unique}"
+        )
+        assert [r["status"] for r in recorded] == []  # the key is free for the replay
+        assert header_map(dead)["x-reason"] == "failed"
+        assert "ConfigError" in header_map(dead)["x-detail"]
+    finally:
+        await cleanup(pg, unique)
+
+
+class Priced(BaseModel):
+    order_id: str
+    cents: int = Field(alias="amountCents")  # the wire name, as a camelCase producer has it
+
+
+async def test_a_published_model_with_aliases_is_read_back_by_its_own_schema(
+    settings, topics, producer, pg, unique
+):
+    # ctx.publish (and consumer.Outbox, the Requester) sent a model as model_dump(mode=
+    # "json"): by field name, while the model validates by alias (as the Avro and Protobuf
+    # codecs already write it). A consumer with the same schema, this framework's own, then
+    # dead-lettered every such event as invalid_schema ("amountCents: Field required").
+    src = await topics("alias-src", partitions=1, extra=("alias-out",))
+    out = f"alias-out-{unique}"
+    group = f"g-{unique}"
+    table = f"alias_{unique}"
+    await pg.execute(f"CREATE TABLE {table} (k text, cents int)")
+    app = App(group, settings=app_settings(settings))
+
+    @app.handler(src, schema=Order, key=lambda o: o.order_id, name=f"price-{unique}")
+    async def price(o: Order, ctx: Context) -> None:
+        for ct in ("application/json", "application/msgpack"):
+            ctx.publish(
+                out,
+                Priced(order_id=f"{o.order_id}-{ct[12:]}", amountCents=o.qty * 100),
+                content_type=ct,
+            )
+
+    @app.handler(out, schema=Priced, key=lambda p: p.order_id, name=f"book-{unique}")
+    async def book(p: Priced, ctx: Context) -> None:
+        await ctx.db.execute(f"INSERT INTO {table} VALUES ($1, $2)", p.order_id, p.cents)
+
+    try:
+        await send(producer, src, {"order_id": "o", "qty": 3, "total": "1"})
+        async with running(app):
+            await wait_offset(pg, group, out, 0, 2)
+        booked = sorted((r["k"], r["cents"]) for r in await pg.fetch(f"SELECT * FROM {table}"))
+        dead = await pg.fetchval("SELECT count(*) FROM dedup.outbox WHERE topic = $1", out + ".dlq")
+        assert (booked, dead) == ([("o-json", 300), ("o-msgpack", 300)], 0)
+    finally:
+        await pg.execute(f"DROP TABLE IF EXISTS {table}")
+        await cleanup(pg, unique)
+
+
+class Address(BaseModel):  # billing's
+    street: str
+
+
+# Another module's class of the same name (shipping's), with a field the first does not have.
+ShippingAddress = create_model(
+    "Address", __module__="shipping", street=(str, ...), instructions=(str, "")
+)
+
+
+class Shipment(BaseModel):
+    shipment_id: str
+    bill_to: Address
+    ship_to: ShippingAddress  # type: ignore[valid-type]
+
+
+async def test_two_nested_models_of_one_name_keep_their_own_avro_schemas(
+    settings, topics, producer, pg, unique
+):
+    # The derived Avro schema named each record by its class name, and a second use of a
+    # name referred to the first: shipping's Address was written and read with billing's
+    # fields, its `instructions` silently dropped. Two shipments differing only there were
+    # the same bytes, so the second was a duplicate, never a conflict, and the handler
+    # received instructions="" for both.
+    topic = await topics("avro-names", partitions=1)
+    group = f"g-{unique}"
+    avro = AvroCodec()
+    app = App(group, settings=app_settings(settings))
+    app.codec(AVRO, avro)
+    seen: list[str] = []
+
+    @app.handler(topic, schema=Shipment, key=lambda s: s.shipment_id, name=f"ship-{unique}")
+    async def ship(s: Shipment, ctx: Context) -> None:
+        seen.append(s.ship_to.instructions)
+
+    def shipment(instructions: str) -> Shipment:
+        return Shipment(
+            shipment_id="s-1",
+            bill_to=Address(street="1 Main St"),
+            ship_to=ShippingAddress(street="2 Side St", instructions=instructions),
+        )
+
+    ct = {"content-type": AVRO.encode()}
+    try:
+        await send(
+            producer, topic, value=avro.encode(shipment("leave at door"), Shipment), headers=ct
+        )
+        await send(producer, topic, value=avro.encode(shipment("ring twice"), Shipment), headers=ct)
+        async with running(app):
+            await wait_offset(pg, group, topic, 0, 2)
+        conflicts = await pg.fetchval(
+            "SELECT count(*) FROM dedup.outbox WHERE topic = $1", topic + ".conflicts"
+        )
+        assert (seen, conflicts) == (["leave at door"], 1)
+    finally:
+        await cleanup(pg, unique)
+
+
+class CamelOrder(BaseModel):
+    """Validates by JSON names (orderId), as protobuf's JSON mapping spells the fields."""
+
+    model_config = ConfigDict(alias_generator=to_camel)
+    order_id: str
+    qty: int
+    total: Decimal
+
+
+async def test_a_protobuf_model_with_camel_case_aliases_reads_what_its_codec_writes(
+    settings, topics, producer, pg, unique
+):
+    # ProtobufCodec.encode takes the model's aliases (ParseDict reads JSON names: orderId),
+    # but decode handed the model the proto field names (order_id): a record written by the
+    # app's own codec, with the same model, was dead-lettered invalid_schema ("orderId:
+    # Field required"). Decoded by JSON names when the model validates by them.
+    topic = await topics("proto-camel", partitions=1)
+    group = f"g-{unique}"
+    proto = ProtobufCodec({CamelOrder: payments_pb2.Order})
+    app = App(group, settings=app_settings(settings))
+    app.codec(PROTO, proto)
+    seen: list[tuple[str, int, Decimal]] = []
+
+    @app.handler(topic, schema=CamelOrder, key=lambda o: o.order_id, name=f"camel-{unique}")
+    async def take(o: CamelOrder, ctx: Context) -> None:
+        seen.append((o.order_id, o.qty, o.total))
+
+    sent = CamelOrder(orderId="c-1", qty=2, total=Decimal("1.25"))
+    try:
+        value = proto.encode(sent, CamelOrder)
+        await send(producer, topic, value=value, headers={"content-type": PROTO.encode()})
+        async with running(app):
+            await wait_offset(pg, group, topic, 0, 1)
+        dead = await pg.fetchval(
+            "SELECT count(*) FROM dedup.outbox WHERE topic = $1", topic + ".dlq"
+        )
+        assert (seen, dead) == ([("c-1", 2, Decimal("1.25"))], 0)
+    finally:
         await cleanup(pg, unique)

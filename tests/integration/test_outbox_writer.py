@@ -225,3 +225,20 @@ async def test_the_docs_example_saves_the_order_and_its_event(
     assert await conn.fetchval("SELECT cents FROM orders WHERE order_id = 'doc-1'") == 1200
     [row] = await outbox_rows(conn)
     assert (row["topic"], row["key"], row["idempotency_key"]) == ("order.created", b"doc-1", ik)
+
+
+async def test_an_unusable_idempotency_key_is_refused_and_the_transaction_stays_usable(
+    conn: asyncpg.Connection,
+) -> None:
+    # An empty key (a client's missing Idempotency-Key read as "") silently became a fresh
+    # UUID: every retry of the request published another event, which a downstream
+    # consumer applied again. A NUL failed inside PostgreSQL (text and jsonb refuse it),
+    # aborting the caller's transaction with its order. Both are refused first, as the
+    # documented bad input is: ValueError, nothing written, the transaction intact.
+    async with conn.transaction():
+        outbox = Outbox(conn, source="orders-api")
+        for bad in ("", "o-\x004"):
+            with pytest.raises(ValueError, match="idempotency_key"):
+                await outbox.publish(TOPIC, created("o-4"), idempotency_key=bad)
+        await outbox.publish(TOPIC, created("o-4"), idempotency_key="o-4")
+    assert [r["idempotency_key"] for r in await outbox_rows(conn)] == ["orders-api:o-4"]

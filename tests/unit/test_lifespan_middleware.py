@@ -6,6 +6,7 @@ tests/integration/test_lifespan.py and test_middleware.py.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -223,6 +224,35 @@ async def test_call_next_twice_is_the_middlewares_error() -> None:
         assert "MiddlewareMisuse: a middleware called call_next twice" in r.reason
         assert await t.inbox("orders", "o1") is None  # nothing recorded, the key stays free
     assert calls == ["o1"]
+
+
+async def test_a_shielded_call_next_that_outlives_its_middleware_is_cancelled() -> None:
+    # asyncio.shield keeps the handler running after the middleware's wait_for gave up; left
+    # running, it would use ctx.db outside the message's savepoint. Cancelled and waited for,
+    # and the run fails as the middleware's error (nothing recorded, the key stays free).
+    app = App("shield", settings=Settings(max_attempts=1))
+    finished: list[str] = []
+
+    @app.middleware
+    async def impatient(call_next: CallNext, payload: BaseModel, ctx: Context) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(call_next(payload)), 0.01)
+        except TimeoutError:
+            return "fallback"
+
+    @app.handler("orders", schema=Order, key=lambda o: o.order_id)
+    async def slow(o: Order, ctx: Context) -> str:
+        await asyncio.sleep(0.5)
+        finished.append(o.order_id)
+        return o.order_id
+
+    async with TestApp(app) as t:
+        r = await t.send("orders", Order(order_id="o1"))
+        await asyncio.sleep(0.6)
+        assert r.outcome is Outcome.FAILED
+        assert "MiddlewareMisuse: a middleware returned while its call_next" in r.reason
+        assert await t.inbox("orders", "o1") is None
+    assert finished == []  # cancelled, not left to run on
 
 
 def test_registration_refuses_what_cannot_work() -> None:
