@@ -68,6 +68,11 @@ FRAMEWORK_SUFFIXES = (DLQ_SUFFIX, CONFLICT_SUFFIX, RETRY_SUFFIX)
 # Kafka's own topics (__consumer_offsets, __transaction_state): the broker refuses appends
 # (InvalidTopicError), so a reply there could never be sent.
 KAFKA_INTERNAL_PREFIX = "__"
+# The topics the broker itself refuses appends to (Kafka's ``Topic.INTERNAL_TOPICS`` plus the
+# KRaft metadata log and share-group state): a row published there is resent forever.
+KAFKA_INTERNAL_TOPICS = frozenset(
+    {"__consumer_offsets", "__transaction_state", "__share_group_state", "__cluster_metadata"}
+)
 
 # The largest n of a back-off's 2**n (or multiplier**n): past it every delay is at its cap
 # anyway, and an exact 2**n of a huge n (an attempt number read from a record) never ends.

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from typing_extensions import TypeVar
 
 from consumer import keys
-from consumer.constants import CONTENT_MSGPACK, HEADER_CONTENT_TYPE
+from consumer.constants import CONTENT_MSGPACK, HEADER_CONTENT_TYPE, KAFKA_INTERNAL_TOPICS
 from consumer.message import Message
 
 # The container's type. Defaults to Any (PEP 696), so that ``ctx: Context`` keeps meaning what it
@@ -110,6 +110,8 @@ def outgoing(
 
     if not valid_topic(topic):
         raise ValueError(f"not a valid Kafka topic name: {topic!r}")
+    if topic in KAFKA_INTERNAL_TOPICS:  # the relay would resend it on every tick
+        raise ValueError(f"{topic!r} is a Kafka internal topic: the broker refuses appends")
     value = encode_for(content_type, payload)  # the active registry's codec (consumer/codecs/)
     raw_key = key.encode() if isinstance(key, str) else key
     hdrs = dict(headers or {})

@@ -137,6 +137,8 @@ async def test_bad_input_is_refused_before_anything_is_written(conn: asyncpg.Con
         outbox = Outbox(conn, source="orders-api")
         with pytest.raises(ValueError, match="not a valid Kafka topic"):
             await outbox.publish("bad topic!", created("o-3"))
+        with pytest.raises(ValueError, match="Kafka internal topic"):  # resent forever before
+            await outbox.publish("__consumer_offsets", created("o-3"))
         with pytest.raises(ValueError, match="content_type"):
             await outbox.publish(TOPIC, created("o-3"), content_type="text/xml")
         with pytest.raises(ValueError, match="NUL"):
