@@ -123,15 +123,6 @@ async def db(settings: Settings, unique: str) -> AsyncIterator[Settings]:
 
 
 @pytest.fixture
-async def conn(db: Settings) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(db.postgres_dsn)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
 async def prefix(db: Settings, unique: str) -> str:
     p = f"c{unique}."
     sources = [prices_topic(p), quotes_topic(p)]

@@ -38,15 +38,6 @@ async def db(settings: Settings, unique: str) -> AsyncIterator[Settings]:
         yield s
 
 
-@pytest.fixture
-async def conn(db: Settings) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(db.postgres_dsn)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 async def outbox_rows(conn: Any) -> list[Any]:
     return list(
         await conn.fetch(
