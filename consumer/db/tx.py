@@ -71,6 +71,16 @@ class BatchTx(Protocol):
         optimistic run that failed after that has writes no savepoint can undo."""
         ...
 
+    def drop_deferred(self) -> None:
+        """Forget the statements ``db.defer`` queued since :meth:`watch` (never sent): the
+        optimistic run that queued them did not end well."""
+        ...
+
+    async def send_deferred(self) -> None:
+        """Send every statement ``db.defer`` queued (an optimistic batch, before its writes).
+        An error here is some queued statement's: the caller falls back."""
+        ...
+
     async def rollback_savepoint(self) -> None:
         """Undo everything since :meth:`savepoint`: a failed or retried handler call.
         Raises TransactionEnded if the handler ended the transaction itself."""
@@ -124,10 +134,15 @@ class _Watched:
     Every query goes through :func:`consumer.db.guard.check` first.
     """
 
-    __slots__ = ("_conn", "clean", "first_error", "used")
+    __slots__ = ("_conn", "clean", "deferred", "deferring", "first_error", "mark", "used")
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
+        # ``defer``'s statements, not sent yet, and where the current run's begin (``mark``);
+        # only an optimistic run queues them (``deferring``), a savepoint sends them first.
+        self.deferred: list[tuple[str, tuple[Any, ...]]] = []
+        self.deferring = False
+        self.mark = 0
         self.clean = True
         self.used = False  # a statement was sent (or may have been) since the last watch
         # The first statement error since the savepoint: what a later "current transaction
@@ -144,6 +159,7 @@ class _Watched:
 
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
         guard.check(query)
+        await self.send()
         self.used = True
         try:
             result: str = await self._conn.execute(query, *args, **kwargs)
@@ -154,6 +170,7 @@ class _Watched:
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
         guard.check(query)
+        await self.send()
         self.used = True
         try:
             rows: list[Any] = await self._conn.fetch(query, *args, **kwargs)
@@ -164,6 +181,7 @@ class _Watched:
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
         guard.check(query)
+        await self.send()
         self.used = True
         try:
             return await self._conn.fetchrow(query, *args, **kwargs)
@@ -173,6 +191,7 @@ class _Watched:
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
         guard.check(query)
+        await self.send()
         self.used = True
         try:
             return await self._conn.fetchval(query, *args, **kwargs)
@@ -184,6 +203,7 @@ class _Watched:
         # Followed like execute(): set-based handlers use it, and an unfollowed call would
         # make every optimistic run of theirs fall back (runtime/invoke.py).
         guard.check(query)
+        await self.send()
         self.used = True
         try:
             await self._conn.executemany(query, args, **kwargs)
@@ -191,8 +211,45 @@ class _Watched:
             self._failed(exc)
             raise
 
+    async def defer(self, query: str, *args: Any) -> None:
+        """``execute`` whose status the handler does not read (docs/handlers.md, "Deferred
+        statements"). Inside a savepoint it is sent now. In an optimistic run it is queued
+        and sent before the next statement on this connection (so reads see it) or with the
+        batch's writes, consecutive ones of one text as one pipelined ``executemany``; an
+        error then rolls the batch back and it runs again with savepoints, where this call
+        sends it at once and its error is this handler's."""
+        if not self.deferring:
+            await self.execute(query, *args)
+            return
+        guard.check(query)
+        self.deferred.append((query, args))
+
+    async def send(self) -> None:
+        """Send the queued statements, in order; a failure is noted like any statement's."""
+        if not self.deferred:
+            return
+        queued, self.deferred, self.mark = self.deferred, [], 0
+        self.used = True
+        try:
+            i = 0
+            while i < len(queued):
+                query = queued[i][0]
+                j = i + 1
+                while j < len(queued) and queued[j][0] == query:
+                    j += 1
+                if j - i == 1:
+                    await self._conn.execute(query, *queued[i][1])
+                else:  # asyncpg pipelines executemany: one Sync for all the rows
+                    await self._conn.executemany(query, [a for _, a in queued[i:j]])
+                i = j
+        except BaseException as exc:
+            self._failed(exc)
+            raise
+
     def __getattr__(self, name: str) -> Any:
-        self.clean, self.used = False, True  # not followed: it may have sent anything
+        # Not followed: it may have sent anything. An optimistic run that gets here falls
+        # back (clean is False), so a statement of it that ran before queued ones is undone.
+        self.clean, self.used = False, True
         attr = getattr(self._conn, name)
         if name not in _QUERY_METHODS:
             return attr
@@ -251,6 +308,15 @@ class PgTx:
     def watch(self) -> None:
         if isinstance(self.db, _Watched):
             self.db.clean, self.db.first_error, self.db.used = True, None, False
+            self.db.deferring, self.db.mark = True, len(self.db.deferred)
+
+    def drop_deferred(self) -> None:
+        if isinstance(self.db, _Watched):
+            del self.db.deferred[self.db.mark :]
+
+    async def send_deferred(self) -> None:
+        if isinstance(self.db, _Watched):
+            await self.db.send()
 
     def clean(self) -> bool:
         return not isinstance(self.db, _Watched) or self.db.clean
@@ -260,7 +326,8 @@ class PgTx:
 
     async def savepoint(self) -> None:
         if isinstance(self.db, _Watched):
-            self.db.clean, self.db.first_error = True, None
+            await self.db.send()  # queued by optimistic runs before it: kept, in order
+            self.db.clean, self.db.first_error, self.db.deferring = True, None, False
         if self._release_pending:
             # The previous message's release travels with this savepoint: one round trip
             # instead of two per message (simple-query protocol, two statements).
@@ -311,6 +378,7 @@ class PgTx:
         rows: Sequence[OutboxRow],
         position: Position | None,
     ) -> None:
+        await self.send_deferred()  # the runtime sent them already; never after the outcomes
         q = flush.statement(completions, unclaim, rows, position)
         if q is not None:
             await self.conn.fetchrow(q[0], *q[1])

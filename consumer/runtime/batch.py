@@ -361,7 +361,15 @@ class BatchProcessor:
             counts = writes.result.counts
             counts.fast_path = len(batch.confirmed)
             counts.pg_path = len(leaders) - counts.fast_path
-            await batch.walk(live, writes)
+            try:
+                await batch.walk(live, writes)
+                await tx.send_deferred()  # ctx.db.defer's statements, before the outcomes
+            except Exception as exc:
+                if not optimistic or isinstance(exc, Fallback) or not hasattr(exc, "sqlstate"):
+                    raise
+                # A statement the server refused while an optimistic run's queue was sent:
+                # whose it was is not known here. Run again with savepoints, where it is.
+                raise Fallback(f"a deferred statement failed: {exc}") from exc
             await writes.flush(tx, self.app.group, *tp, stored, batch.unclaimed())
             done_markers += writes.markers
             if self.probe.markers_before_commit:

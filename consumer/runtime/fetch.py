@@ -4,7 +4,8 @@ One iteration (:meth:`FetchLoop.tick`): up to one batch per assigned partition f
 ``getmany``; records fetched across a seek made meanwhile, or below a partition's floor, are
 dropped; the partitions' batches run concurrently (one transaction each); a batch that stopped
 pauses its partition until its retry is due; the Kafka offsets are committed after the
-database's (for lag tooling only); then the observers hear of it (metrics, per-message logs).
+database's, in the background (for lag tooling only); then the observers hear of it
+(metrics, per-message logs).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class FetchLoop:
 
     def __init__(self, worker: Member) -> None:
         self.w = worker
+        self._pending: dict[TopicPartition, int] = {}  # Kafka offsets not yet sent
+        self._committing: asyncio.Task[None] | None = None
 
     async def tick(self) -> None:
         w = self.w
@@ -141,15 +144,37 @@ class FetchLoop:
         return commit
 
     async def _commit(self, commit: dict[TopicPartition, int]) -> None:
+        """Kafka's copy of the positions, in the background: the database holds the truth
+        (runtime/positions.py never reads Kafka's), so the next fetch does not wait for the
+        broker's round trip. One commit in flight at a time; offsets that arrive meanwhile
+        are merged and sent by it next (Spring Kafka's ``syncCommits=false``, Karafka's
+        asynchronous offset commits)."""
         if not commit:
             return
+        self._pending.update(commit)
+        if self._committing is None or self._committing.done():
+            self._committing = asyncio.create_task(self._send_commits())
+
+    async def _send_commits(self) -> None:
         assert self.w.consumer is not None
-        try:
-            # Bounded: with the broker away, commit would wait for a coordinator.
-            await asyncio.wait_for(self.w.consumer.commit(commit), 10)
-        except (KafkaError, AssertionError, TimeoutError) as exc:
-            # The database holds the truth; Kafka's copy catches up on the next batch.
-            log.info("kafka offset commit skipped: %s", exc)
+        while self._pending:
+            commit, self._pending = self._pending, {}
+            assigned = self.w.consumer.assignment()
+            commit = {tp: off for tp, off in commit.items() if tp in assigned}
+            if not commit:
+                continue
+            try:
+                # Bounded: with the broker away, commit would wait for a coordinator.
+                await asyncio.wait_for(self.w.consumer.commit(commit), 10)
+            except (KafkaError, AssertionError, TimeoutError) as exc:
+                # The database holds the truth; Kafka's copy catches up on the next batch.
+                log.info("kafka offset commit skipped: %s", exc)
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """The last offsets sent before the consumer leaves its group (bounded)."""
+        if self._committing is not None and not self._committing.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._committing), timeout_s)
 
     def _lag(self, work: dict[TopicPartition, Any], commit: dict[TopicPartition, int]) -> None:
         w = self.w

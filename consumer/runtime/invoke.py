@@ -128,12 +128,15 @@ async def _keep(tx: BatchTx, optimistic: bool) -> None:
 
 async def _undo(tx: BatchTx, optimistic: bool, why: str) -> None:
     """Undo a call that did not end well. Optimistic, there is no savepoint: a call that sent
-    nothing on ``ctx.db`` left nothing to undo (its publishes are dropped with its context),
+    nothing on ``ctx.db`` left nothing to undo (its publishes are dropped with its context,
+    its deferred statements from the queue),
     any other makes the whole batch run again with savepoints (:class:`Fallback`)."""
     if not optimistic:
         await tx.rollback_savepoint()
     elif tx.touched():
         raise Fallback(why)
+    else:
+        tx.drop_deferred()  # queued by ``ctx.db.defer``, never sent: nothing to undo
 
 
 async def _call(

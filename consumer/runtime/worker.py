@@ -251,6 +251,7 @@ class Worker:
             self._log_status()
             for handle in self.retry_tasks.values():
                 handle.cancel()
+            await loop.drain()  # Kafka's copy of the positions, for lag tooling
             # Leave the group first: the partitions move now, not after the relay's drain.
             with contextlib.suppress(Exception):
                 await self.consumer.stop()  # leaves the group

@@ -97,6 +97,10 @@ class HandlerDb:
     async def fetchval(self, query: str, *args: Any) -> Any:
         return await self._target("fetchval").fetchval(query, *args)
 
+    async def defer(self, query: str, *args: Any) -> None:
+        # The harness runs every handler in its savepoint: sent now, as on that path.
+        await self._target("defer").execute(query, *args)
+
     def __getattr__(self, name: str) -> Any:
         # Anything else an asyncpg connection offers (executemany, copy_records_to_table, ...)
         # is passed through, and counts as a database call for the armed failures.

@@ -100,6 +100,12 @@ class MemoryTx:
     def touched(self) -> bool:
         return True  # never optimistic: the question does not arise
 
+    def drop_deferred(self) -> None:
+        pass  # never optimistic: ctx.db.defer sends at once
+
+    async def send_deferred(self) -> None:
+        pass
+
     async def savepoint(self) -> None:
         self._savepoint = self.state.copy()
 

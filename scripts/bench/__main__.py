@@ -52,8 +52,8 @@ def parse(argv: list[str]) -> runner.Config:
     p.add_argument(
         "--legs",
         default="",
-        help="comma-separated subset: raw,framework,competent,limit,pg_only,naive,workers2,"
-        "competent_workers2,limit_workers2 (likewise for each --workers count),latency",
+        help="comma-separated subset: raw,framework,competent,limit,pg_only,optimistic,naive,"
+        "workers2,competent_workers2,limit_workers2 (likewise for each --workers count),latency",
     )
     p.add_argument(
         "--quick",

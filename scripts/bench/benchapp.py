@@ -32,7 +32,9 @@ def build_app(group: str, topic: str, out_topic: str, settings: Settings) -> App
         hash_exclude={"sent_at", "trace_id"},
     )
     async def settle(p: PaymentRequested, ctx: Context) -> dict[str, Any]:
-        await ctx.db.execute(LEDGER_INSERT, group, p.payment_id, p.account, p.cents)
+        # Its status is not read: deferred (sent now on the guarded path; queued and sent
+        # pipelined with the batch's rows on the optimistic one, docs/handlers.md).
+        await ctx.db.defer(LEDGER_INSERT, group, p.payment_id, p.account, p.cents)
         ctx.publish(
             out_topic,
             {"payment_id": p.payment_id, "account": p.account, "cents": p.cents},

@@ -43,6 +43,7 @@ class Leg:
     mode: str  # "raw" | "naive" | "framework" | "framework_batch" | "competent" | "limit"
     workers: int = 1
     redis: bool = True
+    optimistic: bool = False  # CONSUMER_OPTIMISTIC (docs/handlers.md): a framework leg's mode
     limit: int | None = None  # consume only this many records (the naive leg is slow)
     batch: int | None = None  # a latency leg's batch size
 
@@ -250,6 +251,7 @@ def worker_spec(env: Env, leg: Leg, group: str, topic: str, data: Dataset | None
             "postgres_dsn": env.dsn,
             "batch_max_records": env.batch,
             "redis_mode": "on" if leg.redis else "off",
+            "optimistic": leg.optimistic,
             # The relay would publish the outbox rows to Kafka while the leg runs, on the same
             # two cores: off, so the rate is the consuming side's. See docs/benchmarks.md.
             "relay_enabled": False,

@@ -124,6 +124,11 @@ def summarize(res: Results) -> dict[str, Any]:
         "framework_msgs_s": fw,
         "naive_msgs_s": naive,
         "pg_only_msgs_s": rate("pg_only"),
+        # The per-message path with CONSUMER_OPTIMISTIC=true (opt-in, docs/handlers.md).
+        "optimistic_msgs_s": rate("optimistic"),
+        "optimistic_ratio_vs_naive": round(o / naive, 2)
+        if (o := rate("optimistic")) and naive
+        else None,
         "framework_msgs_s_by_workers": by_workers,
         "ratio_vs_raw": round(fw / raw, 3) if fw and raw else None,
         # ratio_vs_naive/competent/limit, batch_ratio_vs_..., ..._by_workers, p99_ms_by_batch

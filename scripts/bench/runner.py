@@ -73,6 +73,7 @@ def plan(cfg: Config) -> list[Leg]:
         Leg("raw", "raw aiokafka (no decode)", "raw"),
         *(path(key, 1) for key in PATHS),
         Leg("pg_only", "framework, Redis off", "framework", redis=False),
+        Leg("optimistic", "framework, optimistic, 1 worker", "framework", optimistic=True),
         Leg("naive", "naive per-message", "naive", limit=naive_limit),
         *(path(key, n) for n in cfg.workers for key in PATHS),
     ]

@@ -189,3 +189,95 @@ async def test_the_fallback_runs_on_payloads_the_first_run_did_not_change(env, p
     assert {r["k"]: r["v"] for r in rows} == {keys[0]: "t,seen", keys[2]: "t,seen"}
     rows_by_key = await inbox(pg, f"{env['group']}.tag")
     assert rows_by_key[keys[0]]["result"] == "t,seen"
+
+
+# ---------------------------------------------------------------- ctx.db.defer
+
+
+def _deferring_app(env: dict[str, Any], calls: list[str]) -> App:
+    """``defer`` for the write; ``read-`` reads its own row back; ``late-reject`` rejects
+    after deferring; ``dup-`` defers a row the table's unique index refuses."""
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def pay(p: Pay, ctx: Context) -> str:
+        calls.append(p.id)
+        await ctx.db.defer("INSERT INTO test_deferred (k, v) VALUES ($1, $2)", p.id, "x")
+        if p.id.startswith("late-reject"):
+            raise Reject("after deferring")
+        if p.id.startswith("read"):
+            n = await ctx.db.fetchval("SELECT count(*) FROM test_deferred WHERE k = $1", p.id)
+            return f"seen {n}"
+        return "ok"
+
+    return app
+
+
+@pytest.fixture
+async def deferred_table(pg) -> None:
+    await pg.execute(
+        "CREATE TABLE IF NOT EXISTS test_deferred (k text NOT NULL, v text,"
+        " CONSTRAINT test_deferred_k CHECK (k NOT LIKE 'bad-%'))"
+    )
+
+
+async def _deferred(pg: asyncpg.Connection, keys: list[str]) -> dict[str, int]:
+    rows = await pg.fetch(
+        "SELECT k, count(*) AS n FROM test_deferred WHERE k = ANY($1) GROUP BY k", keys
+    )
+    return {r["k"]: r["n"] for r in rows}
+
+
+async def test_deferred_statements_commit_with_the_batch_and_reads_see_them(
+    env, pg, unique, deferred_table
+):
+    calls: list[str] = []
+    processor = direct_processor(_deferring_app(env, calls), env)
+    keys = [f"ok-{unique}-{i}" for i in range(4)] + [f"read-{unique}"]
+    result = await processor.process(
+        [record(env["topic"], i, {"id": k}) for i, k in enumerate(keys)]
+    )
+    assert [h.outcome for h in result.handled] == [Outcome.APPLIED] * 5
+    assert processor.fallbacks == 0 and calls == keys
+    assert await _deferred(pg, keys) == {k: 1 for k in keys}
+    rows = await inbox(pg, f"{env['group']}.pay")
+    assert rows[f"read-{unique}"]["result"] == "seen 1"  # its own queued row, sent first
+
+
+async def test_a_rejected_run_drops_its_queued_statements_without_a_fallback(
+    env, pg, unique, deferred_table
+):
+    calls: list[str] = []
+    processor = direct_processor(_deferring_app(env, calls), env)
+    keys = [f"ok-{unique}-a", f"late-reject-{unique}", f"ok-{unique}-b"]
+    result = await processor.process(
+        [record(env["topic"], i, {"id": k}) for i, k in enumerate(keys)]
+    )
+    assert [h.outcome for h in result.handled] == [
+        Outcome.APPLIED,
+        Outcome.REJECTED,
+        Outcome.APPLIED,
+    ]
+    assert processor.fallbacks == 0 and calls == keys
+    assert await _deferred(pg, keys) == {keys[0]: 1, keys[2]: 1}
+
+
+async def test_a_deferred_statement_refused_at_the_end_falls_back_with_exact_outcomes(
+    env, pg, unique, deferred_table
+):
+    """The server refuses one queued row when the queue is sent: whose it is cannot be told
+    there, so the batch runs again with savepoints, where that handler's own call fails."""
+    calls: list[str] = []
+    processor = direct_processor(_deferring_app(env, calls), env)
+    keys = [f"ok-{unique}-a", f"bad-{unique}", f"ok-{unique}-b"]
+    result = await processor.process(
+        [record(env["topic"], i, {"id": k}) for i, k in enumerate(keys)]
+    )
+    assert processor.fallbacks == 1
+    # Guarded: the first is applied, the refused one is this handler's error (retried, so
+    # the batch stops there with nothing recorded for it).
+    assert [h.outcome for h in result.handled] == [Outcome.APPLIED]
+    assert result.retry_offset == 1
+    assert await _deferred(pg, keys) == {keys[0]: 1}
+    rows = await inbox(pg, f"{env['group']}.pay")
+    assert rows[keys[0]]["status"] == "done" and keys[1] not in rows
