@@ -365,10 +365,13 @@ class BatchProcessor:
                 await batch.walk(live, writes)
                 await tx.send_deferred()  # ctx.db.defer's statements, before the outcomes
             except Exception as exc:
-                if not optimistic or isinstance(exc, Fallback) or not hasattr(exc, "sqlstate"):
+                if not optimistic or isinstance(exc, Fallback):
                     raise
-                # A statement the server refused while an optimistic run's queue was sent:
-                # whose it was is not known here. Run again with savepoints, where it is.
+                # Optimistic: a queued statement refused when sent (by the server, or by
+                # asyncpg client-side, as an InterfaceError with no SQLSTATE for a wrong
+                # argument count), whose it was is not known here. Run again with savepoints,
+                # where it is that handler's error; a failure that is not the data's (the
+                # database away) fails that run too and takes the usual path.
                 raise Fallback(f"a deferred statement failed: {exc}") from exc
             await writes.flush(tx, self.app.group, *tp, stored, batch.unclaimed())
             done_markers += writes.markers

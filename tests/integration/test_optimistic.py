@@ -281,3 +281,29 @@ async def test_a_deferred_statement_refused_at_the_end_falls_back_with_exact_out
     assert await _deferred(pg, keys) == {keys[0]: 1}
     rows = await inbox(pg, f"{env['group']}.pay")
     assert rows[keys[0]]["status"] == "done" and keys[1] not in rows
+
+
+async def test_a_deferred_statement_asyncpg_refuses_client_side_falls_back_not_stalls(
+    env, pg, unique, deferred_table
+):
+    """Too many arguments for the statement: asyncpg raises InterfaceError (no SQLSTATE) only
+    when the queue is sent. That must fall back like a server's refusal, so the guarded run
+    makes it the handler's own error; re-raised, the batch failed as a whole on every retry."""
+    app = App(env["group"], settings=env["settings"])
+
+    @app.handler(env["topic"], schema=Pay, key=lambda p: p.id)
+    async def pay(p: Pay, ctx: Context) -> str:
+        if p.id.startswith("extra"):
+            await ctx.db.defer("INSERT INTO test_deferred (k) VALUES ($1)", p.id, "surplus")
+        else:
+            await ctx.db.defer("INSERT INTO test_deferred (k, v) VALUES ($1, $2)", p.id, "x")
+        return "ok"
+
+    processor = direct_processor(app, env)
+    keys = [f"ok-{unique}-a", f"extra-{unique}"]
+    result = await processor.process(
+        [record(env["topic"], i, {"id": k}) for i, k in enumerate(keys)]
+    )
+    assert processor.fallbacks == 1
+    assert [h.outcome for h in result.handled][:1] == [Outcome.APPLIED]
+    assert await _deferred(pg, keys) == {keys[0]: 1}
